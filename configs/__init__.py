@@ -1,0 +1,1 @@
+"""Named experiment configs: `--config NAME` loads NAME.py and calls its get_config()."""

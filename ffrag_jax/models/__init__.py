@@ -1,0 +1,1 @@
+"""Model definitions (pure Flax modules with a functional entry point)."""

@@ -1,0 +1,350 @@
+"""Llama decoder in Flax, numerically the same model as Hugging Face's ``LlamaForCausalLM``.
+
+RMSNorm, rotary embeddings (default, ``linear`` and Llama-3 ``llama3`` scaling), grouped-query
+attention, SwiGLU MLP, tied or untied embeddings, causal + padding mask, float32 or bfloat16
+params and compute.
+
+The layers are one ``nn.scan`` over a stacked layer axis, so every per-layer parameter has a
+leading ``[L]`` axis and compile time does not grow with depth. Parameter names follow Hugging
+Face's module names (``self_attn/q_proj/kernel``), which keeps the HF key-mapping table and LoRA
+target names obvious.
+
+LoRA never lives in ``params``: it is passed as the separate ``lora`` variable collection with
+the same paths (``layers/self_attn/q_proj/{a,b}``), and each projection adds
+``scale * dropout(x) @ a @ b`` when its entry is present. See :mod:`ffrag_jax.lora`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ffrag_jax.errors import UserError
+
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+LINEAR_MODULES = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture of a Llama model. Frozen and hashable so it can be a static jit argument.
+
+    ``rope_scaling`` is stored as a sorted tuple of ``(key, value)`` pairs (hashable); read it
+    with :meth:`rope_scaling_dict`. ``dtype`` is the compute dtype, ``param_dtype`` the storage
+    dtype of the parameters.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int = 0  # 0: hidden_size // num_heads
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: tuple | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
+        if self.num_heads % self.num_kv_heads:
+            raise UserError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        rope_type = self.rope_type
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise UserError(
+                f"rope_scaling type {rope_type!r} is not supported; supported: "
+                f"{', '.join(SUPPORTED_ROPE_TYPES)}"
+            )
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any]:
+        return dict(self.rope_scaling or ())
+
+    @property
+    def rope_type(self) -> str:
+        scaling = self.rope_scaling_dict
+        return scaling.get("rope_type", scaling.get("type", "default"))
+
+    def replace(self, **changes) -> LlamaConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def rope_inverse_frequencies(cfg: LlamaConfig) -> np.ndarray:
+    """Inverse frequencies ``[head_dim // 2]`` (float32), computed as transformers does."""
+    dim = cfg.head_dim
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv_freq = (np.float32(1.0) / (np.float32(cfg.rope_theta) ** exponents)).astype(np.float32)
+    scaling = cfg.rope_scaling_dict
+    rope_type = cfg.rope_type
+    if rope_type == "linear":
+        inv_freq = inv_freq / np.float32(scaling["factor"])
+    elif rope_type == "llama3":
+        factor = np.float32(scaling["factor"])
+        low = np.float32(scaling["low_freq_factor"])
+        high = np.float32(scaling["high_freq_factor"])
+        old_len = np.float32(scaling["original_max_position_embeddings"])
+        low_freq_wavelen = old_len / low
+        high_freq_wavelen = old_len / high
+        wavelen = np.float32(2 * math.pi) / inv_freq
+        # Long wavelengths are scaled by `factor`, short ones kept, the band between smoothed.
+        scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+        inv_freq = np.where(is_medium, smoothed, scaled).astype(np.float32)
+    return inv_freq
+
+
+def rope_cos_sin(cfg: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin tables ``[B, T, head_dim]`` (float32) for integer ``positions`` ``[B, T]``."""
+    inv_freq = jnp.asarray(rope_inverse_frequencies(cfg))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates ``x`` ``[B, T, N, D]`` with the half-split (non-interleaved) convention of HF."""
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x * cos + rotated * sin
+
+
+class LoRALinear(nn.Module):
+    """``y = x @ kernel (+ bias) + lora_scale * dropout(x) @ a @ b``.
+
+    The LoRA term is present only when the ``lora`` collection holds ``a`` ``[in, r]`` and
+    ``b`` ``[r, out]`` for this module; the frozen ``kernel`` is ``[in, out]``.
+    """
+
+    features: int
+    use_bias: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    lora_scale: float = 1.0
+    lora_dropout: float = 0.0
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param(
+            "kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features), self.param_dtype
+        )
+        x = x.astype(self.dtype)
+        y = x @ kernel.astype(self.dtype)
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        if self.has_variable("lora", "a"):
+            a = self.get_variable("lora", "a").astype(self.dtype)
+            b = self.get_variable("lora", "b").astype(self.dtype)
+            h = nn.Dropout(self.lora_dropout, deterministic=self.deterministic)(x)
+            y = y + ((h @ a) @ b) * jnp.asarray(self.lora_scale, self.dtype)
+        return y
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        # As in HF: normalise in float32, cast back, then multiply by the weight.
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * normed.astype(self.dtype)
+
+
+class _Block(nn.Module):
+    """Shared fields of the modules that hold LoRA-able projections."""
+
+    cfg: LlamaConfig
+    lora_scale: float = 1.0
+    lora_dropout: float = 0.0
+    deterministic: bool = True
+
+    def linear(self, features: int, name: str, use_bias: bool) -> LoRALinear:
+        return LoRALinear(
+            features,
+            use_bias=use_bias,
+            dtype=jnp.dtype(self.cfg.dtype),
+            param_dtype=jnp.dtype(self.cfg.param_dtype),
+            lora_scale=self.lora_scale,
+            lora_dropout=self.lora_dropout,
+            deterministic=self.deterministic,
+            name=name,
+        )
+
+    def norm(self, name: str) -> RMSNorm:
+        dtype, param_dtype = jnp.dtype(self.cfg.dtype), jnp.dtype(self.cfg.param_dtype)
+        return RMSNorm(self.cfg.rms_norm_eps, dtype, param_dtype, name=name)
+
+
+class Attention(_Block):
+    @nn.compact
+    def __call__(self, x, cos, sin, mask):
+        """x ``[B, T, D]``, cos/sin ``[B, T, head_dim]``, mask bool ``[B, 1, T, T]``."""
+        cfg = self.cfg
+        batch, length, _ = x.shape
+        bias = cfg.attention_bias
+        q = self.linear(cfg.num_heads * cfg.head_dim, "q_proj", bias)(x)
+        k = self.linear(cfg.num_kv_heads * cfg.head_dim, "k_proj", bias)(x)
+        v = self.linear(cfg.num_kv_heads * cfg.head_dim, "v_proj", bias)(x)
+        q = apply_rope(q.reshape(batch, length, cfg.num_heads, cfg.head_dim), cos, sin)
+        k = apply_rope(k.reshape(batch, length, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+        v = v.reshape(batch, length, cfg.num_kv_heads, cfg.head_dim)
+        # GQA is native here (num_heads a multiple of num_kv_heads); on GPU this may pick cuDNN.
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=cfg.head_dim**-0.5)
+        out = out.reshape(batch, length, cfg.num_heads * cfg.head_dim)
+        return self.linear(cfg.hidden_size, "o_proj", bias)(out)
+
+
+class MLP(_Block):
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        gate = self.linear(cfg.intermediate_size, "gate_proj", cfg.mlp_bias)(x)
+        up = self.linear(cfg.intermediate_size, "up_proj", cfg.mlp_bias)(x)
+        return self.linear(cfg.hidden_size, "down_proj", cfg.mlp_bias)(nn.silu(gate) * up)
+
+
+class DecoderLayer(_Block):
+    @nn.compact
+    def __call__(self, x, cos, sin, mask):
+        kw = dict(
+            cfg=self.cfg,
+            lora_scale=self.lora_scale,
+            lora_dropout=self.lora_dropout,
+            deterministic=self.deterministic,
+        )
+        x = x + Attention(**kw, name="self_attn")(self.norm("input_layernorm")(x), cos, sin, mask)
+        x = x + MLP(**kw, name="mlp")(self.norm("post_attention_layernorm")(x))
+        return x, None
+
+
+class Llama(_Block):
+    """The causal LM. ``__call__`` returns float32 logits ``[B, T, vocab]``."""
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask, positions):
+        cfg = self.cfg
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            embedding_init=nn.initializers.normal(0.02),
+            dtype=jnp.dtype(cfg.dtype),
+            param_dtype=jnp.dtype(cfg.param_dtype),
+            name="embed_tokens",
+        )
+        x = embed(input_ids)
+        cos, sin = rope_cos_sin(cfg, positions)
+        length = input_ids.shape[1]
+        causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+        mask = causal[None, None] & attention_mask.astype(bool)[:, None, None, :]
+
+        layer_cls = nn.remat(DecoderLayer, prevent_cse=False) if cfg.remat else DecoderLayer
+        layers = nn.scan(
+            layer_cls,
+            variable_axes={"params": 0, "lora": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+            length=cfg.num_layers,
+        )(
+            cfg=cfg,
+            lora_scale=self.lora_scale,
+            lora_dropout=self.lora_dropout,
+            deterministic=self.deterministic,
+            name="layers",
+        )
+        x, _ = layers(x, cos, sin, mask)
+        x = self.norm("norm")(x)
+        if cfg.tie_word_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = LoRALinear(
+                cfg.vocab_size,
+                dtype=jnp.dtype(cfg.dtype),
+                param_dtype=jnp.dtype(cfg.param_dtype),
+                name="lm_head",
+            )(x)
+        return logits.astype(jnp.float32)
+
+
+def _check_length(cfg: LlamaConfig, length: int) -> None:
+    if length > cfg.max_position_embeddings:
+        raise UserError(
+            f"sequence length {length} is longer than the model's max_position_embeddings "
+            f"{cfg.max_position_embeddings}"
+        )
+
+
+def init_params(rng: jax.Array, cfg: LlamaConfig) -> dict:
+    """Random parameters, initialised as HF does (normal(0.02) weights, unit norms)."""
+    dummy = jnp.zeros((1, 1), jnp.int32)
+    return Llama(cfg).init(rng, dummy, jnp.ones_like(dummy), dummy)["params"]
+
+
+def forward(
+    params: dict,
+    cfg: LlamaConfig,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    lora=None,
+    *,
+    positions: jax.Array | None = None,
+    dropout_rng: jax.Array | None = None,
+) -> jax.Array:
+    """Logits ``[B, T, vocab]`` (float32) for ``input_ids`` ``[B, T]``.
+
+    ``attention_mask`` ``[B, T]`` is 1 for real tokens, 0 for padding (keys that are masked
+    out). ``positions`` ``[B, T]`` defaults to ``arange(T)`` as in transformers when no
+    position ids are given. ``lora`` is a :class:`ffrag_jax.lora.LoRA` or None; LoRA dropout is
+    active only when ``dropout_rng`` is given.
+    """
+    batch, length = input_ids.shape
+    _check_length(cfg, length)
+    if attention_mask is None:
+        attention_mask = jnp.ones((batch, length), jnp.int32)
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(length)[None], (batch, length))
+    variables = {"params": params}
+    lora_scale, lora_dropout = 1.0, 0.0
+    if lora is not None:
+        variables["lora"] = lora.weights
+        lora_scale, lora_dropout = lora.scale, lora.dropout
+    model = Llama(
+        cfg,
+        lora_scale=lora_scale,
+        lora_dropout=lora_dropout,
+        deterministic=dropout_rng is None,
+    )
+    rngs = None if dropout_rng is None else {"dropout": dropout_rng}
+    return model.apply(variables, input_ids, attention_mask, positions, rngs=rngs)

@@ -1,0 +1,38 @@
+"""Installs ffrag_jax. The named experiment configs in configs/ ship as ffrag_jax.configs."""
+
+from setuptools import setup
+
+setup(
+    name="ffrag_jax",
+    version="0.1.0",
+    description="Federated, personalised fine-tuning of retrieval-augmented LLMs in JAX/Flax.",
+    python_requires=">=3.10",
+    packages=["ffrag_jax", "ffrag_jax.models", "ffrag_jax.configs"],
+    package_dir={"ffrag_jax.configs": "configs"},
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "transformers>=4.45",
+        "tokenizers>=0.20",
+        "safetensors>=0.4",
+        "ml_dtypes",
+        "absl-py",
+        "ml_collections",
+        "numpy",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={
+        # The reference libraries that the parity tests and benchmarks compare against.
+        # Install torch==2.13.0 (CPU build) before these on CPU machines.
+        "test": [
+            "torch",
+            "peft>=0.13",
+            "pytest",
+            "pytest-xdist",
+            "ruff",
+        ],
+    },
+)
