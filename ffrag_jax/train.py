@@ -1,0 +1,176 @@
+"""Causal-LM training: loss, optimizer and one jitted step over a trainable pytree.
+
+The step is generic over what is trained: ``mode='lora'`` trains a :class:`~ffrag_jax.lora.LoRA`
+with the base params frozen (only the LoRA tree gets gradients and optimizer state);
+``mode='full'`` trains the params themselves. Gradient accumulation is a ``lax.scan`` over
+micro-batches inside the one jitted call, and the loss is the token-weighted mean over the
+whole effective batch (not a mean of micro-batch means, which over-weights short batches).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from ffrag_jax import sharding
+from ffrag_jax.models.llama import LlamaConfig, forward
+
+Batch = dict[str, jax.Array]
+MODES = ("lora", "full")
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    trainable: Any  # a LoRA (mode='lora') or the params (mode='full')
+    opt_state: Any
+
+
+def warmup_linear_decay(lr: float, total_steps: int, warmup_steps: int = 0) -> optax.Schedule:
+    """0 -> ``lr`` over ``warmup_steps``, then linear decay to 0 at ``total_steps``."""
+    decay = optax.linear_schedule(lr, 0.0, max(total_steps - warmup_steps, 1))
+    if warmup_steps <= 0:
+        return decay
+    warmup = optax.linear_schedule(0.0, lr, warmup_steps)
+    return optax.join_schedules([warmup, decay], [warmup_steps])
+
+
+def _decay_mask(tree):
+    """Weight decay on matrices only, never on norm scales or biases."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: sharding.path_str(path).rsplit("/", 1)[-1] not in ("scale", "bias"), tree
+    )
+
+
+def make_optimizer(
+    lr: float,
+    total_steps: int,
+    *,
+    warmup_steps: int = 0,
+    weight_decay: float = 0.0,
+    max_grad_norm: float = 1.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+) -> optax.GradientTransformation:
+    """AdamW with warmup + linear decay and global-norm clipping, as one optax chain."""
+    schedule = warmup_linear_decay(lr, total_steps, warmup_steps)
+    parts = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm > 0 else []
+    parts.append(optax.adamw(schedule, b1, b2, eps, weight_decay=weight_decay, mask=_decay_mask))
+    return optax.chain(*parts)
+
+
+def causal_lm_loss(
+    params: dict,
+    cfg: LlamaConfig,
+    batch: Batch,
+    lora=None,
+    dropout_rng: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Summed next-token NLL and the number of scored tokens.
+
+    ``batch``: ``input_ids`` ``[B, T]``, ``attention_mask`` ``[B, T]`` and ``loss_mask``
+    ``[B, T]``; token ``t`` is scored (predicted from ``< t``) where ``loss_mask[t]`` and
+    ``attention_mask[t]`` are 1. A ``loss_mask`` that is 1 on the answer only gives
+    response-only training.
+    """
+    logits = forward(params, cfg, batch["input_ids"], batch["attention_mask"], lora,
+                     dropout_rng=dropout_rng)
+    targets = batch["input_ids"][:, 1:]
+    weights = (batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]).astype(jnp.float32)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], targets)
+    return jnp.sum(nll * weights), jnp.sum(weights)
+
+
+def split_trainable(trainable, frozen, mode: str):
+    """``(params, lora)`` for :func:`causal_lm_loss` from the trained and frozen trees."""
+    if mode == "lora":
+        return frozen, trainable
+    if mode == "full":
+        return trainable, None
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def init_train_state(trainable, optimizer: optax.GradientTransformation) -> TrainState:
+    return TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable))
+
+
+def train_step(
+    state: TrainState,
+    frozen,
+    batch: Batch,
+    rng: jax.Array,
+    *,
+    cfg: LlamaConfig,
+    optimizer: optax.GradientTransformation,
+    mode: str = "lora",
+    use_dropout: bool = True,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on an effective batch of ``A`` micro-batches.
+
+    ``batch`` leaves are ``[A, micro_B, T]``; gradients are summed over the micro-batches and
+    divided by the total number of scored tokens. ``frozen`` is the base params in LoRA mode,
+    None in full mode. Returns the new state and ``{loss, grad_norm, tokens}``.
+    """
+
+    def loss_fn(trainable, micro, key):
+        params, lora = split_trainable(trainable, frozen, mode)
+        return causal_lm_loss(params, cfg, micro, lora, key if use_dropout else None)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def accumulate(carry, xs):
+        grads_sum, loss_sum, count = carry
+        micro, i = xs
+        (loss, n), grads = grad_fn(state.trainable, micro, jax.random.fold_in(rng, i))
+        grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+        return (grads_sum, loss_sum + loss, count + n), None
+
+    num_micro = batch["input_ids"].shape[0]
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), state.trainable)
+    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    (grads, loss_sum, count), _ = jax.lax.scan(accumulate, init, (batch, jnp.arange(num_micro)))
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.trainable)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    metrics = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads), "tokens": count}
+    return TrainState(state.step + 1, trainable, opt_state), metrics
+
+
+def jit_train_step(
+    cfg: LlamaConfig,
+    optimizer: optax.GradientTransformation,
+    mode: str,
+    mesh: jax.sharding.Mesh,
+    state: TrainState,
+    frozen=None,
+    use_dropout: bool = True,
+):
+    """:func:`train_step` jitted with explicit shardings on ``mesh`` for ``state``'s layout.
+
+    The state is donated, so the caller must use the returned state.
+    """
+    state_sh = sharding.tree_shardings(state, mesh)
+    frozen_sh = None if frozen is None else sharding.tree_shardings(frozen, mesh)
+    batch_sh = sharding.batch_sharding(mesh, 3, batch_dim=1)
+    step = functools.partial(
+        train_step, cfg=cfg, optimizer=optimizer, mode=mode, use_dropout=use_dropout
+    )
+    return jax.jit(
+        step,
+        in_shardings=(state_sh, frozen_sh, batch_sh, sharding.replicated(mesh)),
+        out_shardings=(state_sh, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
+def eval_loss(params: dict, cfg: LlamaConfig, batch: Batch, lora=None) -> jax.Array:
+    """Mean next-token NLL over the scored tokens of ``batch`` (``[B, T]`` leaves)."""
+    total, count = causal_lm_loss(params, cfg, batch, lora)
+    return total / jnp.maximum(count, 1.0)
