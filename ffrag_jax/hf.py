@@ -198,7 +198,7 @@ def safetensors_files(folder: Path) -> dict[str, Path]:
             f"(found {', '.join(others)}; re-save with save_pretrained(safe_serialization=True))"
         )
     with safe_open(single, framework="numpy") as f:
-        return {name: single for name in f.keys()}
+        return {name: single for name in f.keys()}  # noqa: SIM118 (safe_open is no dict)
 
 
 class _TensorReader:

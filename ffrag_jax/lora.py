@@ -229,7 +229,9 @@ _UNSUPPORTED_PEFT = {
     "alpha_pattern": ({}, None),
     "bias": ("none", None),
 }
-_PEFT_KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.\w+)?\.weight$")
+_PEFT_KEY_RE = re.compile(
+    r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.\w+)?\.weight$"
+)
 
 
 def load_peft_adapter(path: str | os.PathLike, cfg: LlamaConfig) -> LoRA:
@@ -248,7 +250,7 @@ def load_peft_adapter(path: str | os.PathLike, cfg: LlamaConfig) -> LoRA:
     if not weights_path.exists():
         raise UserError(f"{folder}: adapter_model.safetensors is missing")
     with safe_open(weights_path, framework="numpy") as f:
-        raw = {k: f.get_tensor(k) for k in f.keys()}
+        raw = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
 
     by_module: dict[str, dict[str, np.ndarray]] = {}
     for key, t in raw.items():

@@ -58,14 +58,14 @@ def make_mesh(axis_sizes: Mapping[str, int], devices=None) -> Mesh:
     if sizes.count(-1) > 1:
         raise UserError("at most one mesh axis may be -1")
     known = int(np.prod([s for s in sizes if s != -1]))
+    asked = dict(zip(MESH_AXES, sizes, strict=True))
     if -1 in sizes:
         if len(devices) % known:
-            raise UserError(f"mesh {dict(zip(MESH_AXES, sizes))} does not divide {len(devices)} devices")
+            raise UserError(f"mesh {asked} does not divide {len(devices)} devices")
         sizes[sizes.index(-1)] = len(devices) // known
     if int(np.prod(sizes)) != len(devices):
         raise UserError(
-            f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
-            f"{len(devices)} available"
+            f"mesh {asked} needs {int(np.prod(sizes))} devices, {len(devices)} available"
         )
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
@@ -83,9 +83,7 @@ def path_str(path) -> str:
 
 def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh, rules=PARAM_RULES) -> PartitionSpec:
     """PartitionSpec of one array at ``path`` under ``rules``."""
-    for pattern, trailing in rules:
-        if re.search(pattern, path):
-            break
+    trailing = next(spec for pattern, spec in rules if re.search(pattern, path))
     trailing = tuple(trailing)[-len(shape) :] if shape else ()
     spec = [None] * (len(shape) - len(trailing)) + list(trailing)
     for i, axis in enumerate(spec):

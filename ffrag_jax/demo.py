@@ -1,0 +1,191 @@
+"""The embedded default job: pretrain a tiny Llama, adapt it to a new domain with LoRA.
+
+Steps (each resumable from the workdir):
+
+1. Data: two synthetic reading-comprehension domains (:mod:`ffrag_jax.synthetic`), written to
+   ``workdir/data/*.jsonl`` for inspection.
+2. Tokenizer: a byte-level BPE trained on the training text (``workdir/tokenizer``), or the
+   tokenizer of ``model.path`` when a real checkpoint is given.
+3. Base model: a tiny Llama trained on the base domain (``pretrain`` phase), or the local HF
+   checkpoint at ``model.path`` (no pretraining then).
+4. LoRA: an adapter trained on the task domain with the base frozen (``lora`` phase).
+5. Evaluation: exact match of greedy answers on held-out questions of the task domain, before
+   and after LoRA (and of the base domain), written to ``metrics.jsonl`` and ``summary.json``.
+6. Export: the base model as an HF folder with its tokenizer (``export/base_model``) and the
+   adapter in PEFT format (``export/lora_adapter``), plus ``loss.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+from absl import logging
+from ml_collections import ConfigDict
+
+from ffrag_jax import evaluation, hf, lora, sharding, synthetic, text
+from ffrag_jax.errors import UserError
+from ffrag_jax.loop import train_phase
+from ffrag_jax.metrics import MetricsLog, plot_training_loss, read_jsonl
+from ffrag_jax.models.llama import LlamaConfig, init_params
+
+
+def _examples(config: ConfigDict, workdir: Path) -> dict[str, list[dict]]:
+    d = config.data
+    sets = {
+        "base_train": (d.base_domain, d.num_base_train, config.seed),
+        "task_train": (d.task_domain, d.num_task_train, config.seed + 1),
+        "base_eval": (d.base_domain, d.num_eval, config.seed + 1000),
+        "task_eval": (d.task_domain, d.num_eval, config.seed + 1001),
+    }
+    out = {}
+    for name, (domain, n, seed) in sets.items():
+        out[name] = synthetic.make_examples(domain, n, seed, distractors=d.distractors)
+        synthetic.write_jsonl(workdir / "data" / f"{name}.jsonl", out[name])
+    return out
+
+
+def _tokenizer(config: ConfigDict, workdir: Path, examples: dict[str, list[dict]]):
+    if config.model.path:
+        return hf.load_tokenizer(config.model.path, pad_to_eos=config.model.pad_to_eos)
+    folder = workdir / "tokenizer"
+    if (folder / "tokenizer.json").exists():  # resuming: the exact tokenizer of the first run
+        return hf.load_tokenizer(folder)
+    texts = [
+        synthetic.prompt(e) + synthetic.response(e)
+        for split in ("base_train", "task_train")
+        for e in examples[split]
+    ]
+    tokenizer = text.train_bpe_tokenizer(texts, config.tokenizer.vocab_size)
+    tokenizer.save_pretrained(str(folder))
+    return tokenizer
+
+
+def _model(config: ConfigDict, tokenizer) -> tuple[LlamaConfig, dict | None]:
+    m = config.model
+    if m.path:
+        cfg, params = hf.load_llama(m.path, dtype=m.dtype, param_dtype=m.param_dtype)
+        return cfg.replace(remat=m.remat), params
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        num_layers=m.num_layers,
+        num_heads=m.num_heads,
+        num_kv_heads=m.num_kv_heads,
+        max_position_embeddings=m.max_position_embeddings,
+        rope_theta=m.rope_theta,
+        tie_word_embeddings=m.tie_word_embeddings,
+        dtype=m.dtype,
+        param_dtype=m.param_dtype,
+        remat=m.remat,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return cfg, None
+
+
+def _encode(tokenizer, examples: list[dict], max_len: int, response_only: bool):
+    return text.encode_pairs(
+        tokenizer,
+        [synthetic.prompt(e) for e in examples],
+        [synthetic.response(e) for e in examples],
+        max_len,
+        response_only=response_only,
+    )
+
+
+def _exact_match(config, cfg, params, tokenizer, examples, adapter=None) -> float:
+    predictions = evaluation.generate_answers(
+        params,
+        cfg,
+        tokenizer,
+        [synthetic.prompt(e) for e in examples],
+        lora=adapter,
+        max_prompt_len=config.data.max_len - config.eval.max_new_tokens,
+        max_new_tokens=config.eval.max_new_tokens,
+        batch_size=config.eval.batch_size,
+    )
+    return evaluation.exact_match_score(predictions, [e["answer"] for e in examples])
+
+
+def _init_lora(config: ConfigDict, rng: jax.Array, params) -> lora.LoRA:
+    c = config.lora
+    return lora.init(rng, params, c.targets, c.rank, c.alpha, dropout=c.dropout)
+
+
+def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
+    """Runs the demo in ``workdir`` on ``mesh``; returns the summary it writes."""
+    started = time.perf_counter()
+    metrics = MetricsLog(workdir / "metrics.jsonl")
+    rng = jax.random.key(config.seed)
+    init_rng, pretrain_rng, lora_init_rng, lora_rng = jax.random.split(rng, 4)
+    common = dict(mesh=mesh, ckpt_dir=workdir / "checkpoints", metrics=metrics,
+                  log_every=config.log_every, checkpoint_every=config.checkpoint_every)
+
+    examples = _examples(config, workdir)
+    tokenizer = _tokenizer(config, workdir, examples)
+    cfg, params = _model(config, tokenizer)
+    logging.info("model: %s", cfg)
+    max_len = config.data.max_len
+    if max_len > cfg.max_position_embeddings:
+        raise UserError(f"data.max_len={max_len} exceeds the model's "
+                           f"max_position_embeddings={cfg.max_position_embeddings}")
+
+    # Check the LoRA settings against the model's shapes before any training is spent.
+    abstract = jax.eval_shape(lambda: init_params(init_rng, cfg)) if params is None else params
+    jax.eval_shape(lambda p: _init_lora(config, lora_init_rng, p), abstract)
+
+    if params is None:
+        params = init_params(init_rng, cfg)
+        params = train_phase(
+            "pretrain", cfg=cfg, trainable=params, frozen=None, mode="full",
+            data=_encode(tokenizer, examples["base_train"], max_len,
+                         config.pretrain.response_only),
+            phase=config.pretrain, rng=pretrain_rng, **common,
+        )
+    params = sharding.shard(params, mesh)
+
+    adapter = _init_lora(config, lora_init_rng, params)
+    logging.info("LoRA on %s, rank %d: %d trainable parameters (base: %d)",
+                 ",".join(adapter.targets), config.lora.rank, adapter.num_params(),
+                 sum(x.size for x in jax.tree.leaves(params)))
+    adapter = train_phase(
+        "lora", cfg=cfg, trainable=adapter, frozen=params, mode="lora",
+        data=_encode(tokenizer, examples["task_train"], max_len, config.lora.response_only),
+        phase=config.lora, rng=lora_rng, **common,
+    )
+
+    results = {
+        "base_domain_em_base_model": _exact_match(config, cfg, params, tokenizer,
+                                                  examples["base_eval"]),
+        "task_domain_em_base_model": _exact_match(config, cfg, params, tokenizer,
+                                                  examples["task_eval"]),
+        "task_domain_em_with_lora": _exact_match(config, cfg, params, tokenizer,
+                                                 examples["task_eval"], adapter),
+    }
+    for name, value in results.items():
+        metrics.write(kind="eval", phase="eval", metric=name, value=value)
+        logging.info("%s: %.3f", name, value)
+
+    exported = {}
+    if config.export:
+        base_dir = hf.save_llama(workdir / "export" / "base_model", cfg, params,
+                                 tokenizer=tokenizer, overwrite=True)
+        lora.save_peft_adapter(workdir / "export" / "lora_adapter", adapter, cfg,
+                               base_model_name_or_path=str(base_dir), overwrite=True)
+        exported = {"hf_model": str(base_dir), "peft_adapter": str(workdir / "export" /
+                                                                  "lora_adapter")}
+    plot_training_loss(read_jsonl(metrics.path), workdir / "loss.png",
+                       title="ffrag_jax demo: pretrain, then LoRA on a new domain")
+    summary = {
+        **results,
+        "wall_time_s": round(time.perf_counter() - started, 1),
+        "lora_trainable_params": adapter.num_params(),
+        "exported": exported,
+    }
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

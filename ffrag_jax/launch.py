@@ -1,0 +1,140 @@
+"""Launch an ffrag_jax experiment.
+
+  python -m ffrag_jax.launch --config demo [--workdir DIR] [--config.lora.rank=16 ...]
+
+--config NAME loads configs/NAME.py (or a path to any config .py file) and calls its
+get_config(). Any config value can be overridden with a dotted flag, for example
+--config.lora.steps=50 or --config.model.path=/models/llama-3.2-1b. Outputs (metrics.jsonl,
+loss.png, checkpoints/, export/, summary.json) go to --workdir, runs/<config>-<time> by
+default. Running again in the workdir of an unfinished run resumes it; a finished run is only
+replaced with --overwrite.
+"""
+
+from __future__ import annotations
+
+import os
+
+# No hub downloads at run time, ever: models and tokenizers are local folders.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+import ffrag_jax.configs  # noqa: E402
+from ffrag_jax.errors import UserError  # noqa: E402
+
+CONFIG_DIR = Path(ffrag_jax.configs.__file__).parent
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config: a name from configs/ (e.g. demo) or a path to a .py "
+    "file with get_config(). Override values with --config.KEY=VALUE.", lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Output folder. Default: runs/<config>-<YYYYmmdd-HHMMSS>.")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Delete and replace a finished (or different) run in --workdir.")
+
+
+def config_names() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.py") if not p.stem.startswith("_"))
+
+
+def resolve_config_name(argv: list[str]) -> tuple[list[str], str, str]:
+    """argv with ``--config NAME`` turned into the config file's path; the name; the path."""
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            index, value = i + 1, argv[i + 1]
+        elif arg.startswith("--config="):
+            index, value = i, arg.split("=", 1)[1]
+        else:
+            continue
+        name = value.split(":", 1)[0]
+        if name.endswith(".py") and Path(name).exists():
+            return argv, Path(name).stem, value
+        path = CONFIG_DIR / f"{name}.py"
+        if not path.exists():
+            raise UserError(f"unknown config {name!r}; configs: {', '.join(config_names())}")
+        resolved = str(path) + value[len(name):]
+        argv[index] = resolved if index == i + 1 else f"--config={resolved}"
+        return argv, name, resolved
+    raise UserError(f"--config is required; configs: {', '.join(config_names())}")
+
+
+def _load_config_file(path: str):
+    """Calls get_config() of the config file at ``path`` (``file.py[:arg]``)."""
+    import importlib.util
+
+    file, _, arg = path.partition(":")
+    spec = importlib.util.spec_from_file_location("_ffrag_config", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def check_override_keys(config, argv: list[str]) -> None:
+    """A UserError naming the first ``--config.KEY=...`` whose KEY the config lacks."""
+    from ml_collections import ConfigDict
+
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        key = arg[len("--config."):].split("=", 1)[0]
+        node, walked = config, []
+        for part in key.split("."):
+            if not isinstance(node, ConfigDict) or part not in node:
+                where = ".".join(walked) or "the top level"
+                valid = ", ".join(sorted(node.keys())) if isinstance(node, ConfigDict) else "-"
+                raise UserError(f"unknown config key {key!r}; keys at {where}: {valid}")
+            node, walked = node[part], walked + [part]
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing with one-line errors instead of usage dumps and tracebacks."""
+    if any(a in ("--help", "-h", "--helpfull", "--helpshort") for a in argv[1:]):
+        return flags.FLAGS(argv)
+    try:
+        argv, name, path = resolve_config_name(argv)
+        check_override_keys(_load_config_file(path), argv)
+        rest = flags.FLAGS(argv)
+    except UserError as e:
+        _fail(str(e))
+    except flags.Error as e:
+        _fail(" ".join(str(e).split()))
+    flags.FLAGS.set_default("workdir", f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return rest
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    import jax
+
+    from ffrag_jax.run import run
+
+    # Single process here; multi-host pods call jax.distributed.initialize() first.
+    logging.info("JAX %s on %s", jax.__version__, jax.default_backend())
+    try:
+        summary = run(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
+    except UserError as e:
+        _fail(str(e))
+    print(f"done: {_WORKDIR.value}")
+    for key, value in summary.items():
+        print(f"  {key}: {value}")
+
+
+def cli() -> None:
+    app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,66 @@
+"""Run metrics: one JSON object per line in ``metrics.jsonl``, and PNG plots made from it."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+class MetricsLog:
+    """Appends records to a JSONL file (flushed per record, so a killed run keeps them)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, **record) -> dict:
+        record = {k: _plain(v) for k, v in record.items()}
+        record.setdefault("time", round(time.time(), 3))
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        return record
+
+
+def _plain(value):
+    """JSON-safe Python scalars from numpy/JAX scalars."""
+    if hasattr(value, "item") and np.ndim(value) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_training_loss(records: list[dict], path: str | Path, title: str = "") -> None:
+    """One panel per training phase: loss against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    phases = sorted({r["phase"] for r in records if "loss" in r and r.get("kind") == "train"},
+                    key=lambda p: min(r["time"] for r in records if r["phase"] == p))
+    fig, axes = plt.subplots(1, max(len(phases), 1), figsize=(5 * max(len(phases), 1), 3.6),
+                             squeeze=False)
+    for ax, phase in zip(axes[0], phases, strict=False):
+        rows = [r for r in records if r["phase"] == phase and r.get("kind") == "train"]
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker=".")
+        ax.set_title(phase)
+        ax.set_xlabel("step")
+        ax.set_ylabel("train loss (nats/token)")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

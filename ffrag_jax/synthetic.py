@@ -1,0 +1,165 @@
+"""Deterministic synthetic question-answering corpora for the demo and the tests.
+
+Each domain is a small world of invented entities with relations, written as fact sentences.
+An example is a context of ``1 + distractors`` fact sentences (one answers the question, the
+others are about other entities of the same domain), a question and the answer span. Every
+example draws fresh entities, so held-out accuracy measures reading the context, not
+memorised names. Domains differ in entities, relations and wording, which is what a LoRA
+adapts a base model to.
+
+Everything is a function of the seed: ``make_examples('clinic', 100, seed=3)`` is the same on
+every machine (``random.Random`` only, no numpy/JAX randomness).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable
+from pathlib import Path
+
+_ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "tr", "kl"]
+_VOWELS = ["a", "e", "i", "o", "u", "ai", "ou"]
+_CODAS = ["", "", "", "n", "r", "l", "s", "th", "x"]
+
+
+def _make_word(rng: random.Random, syllables: int) -> str:
+    parts = [
+        rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables)
+    ]
+    return "".join(parts).capitalize()
+
+
+def _pool(name: str, size: int, syllables: int) -> list[str]:
+    """A fixed vocabulary of invented words. Drawing names from small pools lets a BPE learn
+    them as single tokens, so a tiny model learns to read the context in a few hundred steps;
+    every example still combines them into fresh facts, so nothing is answerable from memory."""
+    rng = random.Random(f"pool:{name}")
+    words: set[str] = set()
+    while len(words) < size:
+        words.add(_make_word(rng, syllables))
+    return sorted(words)
+
+
+POOL_SIZE = 300
+_POOLS = {
+    "name2": _pool("name2", POOL_SIZE, 2),
+    "name3": _pool("name3", POOL_SIZE, 3),
+    "person": _pool("person", POOL_SIZE, 2),
+}
+
+
+def _word(rng: random.Random, syllables: int) -> str:
+    return rng.choice(_POOLS["name3" if syllables == 3 else "name2"])
+
+
+# domain -> entity kind, {relation: (value kind, fact template, question templates)}.
+# Value kinds: 'name2' (two-syllable word), 'name3', 'drug', 'doctor', 'ward', 'year'.
+DOMAINS: dict[str, dict] = {
+    "geography": {
+        "entity": "country",
+        "relations": {
+            "capital": ("name2", "{v} is the capital of {e}.", ["What is the capital of {e}?"]),
+            "currency": (
+                "name2",
+                "The currency of {e} is the {v}.",
+                ["What is the currency of {e}?", "Which currency is used in {e}?"],
+            ),
+            "language": ("name3", "People in {e} speak {v}.", ["What language is spoken in {e}?"]),
+            "founded": ("year", "{e} was founded in {v}.", ["When was {e} founded?"]),
+        },
+    },
+    "clinic": {
+        "entity": "patient",
+        "relations": {
+            "drug": (
+                "drug",
+                "Patient {e} was prescribed {v}.",
+                ["Which drug was prescribed to patient {e}?", "What does patient {e} take?"],
+            ),
+            "doctor": (
+                "doctor",
+                "The doctor of patient {e} is {v}.",
+                ["Who is the doctor of patient {e}?"],
+            ),
+            "ward": ("ward", "Patient {e} stays in ward {v}.", ["Which ward is patient {e} in?"]),
+        },
+    },
+}
+
+
+def _entity(rng: random.Random, kind: str) -> str:
+    if kind == "country":
+        return _word(rng, rng.choice([2, 3]))
+    if kind == "patient":
+        return f"{rng.choice(_POOLS['person'])} {rng.choice(_POOLS['person'])}"
+    raise ValueError(kind)
+
+
+def _value(rng: random.Random, kind: str) -> str:
+    if kind == "name2":
+        return _word(rng, 2)
+    if kind == "name3":
+        return _word(rng, 3)
+    if kind == "drug":
+        return _word(rng, 2) + rng.choice(["in", "ol", "ex", "ax"])
+    if kind == "doctor":
+        return f"Dr. {rng.choice(_POOLS['person'])}"
+    if kind == "ward":
+        return f"{rng.choice('ABCDEFGH')}{rng.randint(1, 9)}"
+    if kind == "year":
+        return str(rng.randint(1100, 1990))
+    raise ValueError(kind)
+
+
+def make_examples(domain: str, n: int, seed: int, distractors: int = 2) -> list[dict]:
+    """``n`` examples ``{domain, context, question, answer}`` of ``domain``."""
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown synthetic domain {domain!r}; domains: {', '.join(DOMAINS)}")
+    spec = DOMAINS[domain]
+    relations = spec["relations"]
+    rng = random.Random(f"{domain}:{seed}")
+    out = []
+    for _ in range(n):
+        relation = rng.choice(sorted(relations))
+        kind, fact, questions = relations[relation]
+        entities = set()
+        while len(entities) < distractors + 1:
+            entities.add(_entity(rng, spec["entity"]))
+        entities = sorted(entities)
+        rng.shuffle(entities)
+        target, others = entities[0], entities[1:]
+        answer = _value(rng, kind)
+        sentences = [fact.format(e=target, v=answer)]
+        for other in others:  # distractors: the same or another relation of other entities
+            r = rng.choice(sorted(relations))
+            sentences.append(relations[r][1].format(e=other, v=_value(rng, relations[r][0])))
+        rng.shuffle(sentences)
+        out.append(
+            {
+                "domain": domain,
+                "context": " ".join(sentences),
+                "question": rng.choice(questions).format(e=target),
+                "answer": answer,
+            }
+        )
+    return out
+
+
+PROMPT_TEMPLATE = "Context: {context}\nQuestion: {question}\nAnswer:"
+
+
+def prompt(example: dict) -> str:
+    return PROMPT_TEMPLATE.format(context=example["context"], question=example["question"])
+
+
+def response(example: dict) -> str:
+    return " " + example["answer"]
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")

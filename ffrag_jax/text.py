@@ -1,0 +1,121 @@
+"""Tokenizers and fixed-shape token batches.
+
+* :func:`train_bpe_tokenizer` trains a byte-level BPE with ``tokenizers`` and wraps it as a
+  ``transformers`` fast tokenizer (so it saves next to an exported HF model).
+* :func:`encode_pairs` turns (prompt, response) pairs into right-padded ``[N, T]`` arrays with a
+  loss mask on the response, so every batch has one shape and the step compiles once.
+* :func:`batch_at` returns the batch of a given step as a pure function of (seed, step), so a
+  resumed run sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from absl import logging
+
+from ffrag_jax.errors import UserError
+
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int):
+    """A byte-level BPE ``PreTrainedTokenizerFast`` with <pad>=0, <s>=1, </s>=2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+
+
+def encode_pairs(
+    tokenizer,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    max_len: int,
+    *,
+    response_only: bool = True,
+) -> dict[str, np.ndarray]:
+    """Right-padded arrays for ``<s> prompt response </s>``.
+
+    Returns ``input_ids``, ``attention_mask``, ``loss_mask`` (all ``[N, max_len]`` int32) and
+    ``prompt_len`` ``[N]`` (tokens before the response, BOS included). With ``response_only``
+    the loss covers the response and EOS; otherwise every real token after BOS. A pair longer
+    than ``max_len`` loses tokens from the start of its prompt, never from its response.
+    """
+    if tokenizer.pad_token_id is None:
+        raise UserError("tokenizer has no pad token")
+    n = len(prompts)
+    ids = np.full((n, max_len), tokenizer.pad_token_id, np.int32)
+    attention = np.zeros((n, max_len), np.int32)
+    loss = np.zeros((n, max_len), np.int32)
+    prompt_len = np.zeros((n,), np.int32)
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    truncated = 0
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids, strict=True)):
+        r = r + eos
+        room = max_len - len(bos) - len(r)
+        if room < 1:
+            raise UserError(
+                f"example {i}: response of {len(r)} tokens does not fit max_len={max_len}"
+            )
+        if len(p) > room:
+            p, truncated = p[len(p) - room :], truncated + 1
+        seq = bos + p + r
+        ids[i, : len(seq)] = seq
+        attention[i, : len(seq)] = 1
+        start = len(bos) + len(p) if response_only else 1
+        loss[i, start : len(seq)] = 1
+        prompt_len[i] = len(bos) + len(p)
+    if truncated:
+        logging.warning("%d of %d examples were longer than %d tokens; their prompts were cut "
+                        "from the left", truncated, n, max_len)
+    return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss,
+            "prompt_len": prompt_len}
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], max_len: int) -> dict[str, np.ndarray]:
+    """Right-padded ``<s> prompt`` for generation: ``input_ids`` ``[N, max_len]`` and
+    ``prompt_len`` ``[N]``. Prompts longer than ``max_len`` lose tokens from the start."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    ids = np.full((len(prompts), max_len), tokenizer.pad_token_id, np.int32)
+    prompt_len = np.zeros((len(prompts),), np.int32)
+    for i, p in enumerate(tokenizer(list(prompts), add_special_tokens=False)["input_ids"]):
+        seq = bos + p[max(len(p) - (max_len - len(bos)), 0) :]
+        ids[i, : len(seq)] = seq
+        prompt_len[i] = len(seq)
+    return {"input_ids": ids, "prompt_len": prompt_len}
+
+
+def batch_at(
+    data: dict[str, np.ndarray], step: int, batch_size: int, num_micro: int, seed: int
+) -> dict[str, np.ndarray]:
+    """The training batch of ``step``: leaves ``[num_micro, batch_size, T]``.
+
+    Examples are visited in a fresh permutation per epoch (seeded by ``seed`` and the epoch),
+    so the batch is a pure function of ``step``.
+    """
+    n = len(data["input_ids"])
+    per_step = batch_size * num_micro
+    positions = step * per_step + np.arange(per_step)
+    epochs, offsets = np.divmod(positions, n)
+    index = np.empty(per_step, np.int64)
+    for epoch in np.unique(epochs):
+        perm = np.random.default_rng([seed, int(epoch)]).permutation(n)
+        sel = epochs == epoch
+        index[sel] = perm[offsets[sel]]
+    keys = ("input_ids", "attention_mask", "loss_mask")
+    return {k: data[k][index].reshape(num_micro, batch_size, -1) for k in keys}
