@@ -114,9 +114,19 @@ def parse_flags(argv: list[str]) -> list[str]:
     return rest
 
 
+def _quiet_libraries() -> None:
+    """Keep orbax's per-save INFO chatter out of the run log (its warnings still show)."""
+    import logging as py_logging
+
+    logging.get_absl_handler().addFilter(
+        lambda r: r.levelno >= py_logging.WARNING or "/orbax/" not in r.pathname
+    )
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    _quiet_libraries()
     import jax
 
     from ffrag_jax.run import run

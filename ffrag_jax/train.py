@@ -97,6 +97,9 @@ def split_trainable(trainable, frozen, mode: str):
 
 
 def init_train_state(trainable, optimizer: optax.GradientTransformation) -> TrainState:
+    """A step-0 state. ``trainable`` is copied: the jitted step donates the state, and the
+    caller's arrays (say, the adapter they started from) must survive that."""
+    trainable = jax.tree.map(jnp.copy, trainable)
     return TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable))
 
 

@@ -1,0 +1,81 @@
+"""Test setup: 8 fake CPU devices (set before JAX starts), no hub access, tiny HF models.
+
+The reference models are random ``transformers`` Llamas built and saved locally per session;
+nothing is downloaded.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+# Tiny Llama variants covering the architecture switches that matter for parity.
+LLAMA_VARIANTS = {
+    # GQA (8 query heads, 2 kv heads), untied lm_head, Llama-3 rope scaling.
+    "gqa_untied_llama3": dict(
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+    ),
+    # Multi-head attention, tied embeddings, plain rope.
+    "mha_tied": dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True),
+    # Linear rope scaling with attention biases.
+    "linear_rope_bias": dict(
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_scaling={"rope_type": "linear", "factor": 2.0},
+        attention_bias=True,
+    ),
+}
+
+
+def make_hf_llama(variant: str, seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=2,
+        max_position_embeddings=64,
+        **LLAMA_VARIANTS[variant],
+    )
+    model = LlamaForCausalLM(config).eval()
+    if config.attention_bias:  # HF initialises biases to zero; make them matter
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0, 0.1)
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_llama_dir(tmp_path_factory):
+    """Factory: variant name -> folder with a saved random HF Llama (cached per session)."""
+    cache = {}
+
+    def get(variant: str):
+        if variant not in cache:
+            folder = tmp_path_factory.mktemp(f"hf_{variant}")
+            make_hf_llama(variant).save_pretrained(folder)
+            cache[variant] = folder
+        return cache[variant]
+
+    return get

@@ -1,0 +1,169 @@
+"""The launcher and the demo end to end: one-line errors, outputs, exports, resume, no overwrite."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from ffrag_jax import run as run_lib
+from ffrag_jax.launch import CONFIG_DIR, _load_config_file
+
+# A demo small enough for a test: same code path, a few steps.
+TINY = {
+    "pretrain.steps": 6,
+    "lora.steps": 4,
+    "data.num_base_train": 64,
+    "data.num_task_train": 64,
+    "data.num_eval": 8,
+    "eval.batch_size": 8,
+    "pretrain.batch_size": 8,
+    "lora.batch_size": 8,
+    "model.hidden_size": 32,
+    "model.intermediate_size": 64,
+    "model.num_layers": 2,
+    "tokenizer.vocab_size": 400,
+    "log_every": 2,
+    "checkpoint_every": 2,
+}
+
+
+def _launch(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "ffrag_jax.launch", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _tiny_config(**extra):
+    config = _load_config_file(str(CONFIG_DIR / "demo.py"))
+    for key, value in {**TINY, **extra}.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def _error_line(result):
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    return lines[0]
+
+
+def test_unknown_config_name_lists_configs():
+    assert "unknown config 'nope'; configs: demo" in _error_line(_launch("--config", "nope"))
+
+
+def test_unknown_override_key_lists_keys():
+    line = _error_line(_launch("--config=demo", "--config.lora.rnak=4"))
+    assert "unknown config key 'lora.rnak'" in line and "rank" in line
+
+
+def test_bad_override_value_is_one_line():
+    assert "--config.lora.rank=abc" in _error_line(_launch("--config", "demo",
+                                                           "--config.lora.rank=abc"))
+
+
+def test_bad_lora_rank_fails_before_any_work(tmp_path):
+    line = _error_line(_launch("--config", "demo", "--config.lora.rank=0",
+                               "--workdir", str(tmp_path / "w")))
+    assert "LoRA rank must be a positive integer" in line
+    assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_demo_end_to_end_via_launcher(tmp_path):
+    workdir = tmp_path / "run"
+    overrides = [f"--config.{k}={v}" for k, v in TINY.items()]
+    result = _launch("--config", "demo", "--workdir", str(workdir), *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("config.json", "metrics.jsonl", "loss.png", "summary.json",
+                 "tokenizer/tokenizer.json", "export/base_model/config.json",
+                 "export/base_model/model.safetensors", "export/lora_adapter/adapter_config.json"):
+        assert (workdir / name).exists(), name
+    records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train_records if r["phase"] == "lora"] == [2, 4]
+    assert all(r["tokens_per_s"] > 0 and np.isfinite(r["loss"]) for r in train_records)
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert 0.0 <= summary["task_domain_em_with_lora"] <= 1.0
+
+    # The exports load in transformers + peft and give our logits.
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ffrag_jax import hf, lora
+    from ffrag_jax.models import llama
+
+    model = AutoModelForCausalLM.from_pretrained(workdir / "export/base_model")
+    model = PeftModel.from_pretrained(model, workdir / "export/lora_adapter").eval()
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "export/base_model")
+    ids = tokenizer("Context: Patient Ab was prescribed Cdin.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits.numpy()
+    cfg, params = hf.load_llama(workdir / "export/base_model")
+    adapter = lora.load_peft_adapter(workdir / "export/lora_adapter", cfg)
+    out = np.asarray(llama.forward(params, cfg, jax.numpy.asarray(ids.numpy()), None, adapter))
+    assert np.abs(out - ref).max() <= 1e-4
+
+    # A finished run is never overwritten without --overwrite...
+    again = _launch("--config", "demo", "--workdir", str(workdir), *overrides)
+    assert "already holds a finished run; pass --overwrite" in _error_line(again)
+    assert json.loads((workdir / "summary.json").read_text()) == summary
+
+
+def test_workdir_guards(tmp_path):
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    with pytest.raises(run_lib.UserError, match="holds no ffrag_jax run"):
+        run_lib.prepare_workdir(_tiny_config(), stranger, overwrite=False)
+    assert (stranger / "notes.txt").read_text() == "mine"
+
+    partial = tmp_path / "partial"
+    run_lib.prepare_workdir(_tiny_config(), partial, overwrite=False)
+    with pytest.raises(run_lib.UserError, match=r"different config \(lora.rank: 8 -> 4\)"):
+        run_lib.prepare_workdir(_tiny_config(**{"lora.rank": 4}), partial, overwrite=False)
+    # same config: resume is allowed
+    run_lib.prepare_workdir(_tiny_config(), partial, overwrite=False)
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch):
+    """Kill the LoRA phase after its step-2 checkpoint; the resumed run ends where an
+    uninterrupted run does, bit for bit."""
+    from ffrag_jax import lora, text
+
+    config = _tiny_config(**{"export": False})
+    full = run_lib.run(config, tmp_path / "full")
+
+    real_batch_at = text.batch_at
+    calls = {"lora": 0}
+
+    def dying_batch_at(data, step, batch_size, num_micro, seed):
+        if seed == config.lora.seed and step == 3:
+            calls["lora"] += 1
+            raise KeyboardInterrupt("simulated kill")
+        return real_batch_at(data, step, batch_size, num_micro, seed)
+
+    monkeypatch.setattr(text, "batch_at", dying_batch_at)
+    with pytest.raises(KeyboardInterrupt):
+        run_lib.run(config, tmp_path / "killed")
+    assert calls["lora"] == 1 and not (tmp_path / "killed" / "summary.json").exists()
+    monkeypatch.setattr(text, "batch_at", real_batch_at)
+    resumed = run_lib.run(config, tmp_path / "killed")
+    assert resumed["task_domain_em_with_lora"] == full["task_domain_em_with_lora"]
+
+    from ffrag_jax import checkpoint
+
+    def final_adapter(workdir):
+        mngr = checkpoint.manager(workdir / "checkpoints" / "lora")
+        restored = mngr.restore(mngr.latest_step())
+        mngr.close()
+        return restored
+
+    a, b = final_adapter(tmp_path / "full"), final_adapter(tmp_path / "killed")
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    assert lora  # the adapter module is what these checkpoints hold
