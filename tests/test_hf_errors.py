@@ -45,7 +45,8 @@ def test_missing_weights_and_missing_tensor(hf_llama_dir, tmp_path):
     conf["num_hidden_layers"] = 3  # the file has only 2 layers
     (tmp_path / "config.json").write_text(json.dumps(conf))
     shutil.copy(hf_llama_dir("mha_tied") / "model.safetensors", tmp_path)
-    with pytest.raises(UserError, match="tensor 'model.layers.2.input_layernorm.weight' is missing"):
+    missing = "tensor 'model.layers.2.input_layernorm.weight' is missing"
+    with pytest.raises(UserError, match=missing):
         hf.load_llama(tmp_path)
 
 

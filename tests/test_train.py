@@ -74,10 +74,11 @@ def test_gradient_accumulation_equals_one_big_batch(params):
 def test_response_only_loss_ignores_prompt_tokens(params):
     batch = jax.tree.map(lambda x: x[0], _batch(5, 1, 3))
     total, count = train.causal_lm_loss(params, CFG, batch)
-    assert float(count) == float(jnp.sum(batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]))
-    # changing a prompt token that is never a target moves the loss only through the context
-    changed = dict(batch, loss_mask=batch["loss_mask"].at[:, :].set(0))
-    assert float(train.causal_lm_loss(params, CFG, changed)[1]) == 0.0
+    scored = batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]
+    assert float(count) == float(jnp.sum(scored))
+    # with nothing marked as response, nothing is scored
+    nothing = dict(batch, loss_mask=jnp.zeros_like(batch["loss_mask"]))
+    assert float(train.causal_lm_loss(params, CFG, nothing)[1]) == 0.0
     assert np.isfinite(float(total))
 
 
