@@ -24,10 +24,10 @@ def get_config() -> ConfigDict:
         num_base_train=4000,
         num_task_train=2000,
         num_eval=200,
-        distractors=2,
-        max_len=96,  # tokens per example (prompt + answer), fixed so steps compile once
+        distractors=0,  # fact sentences besides the answer's (harder: needs more steps)
+        max_len=56,  # tokens per example (prompt + answer), fixed so steps compile once
     ))
-    c.tokenizer = ConfigDict(dict(vocab_size=512))
+    c.tokenizer = ConfigDict(dict(vocab_size=1536))
     c.model = ConfigDict(dict(
         path=config_dict.placeholder(str),  # a local HF Llama folder; None: train a tiny one
         pad_to_eos=False,  # for tokenizers without a pad token (most Llama tokenizers)
@@ -44,8 +44,8 @@ def get_config() -> ConfigDict:
         remat=False,
     ))
     c.pretrain = ConfigDict(dict(
-        steps=600, batch_size=32, grad_accum=1, lr=3e-3, warmup_steps=30, weight_decay=0.01,
-        max_grad_norm=1.0, response_only=True, seed=0,
+        steps=800, batch_size=32, grad_accum=1, lr=3e-3, warmup_steps=30, weight_decay=0.01,
+        max_grad_norm=1.0, response_only=False, seed=0,
     ))
     c.lora = ConfigDict(dict(
         targets="all-linear", rank=8, alpha=16.0, dropout=0.05,

@@ -74,33 +74,36 @@ def train_phase(
     seq_len = data["input_ids"].shape[1]
     bar = tqdm(range(start, steps), desc=name, initial=start, total=steps,
                disable=not sys.stderr.isatty(), dynamic_ncols=True)
-    window_start, window_steps = time.perf_counter(), 0
+    # Loss summed on device over the steps since the last log line (no host sync per step).
+    window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
     for step in bar:
         batch = text.batch_at(data, step, phase.batch_size, phase.grad_accum, seed=phase.seed)
         batch = jax.device_put(batch, batch_sharding)
         state, step_metrics = step_fn(state, frozen, batch, jax.random.fold_in(rng, step))
         window_steps += 1
+        window_loss = window_loss + step_metrics["loss"]
         done = step + 1
         if done % log_every == 0 or done == steps:
             step_metrics = jax.device_get(step_metrics)
+            mean_loss = float(window_loss) / window_steps
             elapsed = time.perf_counter() - window_start
             tokens_per_s = window_steps * per_step * seq_len / elapsed
             record = metrics.write(
                 kind="train",
                 phase=name,
                 step=done,
-                loss=float(step_metrics["loss"]),
+                loss=mean_loss,  # mean over the steps since the previous record
                 grad_norm=float(step_metrics["grad_norm"]),
                 lr=float(schedule(step)),
                 tokens_per_s=round(tokens_per_s, 1),
             )
-            if not np.isfinite(float(step_metrics["loss"])):
+            if not np.isfinite(mean_loss):
                 raise FloatingPointError(f"{name}: loss is {record['loss']} at step {done}")
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
             logging.info("%s step %d/%d  loss %.4f  grad_norm %.3f  lr %.2e  %.0f tokens/s",
                          name, done, steps, record["loss"], record["grad_norm"], record["lr"],
                          tokens_per_s)
-            window_start, window_steps = time.perf_counter(), 0
+            window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
         if done % checkpoint_every == 0 or done == steps:
             checkpoint.save(mngr, done, state)
     mngr.wait_until_finished()

@@ -1,0 +1,218 @@
+"""LoRA training step: jitted JAX (ffrag_jax) vs PyTorch + peft (eager), side by side.
+
+Same random Llama (built with transformers, loaded into JAX with ffrag_jax.hf.load_llama), same
+batch, same LoRA (q_proj, v_proj by default), same optimizer (AdamW, grad clip 1.0, linear
+decay). Reports tokens/s and model FLOP/s as a fraction of the machine's measured float32
+matmul FLOP/s, and writes bench/results/lora_step_<backend>.{json,md}.
+
+    python bench/bench_lora_step.py                 # defaults sized for a 2-core CPU
+    python bench/bench_lora_step.py --batch 16 --seq 512 --hidden 512 --layers 8
+
+Model FLOPs per LoRA step: 2*N per token for the forward through the N frozen matmul params,
+2*N more for the input gradients of the backward (frozen weights get no weight gradient),
+plus attention (QK^T and AV, forward and backward) and the small LoRA terms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--targets", default="q_proj,v_proj")
+    p.add_argument("--steps", type=int, default=10, help="timed steps after 2 warm-up steps")
+    p.add_argument("--skip-torch", action="store_true")
+    return p.parse_args()
+
+
+def matmul_flops_per_s(n: int = 2048, repeats: int = 10) -> tuple[float, float]:
+    """Measured float32 matmul FLOP/s of XLA and of torch on this machine."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    mm = jax.jit(lambda x: x @ x)
+    mm(a).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        out = mm(a)
+    out.block_until_ready()
+    xla = 2 * n**3 * repeats / (time.perf_counter() - t)
+    try:
+        import torch
+
+        ta = torch.randn(n, n)
+        ta @ ta
+        t = time.perf_counter()
+        for _ in range(repeats):
+            ta @ ta
+        torch_rate = 2 * n**3 * repeats / (time.perf_counter() - t)
+    except ImportError:
+        torch_rate = float("nan")
+    return xla, torch_rate
+
+
+def step_flops(args, cfg, lora_params: int) -> float:
+    tokens = args.batch * args.seq
+    d, f, v, layers = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_layers
+    qkvo = d * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + cfg.num_heads * \
+        cfg.head_dim * d
+    matmul_params = layers * (qkvo + 3 * d * f) + d * v
+    attention = layers * 2 * 2 * args.batch * args.seq**2 * cfg.num_heads * cfg.head_dim
+    forward = 2 * tokens * matmul_params + attention + 2 * tokens * lora_params
+    # backward: input gradients everywhere (~forward), weight gradients only for LoRA
+    return 2 * forward + 2 * tokens * lora_params
+
+
+def bench_jax(args, folder, ids):
+    from ffrag_jax import hf, lora, sharding, train
+
+    cfg, params = hf.load_llama(folder)
+    adapter = lora.init(jax.random.key(0), params, args.targets, args.rank, 2.0 * args.rank,
+                        dropout=0.05)
+    optimizer = train.make_optimizer(1e-4, 1000)
+    mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    state = train.init_train_state(adapter, optimizer)
+    step = train.jit_train_step(cfg, optimizer, "lora", mesh, state, params)
+    batch = {"input_ids": jnp.asarray(ids)[None], "attention_mask": jnp.ones_like(ids)[None],
+             "loss_mask": jnp.ones_like(ids)[None]}
+    compile_start = time.perf_counter()
+    for i in range(2):
+        state, m = step(state, params, batch, jax.random.key(i))
+    jax.block_until_ready(m)
+    warmup = time.perf_counter() - compile_start
+    t = time.perf_counter()
+    for i in range(args.steps):
+        state, m = step(state, params, batch, jax.random.key(i))
+    jax.block_until_ready(m)
+    seconds = (time.perf_counter() - t) / args.steps
+    return cfg, adapter.num_params(), seconds, float(m["loss"]), warmup
+
+
+def bench_torch(args, folder, ids):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.set_num_threads(os.cpu_count())
+    model = LlamaForCausalLM.from_pretrained(folder, attn_implementation="sdpa")
+    config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.05,
+                        target_modules=args.targets.split(","))
+    model = get_peft_model(model, config).train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / 1000))
+    x = torch.as_tensor(np.asarray(ids), dtype=torch.long)
+
+    def one_step():
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(2):
+        one_step()
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        loss = one_step()
+    return (time.perf_counter() - t) / args.steps, float(loss)
+
+
+def main():
+    args = parse_args()
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    hf_cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
+                         intermediate_size=int(args.hidden * 8 / 3) // 16 * 16,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                         num_key_value_heads=args.kv_heads, max_position_embeddings=args.seq)
+    folder = tempfile.mkdtemp(prefix="bench_llama_")
+    LlamaForCausalLM(hf_cfg).save_pretrained(folder)
+    ids = np.random.default_rng(0).integers(0, args.vocab, (args.batch, args.seq), np.int32)
+
+    xla_peak, torch_peak = matmul_flops_per_s()
+    cfg, lora_params, jax_s, jax_loss, jax_warmup = bench_jax(args, folder, ids)
+    flops = step_flops(args, cfg, lora_params)
+    tokens = args.batch * args.seq
+    rows = [{
+        "impl": f"ffrag_jax (jax {jax.__version__}, jit)",
+        "s_per_step": jax_s,
+        "tokens_per_s": tokens / jax_s,
+        "model_flops_per_s": flops / jax_s,
+        "fraction_of_matmul_peak": flops / jax_s / xla_peak,
+        "loss_after": jax_loss,
+        "compile_and_warmup_s": jax_warmup,
+    }]
+    if not args.skip_torch:
+        torch_s, torch_loss = bench_torch(args, folder, ids)
+        rows.append({
+            "impl": f"PyTorch {torch.__version__} + peft (eager)",
+            "s_per_step": torch_s,
+            "tokens_per_s": tokens / torch_s,
+            "model_flops_per_s": flops / torch_s,
+            "fraction_of_matmul_peak": flops / torch_s / torch_peak,
+            "loss_after": torch_loss,
+        })
+    backend = jax.default_backend()
+    result = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "cpus": os.cpu_count(), "jax_backend": backend,
+                    "devices": [str(d) for d in jax.devices()]},
+        "args": vars(args),
+        "model": {"params_lora": lora_params, "step_model_flops": flops},
+        "matmul_peak_flops_per_s": {"xla": xla_peak, "torch": torch_peak},
+        "rows": rows,
+        "speedup_jax_over_torch": rows[1]["s_per_step"] / jax_s if len(rows) > 1 else None,
+        "command": " ".join([Path(sys.executable).name] + sys.argv),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"lora_step_{backend}.json").write_text(json.dumps(result, indent=2))
+    lines = [
+        f"# LoRA training step ({backend}, {os.cpu_count()} cores)",
+        "",
+        f"Batch {args.batch} x {args.seq} tokens, hidden {args.hidden}, {args.layers} layers, "
+        f"vocab {args.vocab}, LoRA r={args.rank} on {args.targets}. Measured fp32 matmul peak: "
+        f"XLA {xla_peak / 1e9:.1f} GFLOP/s, torch {torch_peak / 1e9:.1f} GFLOP/s.",
+        "",
+        "| implementation | s/step | tokens/s | model GFLOP/s | of matmul peak |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['impl']} | {r['s_per_step']:.3f} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['model_flops_per_s'] / 1e9:.1f} | {r['fraction_of_matmul_peak']:.0%} |")
+    if result["speedup_jax_over_torch"]:
+        lines += ["", f"JAX step is {result['speedup_jax_over_torch']:.2f}x the speed of the "
+                  "PyTorch + peft step."]
+    lines += ["", f"Command: `{result['command']}`"]
+    (RESULTS / f"lora_step_{backend}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
