@@ -6,7 +6,7 @@ decay). Reports tokens/s and model FLOP/s as a fraction of the machine's measure
 matmul FLOP/s, and writes bench/results/lora_step_<backend>.{json,md}.
 
     python bench/bench_lora_step.py                 # defaults sized for a 2-core CPU
-    python bench/bench_lora_step.py --batch 16 --seq 512 --hidden 512 --layers 8
+    python bench/bench_lora_step.py --batch 16 --seq 512 1024 --hidden 512 --layers 8
 
 Model FLOPs per LoRA step: 2*N per token for the forward through the N frozen matmul params,
 2*N more for the input gradients of the backward (frozen weights get no weight gradient),
@@ -36,7 +36,8 @@ RESULTS = Path(__file__).parent / "results"
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--seq", type=int, nargs="+", default=[128, 256, 512],
+                   help="sequence lengths to sweep")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=8)
@@ -45,6 +46,7 @@ def parse_args():
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--targets", default="q_proj,v_proj")
     p.add_argument("--steps", type=int, default=10, help="timed steps after 2 warm-up steps")
+    p.add_argument("--remat", default="dots", help="ffrag_jax remat policy: none, dots, full")
     p.add_argument("--skip-torch", action="store_true")
     return p.parse_args()
 
@@ -89,6 +91,7 @@ def bench_jax(args, folder, ids):
     from ffrag_jax import hf, lora, sharding, train
 
     cfg, params = hf.load_llama(folder)
+    cfg = cfg.replace(remat=args.remat)
     adapter = lora.init(jax.random.key(0), params, args.targets, args.rank, 2.0 * args.rank,
                         dropout=0.05)
     optimizer = train.make_optimizer(1e-4, 1000)
@@ -142,26 +145,17 @@ def bench_torch(args, folder, ids):
     return (time.perf_counter() - t) / args.steps, float(loss)
 
 
-def main():
-    args = parse_args()
+def run_size(args, seq: int, folder: str, xla_peak: float, torch_peak: float) -> list[dict]:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    hf_cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
-                         intermediate_size=int(args.hidden * 8 / 3) // 16 * 16,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.kv_heads, max_position_embeddings=args.seq)
-    folder = tempfile.mkdtemp(prefix="bench_llama_")
-    LlamaForCausalLM(hf_cfg).save_pretrained(folder)
-    ids = np.random.default_rng(0).integers(0, args.vocab, (args.batch, args.seq), np.int32)
-
-    xla_peak, torch_peak = matmul_flops_per_s()
+    args = argparse.Namespace(**{**vars(args), "seq": seq})
+    ids = np.random.default_rng(0).integers(0, args.vocab, (args.batch, seq), np.int32)
     cfg, lora_params, jax_s, jax_loss, jax_warmup = bench_jax(args, folder, ids)
     flops = step_flops(args, cfg, lora_params)
-    tokens = args.batch * args.seq
+    tokens = args.batch * seq
     rows = [{
-        "impl": f"ffrag_jax (jax {jax.__version__}, jit)",
+        "seq": seq,
+        "impl": f"ffrag_jax (jax {jax.__version__}, jit, remat={args.remat})",
         "s_per_step": jax_s,
         "tokens_per_s": tokens / jax_s,
         "model_flops_per_s": flops / jax_s,
@@ -172,23 +166,45 @@ def main():
     if not args.skip_torch:
         torch_s, torch_loss = bench_torch(args, folder, ids)
         rows.append({
-            "impl": f"PyTorch {torch.__version__} + peft (eager)",
+            "seq": seq,
+            "impl": f"PyTorch {torch.__version__} + peft (eager, sdpa)",
             "s_per_step": torch_s,
             "tokens_per_s": tokens / torch_s,
             "model_flops_per_s": flops / torch_s,
             "fraction_of_matmul_peak": flops / torch_s / torch_peak,
             "loss_after": torch_loss,
         })
+    return rows
+
+
+def main():
+    args = parse_args()
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    hf_cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
+                         intermediate_size=int(args.hidden * 8 / 3) // 16 * 16,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                         num_key_value_heads=args.kv_heads, max_position_embeddings=max(args.seq))
+    folder = tempfile.mkdtemp(prefix="bench_llama_")
+    LlamaForCausalLM(hf_cfg).save_pretrained(folder)
+    xla_peak, torch_peak = matmul_flops_per_s()
+    rows = [row for seq in args.seq for row in run_size(args, seq, folder, xla_peak, torch_peak)]
+    speedups = {}
+    for seq in args.seq:
+        pair = [r for r in rows if r["seq"] == seq]
+        if len(pair) == 2:
+            speedups[seq] = pair[1]["s_per_step"] / pair[0]["s_per_step"]
     backend = jax.default_backend()
     result = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpus": os.cpu_count(), "jax_backend": backend,
                     "devices": [str(d) for d in jax.devices()]},
         "args": vars(args),
-        "model": {"params_lora": lora_params, "step_model_flops": flops},
         "matmul_peak_flops_per_s": {"xla": xla_peak, "torch": torch_peak},
         "rows": rows,
-        "speedup_jax_over_torch": rows[1]["s_per_step"] / jax_s if len(rows) > 1 else None,
+        "speedup_jax_over_torch_by_seq": speedups,
         "command": " ".join([Path(sys.executable).name] + sys.argv),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -196,19 +212,21 @@ def main():
     lines = [
         f"# LoRA training step ({backend}, {os.cpu_count()} cores)",
         "",
-        f"Batch {args.batch} x {args.seq} tokens, hidden {args.hidden}, {args.layers} layers, "
-        f"vocab {args.vocab}, LoRA r={args.rank} on {args.targets}. Measured fp32 matmul peak: "
-        f"XLA {xla_peak / 1e9:.1f} GFLOP/s, torch {torch_peak / 1e9:.1f} GFLOP/s.",
+        f"Batch {args.batch}, hidden {args.hidden}, {args.layers} layers, {args.heads} heads "
+        f"({args.kv_heads} kv), vocab {args.vocab}, LoRA r={args.rank} on {args.targets}, "
+        f"AdamW + clip. Measured fp32 matmul peak (2048^3): XLA {xla_peak / 1e9:.1f} GFLOP/s, "
+        f"torch {torch_peak / 1e9:.1f} GFLOP/s.",
         "",
-        "| implementation | s/step | tokens/s | model GFLOP/s | of matmul peak |",
-        "|---|---:|---:|---:|---:|",
+        "| seq | implementation | s/step | tokens/s | model GFLOP/s | of matmul peak |",
+        "|---:|---|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['impl']} | {r['s_per_step']:.3f} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['model_flops_per_s'] / 1e9:.1f} | {r['fraction_of_matmul_peak']:.0%} |")
-    if result["speedup_jax_over_torch"]:
-        lines += ["", f"JAX step is {result['speedup_jax_over_torch']:.2f}x the speed of the "
-                  "PyTorch + peft step."]
+        lines.append(f"| {r['seq']} | {r['impl']} | {r['s_per_step']:.3f} | "
+                     f"{r['tokens_per_s']:,.0f} | {r['model_flops_per_s'] / 1e9:.1f} | "
+                     f"{r['fraction_of_matmul_peak']:.0%} |")
+    if speedups:
+        lines += ["", "JAX speed relative to PyTorch + peft (>1: JAX faster): " + ", ".join(
+            f"seq {seq}: {v:.2f}x" for seq, v in speedups.items())]
     lines += ["", f"Command: `{result['command']}`"]
     (RESULTS / f"lora_step_{backend}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

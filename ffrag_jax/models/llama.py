@@ -33,6 +33,16 @@ LINEAR_MODULES = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
+# Activation rematerialisation per decoder layer. "dots" keeps the projection matmul outputs and
+# recomputes attention scores and elementwise ops in the backward: on CPU it is faster than
+# storing the [B, heads, T, T] attention probabilities of every layer ("none"); "full" keeps
+# only the layer inputs (least memory).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
@@ -59,7 +69,7 @@ class LlamaConfig:
     mlp_bias: bool = False
     dtype: str = "float32"
     param_dtype: str = "float32"
-    remat: bool = False
+    remat: str = "none"  # see REMAT_POLICIES
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
     pad_token_id: int | None = None
@@ -73,6 +83,8 @@ class LlamaConfig:
             raise UserError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
             )
+        if self.remat not in REMAT_POLICIES:
+            raise UserError(f"remat={self.remat!r}; choose one of {', '.join(REMAT_POLICIES)}")
         rope_type = self.rope_type
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise UserError(
@@ -270,7 +282,9 @@ class Llama(_Block):
         causal = jnp.tril(jnp.ones((length, length), dtype=bool))
         mask = causal[None, None] & attention_mask.astype(bool)[:, None, None, :]
 
-        layer_cls = nn.remat(DecoderLayer, prevent_cse=False) if cfg.remat else DecoderLayer
+        layer_cls = DecoderLayer
+        if cfg.remat != "none":
+            layer_cls = nn.remat(DecoderLayer, prevent_cse=False, policy=REMAT_POLICIES[cfg.remat])
         layers = nn.scan(
             layer_cls,
             variable_axes={"params": 0, "lora": 0},
