@@ -167,3 +167,37 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     a, b = final_adapter(tmp_path / "full"), final_adapter(tmp_path / "killed")
     jax.tree.map(np.testing.assert_array_equal, a, b)
     assert lora  # the adapter module is what these checkpoints hold
+
+
+def test_demo_on_a_local_hf_checkpoint(tmp_path):
+    """--config.model.path: no pretraining, the folder's tokenizer, LoRA on the real weights."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ffrag_jax import hf, lora, synthetic, text
+
+    examples = synthetic.make_examples("clinic", 200, seed=0)
+    tokenizer = text.train_bpe_tokenizer(
+        [synthetic.prompt(e) + synthetic.response(e) for e in examples], 400)
+    tokenizer.pad_token = None  # like most Llama tokenizers
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128))
+    folder = tmp_path / "llama"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+    config = _tiny_config(**{"model.path": str(folder)})
+    with pytest.raises(run_lib.UserError, match="has no pad token"):
+        run_lib.run(config, tmp_path / "no_pad")
+    config = _tiny_config(**{"model.path": str(folder), "model.pad_to_eos": True})
+    summary = run_lib.run(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints" / "pretrain").exists()
+    assert (tmp_path / "run" / "checkpoints" / "lora").exists()
+    # the exported base model is the checkpoint itself, and the adapter fits it
+    cfg, params = hf.load_llama(folder)
+    _, exported = hf.load_llama(tmp_path / "run" / "export" / "base_model")
+    jax.tree.map(np.testing.assert_array_equal, params, exported)
+    adapter = lora.load_peft_adapter(summary["exported"]["peft_adapter"], cfg)
+    assert set(adapter.targets) == set(lora.resolve_targets("all-linear"))
