@@ -133,7 +133,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     max_len = config.data.max_len
     if max_len > cfg.max_position_embeddings:
         raise UserError(f"data.max_len={max_len} exceeds the model's "
-                           f"max_position_embeddings={cfg.max_position_embeddings}")
+                        f"max_position_embeddings={cfg.max_position_embeddings}")
 
     # Check the LoRA settings against the model's shapes before any training is spent.
     abstract = jax.eval_shape(lambda: init_params(init_rng, cfg)) if params is None else params

@@ -13,7 +13,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ffrag_jax.models.llama import LlamaConfig, _check_length, forward
+from ffrag_jax.models.llama import LlamaConfig, check_length, forward
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens"))
@@ -29,7 +29,7 @@ def greedy_generate(
     whose real lengths are ``prompt_len`` ``[B]``. Tokens after an EOS are still produced;
     callers cut at the first EOS."""
     batch, length = input_ids.shape
-    _check_length(cfg, length + max_new_tokens)
+    check_length(cfg, length + max_new_tokens)
     buffer = jnp.pad(input_ids, ((0, 0), (0, max_new_tokens)))
     rows = jnp.arange(batch)
 

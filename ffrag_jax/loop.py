@@ -58,6 +58,7 @@ def train_phase(
     start, state = checkpoint.restore_latest(mngr, state)
     if start:
         logging.info("%s: resuming from the checkpoint at step %d", name, start)
+        metrics.drop_train_records_after(name, start)
     if start >= steps:
         mngr.close()
         return state.trainable

@@ -25,6 +25,16 @@ class MetricsLog:
         return record
 
 
+    def drop_train_records_after(self, phase: str, step: int) -> None:
+        """Forgets ``phase``'s training records past ``step``: a resumed run redoes those
+        steps and logs them again."""
+        kept = [r for r in read_jsonl(self.path)
+                if not (r.get("kind") == "train" and r.get("phase") == phase and r["step"] > step)]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(self.path)  # atomic: a kill here leaves the old or the new file, never half
+
+
 def _plain(value):
     """JSON-safe Python scalars from numpy/JAX scalars."""
     if hasattr(value, "item") and np.ndim(value) == 0:

@@ -136,14 +136,14 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     uninterrupted run does, bit for bit."""
     from ffrag_jax import lora, text
 
-    config = _tiny_config(**{"export": False})
+    config = _tiny_config(**{"export": False, "log_every": 1})  # step 3 is logged, then lost
     full = run_lib.run(config, tmp_path / "full")
 
     real_batch_at = text.batch_at
     calls = {"lora": 0}
 
     def dying_batch_at(data, step, batch_size, num_micro, seed):
-        if seed == config.lora.seed and step == 3:
+        if seed == config.lora.seed and step == 3:  # after step 3 was logged, checkpoint at 2
             calls["lora"] += 1
             raise KeyboardInterrupt("simulated kill")
         return real_batch_at(data, step, batch_size, num_micro, seed)
@@ -164,6 +164,13 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch):
         mngr.close()
         return restored
 
+    def lora_steps(workdir):
+        return [r["step"] for r in (json.loads(x) for x in
+                (workdir / "metrics.jsonl").read_text().splitlines())
+                if r["kind"] == "train" and r["phase"] == "lora"]
+
+    # step 3 was never logged twice: the resumed phase forgot records after its checkpoint
+    assert lora_steps(tmp_path / "killed") == lora_steps(tmp_path / "full") == [1, 2, 3, 4]
     a, b = final_adapter(tmp_path / "full"), final_adapter(tmp_path / "killed")
     jax.tree.map(np.testing.assert_array_equal, a, b)
     assert lora  # the adapter module is what these checkpoints hold

@@ -312,7 +312,7 @@ class Llama(_Block):
         return logits.astype(jnp.float32)
 
 
-def _check_length(cfg: LlamaConfig, length: int) -> None:
+def check_length(cfg: LlamaConfig, length: int) -> None:
     if length > cfg.max_position_embeddings:
         raise UserError(
             f"sequence length {length} is longer than the model's max_position_embeddings "
@@ -344,7 +344,7 @@ def forward(
     active only when ``dropout_rng`` is given.
     """
     batch, length = input_ids.shape
-    _check_length(cfg, length)
+    check_length(cfg, length)
     if attention_mask is None:
         attention_mask = jnp.ones((batch, length), jnp.int32)
     if positions is None:
