@@ -223,7 +223,7 @@ class _Block(nn.Module):
 class Attention(_Block):
     @nn.compact
     def __call__(self, x, cos, sin, mask):
-        """x ``[B, T, D]``, cos/sin ``[B, T, head_dim]``, mask bool ``[B, 1, T, T]``."""
+        """x ``[B, T, D]``, cos/sin ``[B, T, head_dim]``, key-padding mask bool ``[B, 1, 1, T]``."""
         cfg = self.cfg
         batch, length, _ = x.shape
         bias = cfg.attention_bias
@@ -234,7 +234,8 @@ class Attention(_Block):
         k = apply_rope(k.reshape(batch, length, cfg.num_kv_heads, cfg.head_dim), cos, sin)
         v = v.reshape(batch, length, cfg.num_kv_heads, cfg.head_dim)
         # GQA is native here (num_heads a multiple of num_kv_heads); on GPU this may pick cuDNN.
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=cfg.head_dim**-0.5)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=cfg.head_dim**-0.5,
+                                           is_causal=True)
         out = out.reshape(batch, length, cfg.num_heads * cfg.head_dim)
         return self.linear(cfg.hidden_size, "o_proj", bias)(out)
 
@@ -278,9 +279,9 @@ class Llama(_Block):
         )
         x = embed(input_ids)
         cos, sin = rope_cos_sin(cfg, positions)
-        length = input_ids.shape[1]
-        causal = jnp.tril(jnp.ones((length, length), dtype=bool))
-        mask = causal[None, None] & attention_mask.astype(bool)[:, None, None, :]
+        # Key-padding mask only, [B, 1, 1, S]; the causal part comes from is_causal inside the
+        # attention, which is cheaper than materialising a [B, 1, T, T] mask per call.
+        mask = attention_mask.astype(bool)[:, None, None, :]
 
         layer_cls = DecoderLayer
         if cfg.remat != "none":
