@@ -43,17 +43,18 @@ class LoRA:
     @property
     def targets(self) -> tuple[str, ...]:
         """Module names that carry an adapter (``('q_proj', 'v_proj')``)."""
-        return tuple(sorted({path[-1] for path in _modules(self.weights)}))
+        return tuple(sorted({path[-1] for path in module_weights(self.weights)}))
 
     @property
     def ranks(self) -> dict[str, int]:
-        return {"/".join(p): int(ab["a"].shape[-1]) for p, ab in _modules(self.weights).items()}
+        modules = module_weights(self.weights)
+        return {"/".join(p): int(ab["a"].shape[-1]) for p, ab in modules.items()}
 
     def num_params(self) -> int:
         return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.weights))
 
 
-def _modules(weights: dict) -> dict[tuple[str, ...], dict]:
+def module_weights(weights: dict) -> dict[tuple[str, ...], dict]:
     """``{module path: {'a': ..., 'b': ...}}`` of a LoRA weights tree."""
     flat = traverse_util.flatten_dict(weights)
     out: dict[tuple[str, ...], dict] = {}
@@ -135,7 +136,7 @@ def delta(lora: LoRA) -> dict:
     """``{module path: scale * a @ b}`` with the kernels' shapes ``[L, in, out]``."""
     return {
         path: lora.scale * jnp.einsum("...ir,...ro->...io", ab["a"], ab["b"])
-        for path, ab in _modules(lora.weights).items()
+        for path, ab in module_weights(lora.weights).items()
     }
 
 
@@ -186,7 +187,7 @@ def save_peft_adapter(
     folder = hf.prepare_output_dir(path, overwrite)
     rows = _module_rows(cfg)
     tensors = {}
-    for mpath, ab in _modules(lora.weights).items():
+    for mpath, ab in module_weights(lora.weights).items():
         a = np.asarray(jax.device_get(ab["a"]), np.float32)
         b = np.asarray(jax.device_get(ab["b"]), np.float32)
         names = _layer_names(rows[mpath], cfg.num_layers)

@@ -1,0 +1,145 @@
+"""Server-side federated LoRA: client selection, weights and aggregation as pure functions.
+
+Every function takes and returns :class:`~ffrag_jax.lora.LoRA` pytrees (``a`` ``[..., in, r]``,
+``b`` ``[..., r, out]``), so they compose with ``jax.jit`` and run on whatever devices hold the
+adapters.
+
+* :func:`stack`: FLoRA's exact aggregation. The stacked adapter's product equals the weighted
+  sum of the clients' products, ``sum_k p_k s_k a_k b_k``, for any mix of ranks and scales.
+* :func:`fedavg`: FedIT's average of ``a`` and ``b`` separately (same ranks only). This is not
+  the average of the products.
+* :func:`zeropad`: the HetLoRA-style baseline that zero-pads every client to the largest rank,
+  then averages ``a`` and ``b`` separately.
+* :func:`fuse`: FF-LoRA's additive fusion of the global and a personal adapter,
+  ``s_g b_g a_g + s_k b_k a_k``, again as one exact stacked adapter.
+
+Not here yet (issue 3): the vmapped client update, the round loop, data splits, checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import traverse_util
+
+from ffrag_jax.errors import UserError
+from ffrag_jax.lora import LoRA, module_weights
+
+
+def select_clients(round_index: int, num_clients: int, fraction: float) -> list[int]:
+    """``max(int(fraction * N), 1)`` distinct clients, seeded by the round index.
+
+    This matches the reference code, which calls ``np.random.seed(round)`` and then
+    ``np.random.choice(N, m, replace=False)``.
+    """
+    if num_clients <= 0:
+        raise UserError(f"num_clients must be positive, got {num_clients}")
+    if not 0.0 < fraction <= 1.0:
+        raise UserError(f"client fraction must be in (0, 1], got {fraction}")
+    count = max(int(fraction * num_clients), 1)
+    chosen = np.random.RandomState(round_index).choice(np.arange(num_clients), count, replace=False)
+    return sorted(int(c) for c in chosen)
+
+
+def client_weights(num_examples: Sequence[int]) -> np.ndarray:
+    """``p_k = n_k / sum(n)`` (float64). A client with no examples gets weight 0, with a
+    warning; if no client has any, it is an error."""
+    n = np.asarray(num_examples, dtype=np.float64)
+    if np.any(n < 0):
+        raise UserError(f"negative example counts: {num_examples}")
+    for k in np.flatnonzero(n == 0):
+        logging.warning("client %d has no training examples: weight 0, skipped", k)
+    if n.sum() == 0:
+        raise UserError("no selected client has any training examples")
+    return n / n.sum()
+
+
+def _check_same_modules(loras: Sequence[LoRA]) -> list[tuple[str, ...]]:
+    if not loras:
+        raise UserError("no client adapters to aggregate")
+    paths = sorted(module_weights(loras[0].weights))
+    for i, lo in enumerate(loras[1:], 1):
+        if sorted(module_weights(lo.weights)) != paths:
+            raise UserError(f"client adapter {i} targets other modules than client 0")
+    return paths
+
+
+def _unflatten(flat: dict[tuple[str, ...], dict]) -> dict:
+    return traverse_util.unflatten_dict(
+        {path + (leaf,): value for path, ab in flat.items() for leaf, value in ab.items()}
+    )
+
+
+def stack(loras: Sequence[LoRA], weights: Sequence[float]) -> LoRA:
+    """FLoRA stacking: ``a = [p_1 s_1 a_1 | ... | p_K s_K a_K]`` along the rank axis and
+    ``b = [b_1; ...; b_K]``, so ``a @ b = sum_k p_k s_k a_k b_k`` exactly.
+
+    Each client's scale is folded into its ``a`` and the result has scale 1 and rank
+    ``sum_k r_k``. Clients with weight 0 are left out.
+    """
+    paths = _check_same_modules(loras)
+    if len(weights) != len(loras):
+        raise UserError(f"{len(weights)} weights for {len(loras)} client adapters")
+    kept = [(lo, float(w)) for lo, w in zip(loras, weights, strict=True) if w != 0]
+    if not kept:
+        raise UserError("every client weight is 0")
+    modules = [module_weights(lo.weights) for lo, _ in kept]
+    out = {}
+    for path in paths:
+        a = jnp.concatenate(
+            [m[path]["a"] * (w * lo.scale) for m, (lo, w) in zip(modules, kept, strict=True)],
+            axis=-1,
+        )
+        b = jnp.concatenate([m[path]["b"] for m in modules], axis=-2)
+        out[path] = {"a": a, "b": b}
+    return LoRA(_unflatten(out), scale=1.0, dropout=kept[0][0].dropout)
+
+
+def _same_scale(loras: Sequence[LoRA], what: str) -> float:
+    scales = {lo.scale for lo in loras}
+    if len(scales) != 1:
+        raise UserError(f"{what} needs one LoRA scale for all clients, got {sorted(scales)}")
+    return scales.pop()
+
+
+def fedavg(loras: Sequence[LoRA], weights: Sequence[float]) -> LoRA:
+    """FedIT: ``a = sum_k p_k a_k`` and ``b = sum_k p_k b_k``. All clients must have the same
+    ranks and scale."""
+    _check_same_modules(loras)
+    scale = _same_scale(loras, "fedavg")
+    shapes = {tuple(x.shape for x in jax.tree.leaves(lo.weights)) for lo in loras}
+    if len(shapes) != 1:
+        raise UserError("fedavg needs equal ranks for all clients; use 'stack' or 'zeropad'")
+    w = [float(x) for x in weights]
+    weights_tree = jax.tree.map(
+        lambda *leaves: sum(wk * leaf for wk, leaf in zip(w, leaves, strict=True)),
+        *[lo.weights for lo in loras],
+    )
+    return LoRA(weights_tree, scale=scale, dropout=loras[0].dropout)
+
+
+def zeropad(loras: Sequence[LoRA], weights: Sequence[float]) -> LoRA:
+    """Pad every client to the largest rank with zeros, then :func:`fedavg`."""
+    _check_same_modules(loras)
+    _same_scale(loras, "zeropad")
+    max_rank = max(r for lo in loras for r in lo.ranks.values())
+
+    def pad(lo: LoRA) -> LoRA:
+        flat = {}
+        for path, ab in module_weights(lo.weights).items():
+            extra = max_rank - ab["a"].shape[-1]
+            a_pad = [(0, 0)] * (ab["a"].ndim - 1) + [(0, extra)]
+            b_pad = [(0, 0)] * (ab["b"].ndim - 2) + [(0, extra), (0, 0)]
+            flat[path] = {"a": jnp.pad(ab["a"], a_pad), "b": jnp.pad(ab["b"], b_pad)}
+        return lo.replace(weights=_unflatten(flat))
+
+    return fedavg([pad(lo) for lo in loras], weights)
+
+
+def fuse(global_lora: LoRA, personal: LoRA) -> LoRA:
+    """FF-LoRA additive fusion: one adapter with ``W + s_g a_g b_g + s_k a_k b_k`` (exact)."""
+    return stack([global_lora, personal], [1.0, 1.0])
