@@ -13,21 +13,32 @@ adapters.
 * :func:`fuse`: FF-LoRA's additive fusion of the global and a personal adapter,
   ``s_g b_g a_g + s_k b_k a_k``, again as one exact stacked adapter.
 
-Not here yet (issue 3): the vmapped client update, the round loop, data splits, checkpoints.
+Clients train in one program: :func:`client_update` is one client's local training (a fresh
+optimizer, ``S`` steps in a ``lax.scan``), and :func:`update_clients` vmaps it over the client
+axis. The frozen base is shared, and only the small per-client LoRA state is per client.
+Heterogeneous ranks share the vmap by zero-padding to the largest rank with a rank mask that
+keeps the padded rows and columns exactly zero.
+
+Not here yet (issue 3): the round loop with data splits, checkpoints and evaluation, and
+per-client step counts (today every client runs the same number of steps).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import logging
 from flax import traverse_util
 
+from ffrag_jax import train
 from ffrag_jax.errors import UserError
 from ffrag_jax.lora import LoRA, module_weights
+from ffrag_jax.models.llama import LlamaConfig
 
 
 def select_clients(round_index: int, num_clients: int, fraction: float) -> list[int]:
@@ -127,19 +138,106 @@ def zeropad(loras: Sequence[LoRA], weights: Sequence[float]) -> LoRA:
     _check_same_modules(loras)
     _same_scale(loras, "zeropad")
     max_rank = max(r for lo in loras for r in lo.ranks.values())
-
-    def pad(lo: LoRA) -> LoRA:
-        flat = {}
-        for path, ab in module_weights(lo.weights).items():
-            extra = max_rank - ab["a"].shape[-1]
-            a_pad = [(0, 0)] * (ab["a"].ndim - 1) + [(0, extra)]
-            b_pad = [(0, 0)] * (ab["b"].ndim - 2) + [(0, extra), (0, 0)]
-            flat[path] = {"a": jnp.pad(ab["a"], a_pad), "b": jnp.pad(ab["b"], b_pad)}
-        return lo.replace(weights=_unflatten(flat))
-
-    return fedavg([pad(lo) for lo in loras], weights)
+    return fedavg([pad_rank(lo, max_rank) for lo in loras], weights)
 
 
 def fuse(global_lora: LoRA, personal: LoRA) -> LoRA:
     """FF-LoRA additive fusion: one adapter with ``W + s_g a_g b_g + s_k a_k b_k`` (exact)."""
     return stack([global_lora, personal], [1.0, 1.0])
+
+
+# --------------------------------------------------------------------------------------------
+# Heterogeneous ranks in one vmap
+
+
+def pad_rank(lo: LoRA, rank: int) -> LoRA:
+    """Zero-pads ``a`` ``[..., in, r]`` and ``b`` ``[..., r, out]`` to ``rank``."""
+    flat = {}
+    for path, ab in module_weights(lo.weights).items():
+        extra = rank - ab["a"].shape[-1]
+        if extra < 0:
+            raise UserError(f"cannot pad rank {ab['a'].shape[-1]} down to {rank}")
+        a_pad = [(0, 0)] * (ab["a"].ndim - 1) + [(0, extra)]
+        b_pad = [(0, 0)] * (ab["b"].ndim - 2) + [(0, extra), (0, 0)]
+        flat[path] = {"a": jnp.pad(ab["a"], a_pad), "b": jnp.pad(ab["b"], b_pad)}
+    return lo.replace(weights=_unflatten(flat))
+
+
+def unpad_rank(lo: LoRA, rank: int) -> LoRA:
+    """The first ``rank`` rank components of a padded adapter."""
+    flat = {path: {"a": ab["a"][..., :rank], "b": ab["b"][..., :rank, :]}
+            for path, ab in module_weights(lo.weights).items()}
+    return lo.replace(weights=_unflatten(flat))
+
+
+def rank_mask(rank: int, max_rank: int) -> jax.Array:
+    """``[max_rank]`` float mask: 1 for the client's own rank components, 0 for padding."""
+    return (jnp.arange(max_rank) < rank).astype(jnp.float32)
+
+
+def apply_rank_mask(lo: LoRA, mask: jax.Array) -> LoRA:
+    """Zeroes the padded columns of ``a`` and rows of ``b`` (exactly: multiplied by 0)."""
+    flat = {path: {"a": ab["a"] * mask, "b": ab["b"] * mask[:, None]}
+            for path, ab in module_weights(lo.weights).items()}
+    return lo.replace(weights=_unflatten(flat))
+
+
+def stack_clients(loras: Sequence[LoRA]) -> LoRA:
+    """One LoRA whose leaves have a leading client axis ``[K, ...]`` (same shapes needed)."""
+    _same_scale(loras, "a client batch")
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *loras)
+
+
+def unstack_clients(stacked: LoRA) -> list[LoRA]:
+    count = jax.tree.leaves(stacked.weights)[0].shape[0]
+    return [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(count)]
+
+
+def client_update(
+    lo: LoRA,
+    mask: jax.Array,
+    params: dict,
+    batches: train.Batch,
+    rng: jax.Array,
+    *,
+    cfg: LlamaConfig,
+    optimizer: optax.GradientTransformation,
+) -> tuple[LoRA, dict[str, jax.Array]]:
+    """One client's local training: ``S`` optimizer steps from a fresh optimizer state.
+
+    ``lo`` is the client's adapter padded to the round's largest rank, ``mask`` ``[r]`` its
+    :func:`rank_mask`, ``batches`` leaves ``[S, A, micro_B, T]`` (``S`` steps of ``A``
+    micro-batches). Returns the trained adapter (padding still exactly zero) and per-step
+    metrics ``[S]``. Pure, so :func:`update_clients` vmaps it over clients.
+    """
+    state = train.init_train_state(apply_rank_mask(lo, mask), optimizer)
+
+    def step(state, xs):
+        batch, i = xs
+        state, metrics = train.train_step(state, params, batch, jax.random.fold_in(rng, i),
+                                          cfg=cfg, optimizer=optimizer, mode="lora")
+        return state.replace(trainable=apply_rank_mask(state.trainable, mask)), metrics
+
+    num_steps = batches["input_ids"].shape[0]
+    state, metrics = jax.lax.scan(step, state, (batches, jnp.arange(num_steps)))
+    return state.trainable, metrics
+
+
+def update_clients(
+    loras: LoRA,
+    masks: jax.Array,
+    params: dict,
+    batches: train.Batch,
+    rngs: jax.Array,
+    *,
+    cfg: LlamaConfig,
+    optimizer: optax.GradientTransformation,
+) -> tuple[LoRA, dict[str, jax.Array]]:
+    """:func:`client_update` for ``K`` clients at once (``jax.vmap`` over the client axis).
+
+    ``loras`` (from :func:`stack_clients`), ``masks`` ``[K, r]``, ``batches`` ``[K, S, A, B, T]``
+    and ``rngs`` ``[K]`` carry the client axis; ``params`` is shared. Under ``jax.jit`` with
+    the client axis sharded over the mesh's ``clients`` axis, each device trains its clients.
+    """
+    update = functools.partial(client_update, cfg=cfg, optimizer=optimizer)
+    return jax.vmap(update, in_axes=(0, 0, None, 0, 0))(loras, masks, params, batches, rngs)
