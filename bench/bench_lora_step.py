@@ -46,7 +46,9 @@ def parse_args():
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--targets", default="q_proj,v_proj")
     p.add_argument("--steps", type=int, default=10, help="timed steps after 2 warm-up steps")
-    p.add_argument("--remat", default="dots", help="ffrag_jax remat policy: none, dots, full")
+    p.add_argument("--remat", default="dots_attn",
+                   help="ffrag_jax remat policy: none, dots, dots_attn, full")
+    p.add_argument("--attention", default="auto", help="ffrag_jax attention: auto, ffrag, xla")
     p.add_argument("--skip-torch", action="store_true")
     return p.parse_args()
 
@@ -91,7 +93,7 @@ def bench_jax(args, folder, ids):
     from ffrag_jax import hf, lora, sharding, train
 
     cfg, params = hf.load_llama(folder)
-    cfg = cfg.replace(remat=args.remat)
+    cfg = cfg.replace(remat=args.remat, attention=args.attention)
     adapter = lora.init(jax.random.key(0), params, args.targets, args.rank, 2.0 * args.rank,
                         dropout=0.05)
     optimizer = train.make_optimizer(1e-4, 1000)
@@ -155,7 +157,8 @@ def run_size(args, seq: int, folder: str, xla_peak: float, torch_peak: float) ->
     tokens = args.batch * seq
     rows = [{
         "seq": seq,
-        "impl": f"ffrag_jax (jax {jax.__version__}, jit, remat={args.remat})",
+        "impl": f"ffrag_jax (jax {jax.__version__}, jit, remat={args.remat}, "
+                f"attention={args.attention})",
         "s_per_step": jax_s,
         "tokens_per_s": tokens / jax_s,
         "model_flops_per_s": flops / jax_s,

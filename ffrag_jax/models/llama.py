@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ffrag_jax.errors import UserError
+from ffrag_jax.models.attention import causal_attention
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -37,11 +38,19 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 # recomputes attention scores and elementwise ops in the backward: on CPU it is faster than
 # storing the [B, heads, T, T] attention probabilities of every layer ("none"); "full" keeps
 # only the layer inputs (least memory).
+_cp = jax.checkpoint_policies
 REMAT_POLICIES = {
     "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": _cp.nothing_saveable,
+    "dots": _cp.dots_with_no_batch_dims_saveable,
+    # "dots" plus the attention output and log-sum-exp of the custom-VJP attention.
+    "dots_attn": _cp.save_from_both_policies(
+        _cp.dots_with_no_batch_dims_saveable, _cp.save_only_these_names("attn_out", "attn_lse")
+    ),
 }
+# "auto": the custom-VJP attention on CPU, jax.nn.dot_product_attention (cuDNN where it can)
+# elsewhere. "xla" forces jax.nn.dot_product_attention, "ffrag" the custom one.
+ATTENTION_IMPLS = ("auto", "ffrag", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +79,7 @@ class LlamaConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"  # see REMAT_POLICIES
+    attention: str = "auto"  # see ATTENTION_IMPLS
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
     pad_token_id: int | None = None
@@ -82,6 +92,10 @@ class LlamaConfig:
         if self.num_heads % self.num_kv_heads:
             raise UserError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if self.attention not in ATTENTION_IMPLS:
+            raise UserError(
+                f"attention={self.attention!r}; choose one of {', '.join(ATTENTION_IMPLS)}"
             )
         if self.remat not in REMAT_POLICIES:
             raise UserError(f"remat={self.remat!r}; choose one of {', '.join(REMAT_POLICIES)}")
@@ -233,9 +247,14 @@ class Attention(_Block):
         q = apply_rope(q.reshape(batch, length, cfg.num_heads, cfg.head_dim), cos, sin)
         k = apply_rope(k.reshape(batch, length, cfg.num_kv_heads, cfg.head_dim), cos, sin)
         v = v.reshape(batch, length, cfg.num_kv_heads, cfg.head_dim)
-        # GQA is native here (num_heads a multiple of num_kv_heads); on GPU this may pick cuDNN.
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=cfg.head_dim**-0.5,
-                                           is_causal=True)
+        impl = cfg.attention
+        if impl == "auto":
+            impl = "ffrag" if jax.default_backend() == "cpu" else "xla"
+        if impl == "ffrag":
+            out = causal_attention(q, k, v, mask[:, 0, 0, :], cfg.head_dim**-0.5)
+        else:  # GQA is native (num_heads a multiple of num_kv_heads); on GPU it may use cuDNN
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=cfg.head_dim**-0.5,
+                                               is_causal=True)
         out = out.reshape(batch, length, cfg.num_heads * cfg.head_dim)
         return self.linear(cfg.hidden_size, "o_proj", bias)(out)
 

@@ -1,0 +1,45 @@
+"""The custom-VJP attention equals jax.nn.dot_product_attention in values and gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ffrag_jax.models import attention, llama
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(8, 2), (4, 4)])
+def test_values_and_gradients_match_xla_attention(heads, kv_heads):
+    keys = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(keys[0], (3, 20, heads, 16))
+    k = jax.random.normal(keys[1], (3, 20, kv_heads, 16))
+    v = jax.random.normal(keys[2], (3, 20, kv_heads, 16))
+    kv_mask = jnp.ones((3, 20), bool).at[1, 13:].set(False).at[2, 4:].set(False)
+    weights = jax.random.normal(keys[3], (3, 20, heads, 16))
+    valid = kv_mask[:, :, None, None]  # rows of padded queries are not compared
+
+    def reference(q, k, v):
+        out = jax.nn.dot_product_attention(q, k, v, mask=kv_mask[:, None, None, :], scale=0.25,
+                                           is_causal=True)
+        return jnp.sum(jnp.where(valid, out * weights, 0.0))
+
+    def ours(q, k, v):
+        out = attention.causal_attention(q, k, v, kv_mask, 0.25)
+        return jnp.sum(jnp.where(valid, out * weights, 0.0))
+
+    np.testing.assert_allclose(ours(q, k, v), reference(q, k, v), rtol=1e-5)
+    for got, want in zip(jax.grad(ours, (0, 1, 2))(q, k, v),
+                         jax.grad(reference, (0, 1, 2))(q, k, v), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_model_logits_do_not_depend_on_the_attention_choice():
+    cfg = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                            num_heads=4, num_kv_heads=2)
+    params = llama.init_params(jax.random.key(0), cfg)
+    ids = jax.random.randint(jax.random.key(1), (2, 12), 0, 64)
+    mask = jnp.ones_like(ids).at[1, 7:].set(0)
+    a = llama.forward(params, cfg.replace(attention="ffrag"), ids, mask)
+    b = llama.forward(params, cfg.replace(attention="xla"), ids, mask)
+    np.testing.assert_allclose(a[0], b[0], atol=1e-5)
+    np.testing.assert_allclose(a[1, :7], b[1, :7], atol=1e-5)
