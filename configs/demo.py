@@ -41,7 +41,8 @@ def get_config() -> ConfigDict:
         tie_word_embeddings=False,
         dtype="float32",
         param_dtype="float32",
-        remat="none",  # "dots" or "full" trade compute for activation memory
+        remat="none",  # "dots", "dots_attn" or "full" trade compute for activation memory
+        attention="auto",  # "ffrag" (custom-VJP, CPU default), "xla" (GPU default: cuDNN)
     ))
     c.pretrain = ConfigDict(dict(
         steps=800, batch_size=32, grad_accum=1, lr=3e-3, warmup_steps=30, weight_decay=0.01,

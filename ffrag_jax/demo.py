@@ -67,7 +67,7 @@ def _model(config: ConfigDict, tokenizer) -> tuple[LlamaConfig, dict | None]:
     m = config.model
     if m.path:
         cfg, params = hf.load_llama(m.path, dtype=m.dtype, param_dtype=m.param_dtype)
-        return cfg.replace(remat=m.remat), params
+        return cfg.replace(remat=m.remat, attention=m.attention), params
     cfg = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=m.hidden_size,
@@ -81,6 +81,7 @@ def _model(config: ConfigDict, tokenizer) -> tuple[LlamaConfig, dict | None]:
         dtype=m.dtype,
         param_dtype=m.param_dtype,
         remat=m.remat,
+        attention=m.attention,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
