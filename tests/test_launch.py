@@ -134,7 +134,7 @@ def test_workdir_guards(tmp_path):
 def test_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     """Kill the LoRA phase after its step-2 checkpoint; the resumed run ends where an
     uninterrupted run does, bit for bit."""
-    from ffrag_jax import lora, text
+    from ffrag_jax import text
 
     config = _tiny_config(**{"export": False, "log_every": 1})  # step 3 is logged, then lost
     full = run_lib.run(config, tmp_path / "full")
@@ -173,7 +173,6 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     assert lora_steps(tmp_path / "killed") == lora_steps(tmp_path / "full") == [1, 2, 3, 4]
     a, b = final_adapter(tmp_path / "full"), final_adapter(tmp_path / "killed")
     jax.tree.map(np.testing.assert_array_equal, a, b)
-    assert lora  # the adapter module is what these checkpoints hold
 
 
 def test_demo_on_a_local_hf_checkpoint(tmp_path):

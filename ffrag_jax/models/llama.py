@@ -237,7 +237,7 @@ class _Block(nn.Module):
 class Attention(_Block):
     @nn.compact
     def __call__(self, x, cos, sin, mask):
-        """x ``[B, T, D]``, cos/sin ``[B, T, head_dim]``, key-padding mask bool ``[B, 1, 1, T]``."""
+        """x ``[B, T, D]``, cos/sin ``[B, T, head_dim]``, key-padding mask bool ``[B, T]``."""
         cfg = self.cfg
         batch, length, _ = x.shape
         bias = cfg.attention_bias
@@ -251,10 +251,10 @@ class Attention(_Block):
         if impl == "auto":
             impl = "ffrag" if jax.default_backend() == "cpu" else "xla"
         if impl == "ffrag":
-            out = causal_attention(q, k, v, mask[:, 0, 0, :], cfg.head_dim**-0.5)
+            out = causal_attention(q, k, v, mask, cfg.head_dim**-0.5)
         else:  # GQA is native (num_heads a multiple of num_kv_heads); on GPU it may use cuDNN
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=cfg.head_dim**-0.5,
-                                               is_causal=True)
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :],
+                                               scale=cfg.head_dim**-0.5, is_causal=True)
         out = out.reshape(batch, length, cfg.num_heads * cfg.head_dim)
         return self.linear(cfg.hidden_size, "o_proj", bias)(out)
 
@@ -298,9 +298,9 @@ class Llama(_Block):
         )
         x = embed(input_ids)
         cos, sin = rope_cos_sin(cfg, positions)
-        # Key-padding mask only, [B, 1, 1, S]; the causal part comes from is_causal inside the
-        # attention, which is cheaper than materialising a [B, 1, T, T] mask per call.
-        mask = attention_mask.astype(bool)[:, None, None, :]
+        # Key-padding mask only, [B, S]: causality is applied inside the attention, cheaper than
+        # materialising a [B, 1, T, T] mask.
+        mask = attention_mask.astype(bool)
 
         layer_cls = DecoderLayer
         if cfg.remat != "none":
