@@ -1,4 +1,4 @@
-"""The custom-VJP attention equals jax.nn.dot_product_attention in values and gradients."""
+"""The blocked custom-VJP attention equals jax.nn.dot_product_attention in values and gradients."""
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +8,9 @@ import pytest
 from ffrag_jax.models import attention, llama
 
 
-@pytest.mark.parametrize("heads, kv_heads", [(8, 2), (4, 4)])
-def test_values_and_gradients_match_xla_attention(heads, kv_heads):
+# block 64: one block (T=20); block 8: blocks of 8, 8 and 4 query positions; block 1: one each.
+@pytest.mark.parametrize("heads, kv_heads, block", [(8, 2, 64), (4, 4, 64), (8, 2, 8), (4, 2, 1)])
+def test_values_and_gradients_match_xla_attention(heads, kv_heads, block):
     keys = jax.random.split(jax.random.key(0), 4)
     q = jax.random.normal(keys[0], (3, 20, heads, 16))
     k = jax.random.normal(keys[1], (3, 20, kv_heads, 16))
@@ -24,12 +25,12 @@ def test_values_and_gradients_match_xla_attention(heads, kv_heads):
         return jnp.sum(jnp.where(valid, out * weights, 0.0))
 
     def ours(q, k, v):
-        out = attention.causal_attention(q, k, v, kv_mask, 0.25)
+        out = attention.causal_attention(q, k, v, kv_mask, 0.25, block=block)
         return jnp.sum(jnp.where(valid, out * weights, 0.0))
 
-    np.testing.assert_allclose(ours(q, k, v), reference(q, k, v), rtol=1e-5)
-    for got, want in zip(jax.grad(ours, (0, 1, 2))(q, k, v),
-                         jax.grad(reference, (0, 1, 2))(q, k, v), strict=True):
+    np.testing.assert_allclose(jax.jit(ours)(q, k, v), reference(q, k, v), rtol=1e-5)
+    for got, want in zip(jax.jit(jax.grad(ours, (0, 1, 2)))(q, k, v),
+                         jax.jit(jax.grad(reference, (0, 1, 2)))(q, k, v), strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 

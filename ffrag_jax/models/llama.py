@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from ffrag_jax.errors import UserError
 from ffrag_jax.models.attention import causal_attention
@@ -42,10 +43,14 @@ _cp = jax.checkpoint_policies
 REMAT_POLICIES = {
     "none": None,
     "full": _cp.nothing_saveable,
-    "dots": _cp.dots_with_no_batch_dims_saveable,
+    # Projection outputs and the LoRA dropout masks (random bits are dear to recompute).
+    "dots": _cp.save_from_both_policies(
+        _cp.dots_with_no_batch_dims_saveable, _cp.save_only_these_names("lora_dropout_mask")
+    ),
     # "dots" plus the attention output and log-sum-exp of the custom-VJP attention.
     "dots_attn": _cp.save_from_both_policies(
-        _cp.dots_with_no_batch_dims_saveable, _cp.save_only_these_names("attn_out", "attn_lse")
+        _cp.dots_with_no_batch_dims_saveable,
+        _cp.save_only_these_names("attn_out", "attn_lse", "lora_dropout_mask"),
     ),
 }
 # "auto": the custom-VJP attention on CPU, jax.nn.dot_product_attention (cuDNN where it can)
@@ -190,9 +195,19 @@ class LoRALinear(nn.Module):
         if self.has_variable("lora", "a"):
             a = self.get_variable("lora", "a").astype(self.dtype)
             b = self.get_variable("lora", "b").astype(self.dtype)
-            h = nn.Dropout(self.lora_dropout, deterministic=self.deterministic)(x)
-            y = y + ((h @ a) @ b) * jnp.asarray(self.lora_scale, self.dtype)
+            y = y + ((self.dropout(x) @ a) @ b) * jnp.asarray(self.lora_scale, self.dtype)
         return y
+
+
+    def dropout(self, x: jax.Array) -> jax.Array:
+        """Inverted dropout on the LoRA input, as ``nn.Dropout``. The keep mask is named so the
+        remat policies save it: recomputing threefry bits in the backward cost ~10% of a step."""
+        if self.deterministic or self.lora_dropout == 0.0:
+            return x
+        keep_prob = 1.0 - self.lora_dropout
+        keep = jax.random.bernoulli(self.make_rng("dropout"), keep_prob, x.shape)
+        keep = checkpoint_name(keep, "lora_dropout_mask")
+        return jnp.where(keep, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros((), x.dtype))
 
 
 class RMSNorm(nn.Module):
