@@ -47,23 +47,30 @@ def _examples(config: ConfigDict, workdir: Path) -> dict[str, list[dict]]:
     return out
 
 
-def _tokenizer(config: ConfigDict, workdir: Path, examples: dict[str, list[dict]]):
+def run_tokenizer(config: ConfigDict, workdir: Path, texts):
+    """The tokenizer of ``model.path``, or a BPE trained on ``texts`` (an iterable, consumed
+    only when training) and kept in ``workdir/tokenizer`` so that a resumed run reuses it."""
     if config.model.path:
         return hf.load_tokenizer(config.model.path, pad_to_eos=config.model.pad_to_eos)
     folder = workdir / "tokenizer"
     if (folder / "tokenizer.json").exists():  # resuming: the exact tokenizer of the first run
         return hf.load_tokenizer(folder)
-    texts = [
-        synthetic.prompt(e) + synthetic.response(e)
-        for split in ("base_train", "task_train")
-        for e in examples[split]
-    ]
     tokenizer = text.train_bpe_tokenizer(texts, config.tokenizer.vocab_size)
     tokenizer.save_pretrained(str(folder))
     return tokenizer
 
 
-def _model(config: ConfigDict, tokenizer) -> tuple[LlamaConfig, dict | None]:
+def _tokenizer(config: ConfigDict, workdir: Path, examples: dict[str, list[dict]]):
+    return run_tokenizer(config, workdir, (
+        synthetic.prompt(e) + synthetic.response(e)
+        for split in ("base_train", "task_train")
+        for e in examples[split]
+    ))
+
+
+def model_config(config: ConfigDict, tokenizer) -> tuple[LlamaConfig, dict | None]:
+    """``(cfg, params)`` of the local checkpoint at ``model.path``, or ``(cfg, None)`` for the
+    tiny Llama that ``config.model`` describes (the caller initialises or pretrains it)."""
     m = config.model
     if m.path:
         cfg, params = hf.load_llama(m.path, dtype=m.dtype, param_dtype=m.param_dtype)
@@ -129,7 +136,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
 
     examples = _examples(config, workdir)
     tokenizer = _tokenizer(config, workdir, examples)
-    cfg, params = _model(config, tokenizer)
+    cfg, params = model_config(config, tokenizer)
     logging.info("model: %s", cfg)
     max_len = config.data.max_len
     if max_len > cfg.max_position_embeddings:

@@ -19,14 +19,15 @@ axis. The frozen base is shared, and only the small per-client LoRA state is per
 Heterogeneous ranks share the vmap by zero-padding to the largest rank with a rank mask that
 keeps the padded rows and columns exactly zero.
 
-Not here yet (issue 3): the round loop with data splits, checkpoints and evaluation, and
-per-client step counts (today every client runs the same number of steps).
+Clients with fewer local steps than the round's longest run padded steps that change nothing,
+and each builds its optimizer for its own step count (its learning rate decays to 0 over its
+own steps, as in the reference). The round loop, with data, checkpoints and evaluation, is in
+:mod:`ffrag_jax.fl`.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +38,7 @@ from flax import traverse_util
 
 from ffrag_jax import train
 from ffrag_jax.errors import UserError
-from ffrag_jax.lora import LoRA, module_weights
+from ffrag_jax.lora import LoRA, chain, module_weights
 from ffrag_jax.models.llama import LlamaConfig
 
 
@@ -141,9 +142,37 @@ def zeropad(loras: Sequence[LoRA], weights: Sequence[float]) -> LoRA:
     return fedavg([pad_rank(lo, max_rank) for lo in loras], weights)
 
 
-def fuse(global_lora: LoRA, personal: LoRA) -> LoRA:
-    """FF-LoRA additive fusion: one adapter with ``W + s_g a_g b_g + s_k a_k b_k`` (exact)."""
-    return stack([global_lora, personal], [1.0, 1.0])
+def fuse(global_lora: LoRA, personal: LoRA, fusion: str = "add") -> LoRA:
+    """FF-LoRA fusion of the global and a personal adapter, as one exact adapter.
+
+    ``"add"`` (default): ``W + s_g a_g b_g + s_k a_k b_k`` (a stacked adapter).
+    ``"chain"``: the reference's literal variant, ``W + s_k s_g (a_k b_k)(a_g b_g)``: the
+    personal adapter's output goes through the global one (in PyTorch's layout
+    ``delta = s D C B_k A_k`` with ``C = A_glob``, ``D = B_glob``). Only defined where a module's
+    input and output widths are equal; the result has the personal adapter's rank.
+    """
+    if fusion == "add":
+        return stack([global_lora, personal], [1.0, 1.0])
+    if fusion != "chain":
+        raise UserError(f"fusion must be 'add' or 'chain', got {fusion!r}")
+    _check_same_modules([global_lora, personal])
+    return chain(global_lora, personal)
+
+
+def check_chain_targets(lo: LoRA) -> None:
+    """Raises before training if ``fusion='chain'`` cannot apply to ``lo``'s modules."""
+    for path, ab in module_weights(lo.weights).items():
+        if ab["a"].shape[-2] != ab["b"].shape[-1]:
+            raise UserError(f"fusion='chain' needs square targets; {'/'.join(path)} maps "
+                            f"{ab['a'].shape[-2]} -> {ab['b'].shape[-1]} (use fusion='add', "
+                            "or targets such as q_proj,o_proj whose widths are equal)")
+
+
+def finite_clients(loras: LoRA) -> jax.Array:
+    """``[K]`` bool: whether every weight of each client (leading axis) is finite."""
+    leaves = [jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1)
+              for x in jax.tree.leaves(loras.weights)]
+    return jnp.all(jnp.stack(leaves), axis=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,6 +222,10 @@ def unstack_clients(stacked: LoRA) -> list[LoRA]:
     return [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(count)]
 
 
+OptimizerOrFactory = optax.GradientTransformation | Callable[[jax.Array],
+                                                             optax.GradientTransformation]
+
+
 def client_update(
     lo: LoRA,
     mask: jax.Array,
@@ -201,25 +234,41 @@ def client_update(
     rng: jax.Array,
     *,
     cfg: LlamaConfig,
-    optimizer: optax.GradientTransformation,
+    optimizer: OptimizerOrFactory,
+    num_steps: jax.Array | int | None = None,
+    chain_global: LoRA | None = None,
 ) -> tuple[LoRA, dict[str, jax.Array]]:
-    """One client's local training: ``S`` optimizer steps from a fresh optimizer state.
+    """One client's local training: ``num_steps`` optimizer steps from a fresh optimizer state.
 
     ``lo`` is the client's adapter padded to the round's largest rank, ``mask`` ``[r]`` its
     :func:`rank_mask`, ``batches`` leaves ``[S, A, micro_B, T]`` (``S`` steps of ``A``
-    micro-batches). Returns the trained adapter (padding still exactly zero) and per-step
-    metrics ``[S]``. Pure, so :func:`update_clients` vmaps it over clients.
+    micro-batches). Steps from ``num_steps`` (default ``S``) on are skipped, so clients with
+    different amounts of data share one vmap. ``optimizer`` is an optax transformation or a
+    function of the (traced) step count that builds one, for schedules over the client's own
+    steps. With ``chain_global``, the forward uses ``fuse(chain_global, lo, "chain")`` (FF-LoRA
+    chain fusion; the global adapter is frozen). Returns the trained adapter (padding still
+    exactly zero) and per-step metrics ``[S]`` (``active`` marks the steps that ran).
     """
+    max_steps = batches["input_ids"].shape[0]
+    num_steps = max_steps if num_steps is None else num_steps
+    if not isinstance(optimizer, optax.GradientTransformation):
+        optimizer = optimizer(num_steps)
     state = train.init_train_state(apply_rank_mask(lo, mask), optimizer)
+    if chain_global is None:
+        mode, frozen = "lora", params
+    else:
+        mode, frozen = "lora_chain", (params, chain_global)
 
     def step(state, xs):
         batch, i = xs
-        state, metrics = train.train_step(state, params, batch, jax.random.fold_in(rng, i),
-                                          cfg=cfg, optimizer=optimizer, mode="lora")
-        return state.replace(trainable=apply_rank_mask(state.trainable, mask)), metrics
+        new, metrics = train.train_step(state, frozen, batch, jax.random.fold_in(rng, i),
+                                        cfg=cfg, optimizer=optimizer, mode=mode)
+        new = new.replace(trainable=apply_rank_mask(new.trainable, mask))
+        active = i < num_steps
+        state = jax.tree.map(lambda n, o: jnp.where(active, n, o), new, state)
+        return state, {**metrics, "active": active}
 
-    num_steps = batches["input_ids"].shape[0]
-    state, metrics = jax.lax.scan(step, state, (batches, jnp.arange(num_steps)))
+    state, metrics = jax.lax.scan(step, state, (batches, jnp.arange(max_steps)))
     return state.trainable, metrics
 
 
@@ -231,13 +280,22 @@ def update_clients(
     rngs: jax.Array,
     *,
     cfg: LlamaConfig,
-    optimizer: optax.GradientTransformation,
+    optimizer: OptimizerOrFactory,
+    num_steps: jax.Array | None = None,
+    chain_global: LoRA | None = None,
 ) -> tuple[LoRA, dict[str, jax.Array]]:
     """:func:`client_update` for ``K`` clients at once (``jax.vmap`` over the client axis).
 
-    ``loras`` (from :func:`stack_clients`), ``masks`` ``[K, r]``, ``batches`` ``[K, S, A, B, T]``
-    and ``rngs`` ``[K]`` carry the client axis; ``params`` is shared. Under ``jax.jit`` with
-    the client axis sharded over the mesh's ``clients`` axis, each device trains its clients.
+    ``loras`` (from :func:`stack_clients`), ``masks`` ``[K, r]``, ``batches`` ``[K, S, A, B, T]``,
+    ``rngs`` ``[K]`` and ``num_steps`` ``[K]`` (default: all ``S``) carry the client axis;
+    ``params`` and ``chain_global`` are shared. Under ``jax.jit`` with the client axis sharded
+    over the mesh's ``clients`` axis, each device trains its clients.
     """
-    update = functools.partial(client_update, cfg=cfg, optimizer=optimizer)
-    return jax.vmap(update, in_axes=(0, 0, None, 0, 0))(loras, masks, params, batches, rngs)
+    if num_steps is None:
+        num_steps = jnp.full((masks.shape[0],), batches["input_ids"].shape[1], jnp.int32)
+
+    def one_client(lo, mask, client_batches, rng, steps):
+        return client_update(lo, mask, params, client_batches, rng, cfg=cfg, optimizer=optimizer,
+                             num_steps=steps, chain_global=chain_global)
+
+    return jax.vmap(one_client)(loras, masks, batches, rngs, num_steps)

@@ -155,6 +155,23 @@ def merge(params: dict, lora: LoRA) -> dict:
 _PEFT_PREFIX = "base_model.model."
 
 
+def chain(outer: LoRA, inner: LoRA) -> LoRA:
+    """The adapter of ``inner`` followed by ``outer``: ``delta = s_i s_o (a_i b_i)(a_o b_o)``,
+    with ``inner``'s rank (``a = a_i``, ``b = s_o b_i a_o b_o``). FF-LoRA's chain fusion (in
+    PyTorch's layout ``delta = s D C B A``). Needs equal input and output widths per module."""
+    flat_outer, flat_inner = module_weights(outer.weights), module_weights(inner.weights)
+    out = {}
+    for path, ab in flat_inner.items():
+        d_in, d_out = ab["a"].shape[-2], ab["b"].shape[-1]
+        if d_in != d_out:
+            raise UserError(f"chained adapters need square targets; {'/'.join(path)} maps "
+                            f"{d_in} -> {d_out}")
+        o = flat_outer[path]
+        out[path + ("a",)] = ab["a"]
+        out[path + ("b",)] = ab["b"] @ o["a"] @ o["b"] * outer.scale
+    return inner.replace(weights=traverse_util.unflatten_dict(out))
+
+
 def _module_rows(cfg: LlamaConfig) -> dict[tuple[str, ...], str]:
     """Flax module path -> HF module name template (``model.layers.{layer}.self_attn.q_proj``)."""
     return {

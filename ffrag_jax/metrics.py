@@ -28,8 +28,15 @@ class MetricsLog:
     def drop_train_records_after(self, phase: str, step: int) -> None:
         """Forgets ``phase``'s training records past ``step``: a resumed run redoes those
         steps and logs them again."""
-        kept = [r for r in read_jsonl(self.path)
-                if not (r.get("kind") == "train" and r.get("phase") == phase and r["step"] > step)]
+        self._keep(lambda r: not (r.get("kind") == "train" and r.get("phase") == phase
+                                  and r["step"] > step))
+
+    def drop_records_after(self, field: str, value: int) -> None:
+        """Forgets every record whose ``field`` (say ``round``) is past ``value``."""
+        self._keep(lambda r: not (field in r and r[field] > value))
+
+    def _keep(self, predicate) -> None:
+        kept = [r for r in read_jsonl(self.path) if predicate(r)]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         tmp.replace(self.path)  # atomic: a kill here leaves the old or the new file, never half
@@ -71,6 +78,36 @@ def plot_training_loss(records: list[dict], path: str | Path, title: str = "") -
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_client_rounds(records: list[dict], path: str | Path, title: str = "") -> None:
+    """Held-out loss per client against round: solid lines for the global model, dashed for
+    each client's fused (personalised) model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in records if r.get("kind") == "eval"]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, client in enumerate(sorted({r["client"] for r in rows})):
+        for model, style in (("global", "-"), ("fused", "--")):
+            mine = sorted((r for r in rows if r["client"] == client and r["model"] == model),
+                          key=lambda r: r["round"])
+            if mine:
+                ax.plot([r["round"] for r in mine], [r["loss"] for r in mine], style,
+                        marker=".", color=colors[i % len(colors)],
+                        label=f"{mine[0].get('name', client)} ({model})")
+    ax.set_xlabel("round")
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    if title:
+        ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -21,7 +21,7 @@ from ml_collections import ConfigDict
 from ffrag_jax import sharding
 from ffrag_jax.errors import UserError
 
-TASKS = ("demo",)
+TASKS = ("demo", "federated")
 
 
 def _first_difference(old: dict, new: dict, prefix: str = "") -> str | None:
@@ -80,4 +80,8 @@ def run(config: ConfigDict, workdir: str | Path, *, overwrite: bool = False) -> 
         from ffrag_jax import demo
 
         return demo.run(config, workdir, mesh)
+    if config.task == "federated":
+        from ffrag_jax import fl
+
+        return fl.run(config, workdir, mesh)
     raise AssertionError(config.task)

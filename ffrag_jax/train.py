@@ -17,11 +17,12 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from ffrag_jax import lora as lora_lib
 from ffrag_jax import sharding
 from ffrag_jax.models.llama import LlamaConfig, forward
 
 Batch = dict[str, jax.Array]
-MODES = ("lora", "full")
+MODES = ("lora", "lora_chain", "full")
 
 
 @struct.dataclass
@@ -31,13 +32,21 @@ class TrainState:
     opt_state: Any
 
 
-def warmup_linear_decay(lr: float, total_steps: int, warmup_steps: int = 0) -> optax.Schedule:
-    """0 -> ``lr`` over ``warmup_steps``, then linear decay to 0 at ``total_steps``."""
-    decay = optax.linear_schedule(lr, 0.0, max(total_steps - warmup_steps, 1))
-    if warmup_steps <= 0:
-        return decay
-    warmup = optax.linear_schedule(0.0, lr, warmup_steps)
-    return optax.join_schedules([warmup, decay], [warmup_steps])
+def warmup_linear_decay(lr: float, total_steps, warmup_steps: int = 0) -> optax.Schedule:
+    """0 -> ``lr`` over ``warmup_steps``, then linear decay to 0 at ``total_steps``.
+
+    ``total_steps`` may be a traced value (each client of a vmapped round decays over its own
+    number of steps)."""
+    decay_steps = jnp.maximum(jnp.asarray(total_steps) - warmup_steps, 1)
+
+    def schedule(count):
+        count = jnp.asarray(count, jnp.float32)
+        decay = lr * jnp.clip(1.0 - (count - warmup_steps) / decay_steps, 0.0, 1.0)
+        if warmup_steps <= 0:
+            return decay
+        return jnp.where(count < warmup_steps, lr * count / warmup_steps, decay)
+
+    return schedule
 
 
 def _decay_mask(tree):
@@ -91,6 +100,9 @@ def split_trainable(trainable, frozen, mode: str):
     """``(params, lora)`` for :func:`causal_lm_loss` from the trained and frozen trees."""
     if mode == "lora":
         return frozen, trainable
+    if mode == "lora_chain":  # frozen = (params, global adapter): FF-LoRA chain fusion
+        params, outer = frozen
+        return params, lora_lib.chain(outer, trainable)
     if mode == "full":
         return trainable, None
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

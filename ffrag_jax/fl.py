@@ -1,0 +1,420 @@
+"""The federated LoRA job (``task = "federated"``): data, rounds, evaluation, checkpoints.
+
+Per round (all pure steps are in :mod:`ffrag_jax.fl_round` and :mod:`ffrag_jax.federated`):
+
+1. select ``max(int(fraction * N), 1)`` clients, seeded by the round (as the reference);
+2. build their batches ``[K, S, A, B, T]`` (a pure function of seed, round and client);
+3. run the jitted round: vmapped local training, NaN/inf rejection, aggregation;
+4. evaluate loss and perplexity on every client's held-out split, for the global model and
+   (``ff``) each client's fused model; log upload/download bytes per client;
+5. save an orbax checkpoint of the server state.
+
+A run resumes from its last completed round and gives the same result as an uninterrupted
+run: nothing of a round depends on host state other than the checkpoint.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec
+from ml_collections import ConfigDict
+from tqdm import tqdm
+
+from ffrag_jax import checkpoint, data, demo, federated, fl_round, hf, lora, sharding, synthetic
+from ffrag_jax import train as train_lib
+from ffrag_jax.errors import UserError
+from ffrag_jax.lora import LoRA, module_weights
+from ffrag_jax.metrics import MetricsLog, plot_client_rounds, read_jsonl
+from ffrag_jax.models.llama import init_params
+
+# --------------------------------------------------------------------------------------------
+# Client data
+
+
+def client_records(config: ConfigDict) -> tuple[list[str], list[list[dict]], bool]:
+    """``(client names, records per client, synthetic?)`` from ``config.data``."""
+    d, n = config.data, config.fl.num_clients
+    if d.source == "synthetic":
+        domains = [x.strip() for x in d.synthetic_domains.split(",") if x.strip()]
+        sizes = d.examples_per_client
+        sizes = [sizes] * n if isinstance(sizes, int) else list(sizes)
+        if len(sizes) != n:
+            raise UserError(f"data.examples_per_client has {len(sizes)} entries for "
+                            f"fl.num_clients={n}")
+        records = [synthetic.make_examples(domains[k % len(domains)], sizes[k],
+                                           seed=config.seed + 100 + k, distractors=d.distractors)
+                   for k in range(n)]
+        return [f"{k}:{domains[k % len(domains)]}" for k in range(n)], records, True
+    if d.source == "client_files":
+        if not d.path:
+            raise UserError("data.source='client_files' needs data.path")
+        return [str(k) for k in range(n)], data.load_client_files(d.path, n), False
+    if d.source == "file":
+        if not d.path:
+            raise UserError("data.source='file' needs data.path")
+        records = data.read_records(d.path)
+        if d.split == "iid":
+            parts = data.split_iid(len(records), n, config.seed)
+        elif d.split == "dirichlet":
+            parts = data.split_dirichlet([r.get(d.field, "") for r in records], n,
+                                         d.dirichlet_alpha, config.seed)
+        elif d.split == "field":
+            names, parts = data.split_by_field(records, d.field)
+            if len(parts) != n:
+                raise UserError(f"data.field={d.field!r} has {len(parts)} values "
+                                f"({', '.join(names[:8])}...) but fl.num_clients={n}")
+        else:
+            raise UserError(f"data.split={d.split!r}; choose iid, dirichlet or field")
+        return [str(k) for k in range(n)], [[records[i] for i in p] for p in parts], False
+    raise UserError(f"data.source={d.source!r}; choose synthetic, client_files or file")
+
+
+def _pairs(records: list[dict], is_synthetic: bool, d: ConfigDict) -> tuple[list, list]:
+    if is_synthetic:
+        return [synthetic.prompt(r) for r in records], [synthetic.response(r) for r in records]
+    pairs = [data.render(r, d.prompt_field, d.response_field) for r in records]
+    return [p for p, _ in pairs], [r for _, r in pairs]
+
+
+def encode_clients(config, tokenizer, records, is_synthetic) -> tuple[list[dict], list[dict]]:
+    """Per client ``(train, held_out)`` encoded arrays, all trimmed to one common length
+    (the longest example, rounded up to 8, at most ``data.max_len``)."""
+    from ffrag_jax import text
+
+    d = config.data
+    train_sets, held_sets = [], []
+    for k, recs in enumerate(records):
+        prompts, responses = _pairs(recs, is_synthetic, d)
+        enc = (text.encode_pairs(tokenizer, prompts, responses, d.max_len,
+                                 response_only=d.response_only) if recs else None)
+        tr, ho = data.holdout(np.arange(len(recs)), d.held_out, seed=config.seed + k)
+        for out, idx in ((train_sets, tr), (held_sets, ho)):
+            out.append({key: v[idx] for key, v in enc.items()} if enc else
+                       {key: np.zeros((0, d.max_len), np.int32) for key in
+                        ("input_ids", "attention_mask", "loss_mask")})
+    longest = max((int(s["attention_mask"].sum(1).max()) for s in train_sets + held_sets
+                   if len(s["input_ids"])), default=8)
+    length = min(d.max_len, -(-longest // 8) * 8)
+    trim = [{k: v[:, :length] if v.ndim == 2 else v for k, v in s.items()}
+            for s in train_sets + held_sets]
+    return trim[:len(records)], trim[len(records):]
+
+
+# --------------------------------------------------------------------------------------------
+# Ranks, adapters, communication
+
+
+def client_ranks(fl: ConfigDict) -> list[int]:
+    if fl.ranks:
+        ranks = [int(r) for r in fl.ranks]
+        if len(ranks) != fl.num_clients:
+            raise UserError(f"fl.ranks has {len(ranks)} entries but fl.num_clients="
+                            f"{fl.num_clients}")
+    else:
+        ranks = [int(fl.rank)] * fl.num_clients
+    if min(ranks) <= 0:
+        raise UserError(f"LoRA ranks must be positive, got {ranks}")
+    if fl.strategy == "fedavg" and len(set(ranks)) > 1:
+        raise UserError("fl.strategy='fedavg' needs one rank for all clients; use 'stack', "
+                        "'zeropad' or 'ff' for heterogeneous ranks")
+    return ranks
+
+
+def client_scale(fl: ConfigDict) -> float:
+    """One LoRA scale for every client: ``alpha / r`` with ``alpha = alpha_ratio * r``
+    (the reference's alpha = 2r gives scale 2 at every rank)."""
+    return float(fl.alpha_ratio)
+
+
+def adapter_bytes(template: LoRA, rank: int) -> int:
+    """Bytes of an adapter with ``template``'s modules at ``rank`` (``r (in + out)`` per
+    module and layer)."""
+    total = 0
+    for ab in module_weights(template.weights).values():
+        a = ab["a"]
+        layers = int(np.prod(a.shape[:-2]))
+        total += layers * rank * (a.shape[-2] + ab["b"].shape[-1]) * a.dtype.itemsize
+    return total
+
+
+def comm_bytes(strategy: str, template: LoRA, rank: int, global_rank: int) -> tuple[int, int]:
+    """``(upload, download)`` bytes of one client in one round. Download is what the client
+    receives before training: the last stacked adapter (``stack``/``ff``, rank
+    ``global_rank``), the global adapter (``fedavg``) or its first ``rank`` components
+    (``zeropad``). Upload is the client's trained adapter at its own rank."""
+    up = adapter_bytes(template, rank)
+    down = adapter_bytes(template, global_rank) if strategy in ("stack", "ff") else up
+    return up, down
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def _eval_batches(split: dict, batch_size: int) -> list[dict]:
+    """Held-out examples in ``[batch_size, T]`` chunks, the last padded with masked rows."""
+    n = len(split["input_ids"])
+    chunks = []
+    for start in range(0, n, batch_size):
+        chunk = {k: split[k][start:start + batch_size]
+                 for k in ("input_ids", "attention_mask", "loss_mask")}
+        pad = batch_size - len(chunk["input_ids"])
+        chunks.append({k: np.pad(v, ((0, pad), (0, 0))) for k, v in chunk.items()})
+    return chunks
+
+
+def make_evaluator(cfg):
+    sums = jax.jit(lambda params, adapter, batch: train_lib.causal_lm_loss(
+        params, cfg, batch, adapter))
+
+    def evaluate(params, adapter, batches: list[dict]) -> float:
+        total, count = 0.0, 0.0
+        for batch in batches:
+            s, c = sums(params, adapter, batch)
+            total, count = total + float(s), count + float(c)
+        return total / max(count, 1.0)
+
+    return evaluate
+
+
+# --------------------------------------------------------------------------------------------
+# The job
+
+
+def init_server(strategy: str, params: dict, template: LoRA, num_clients: int, per_round: int,
+                max_rank: int, rng: jax.Array) -> dict:
+    """The round-0 server state (see :mod:`ffrag_jax.fl_round`)."""
+    server = {"params": params}
+    zeros = jax.tree.map(jnp.zeros_like, template)
+    if strategy in ("fedavg", "zeropad"):
+        server["global"] = lora.init(rng, params, template.targets, max_rank,
+                                     template.scale * max_rank, dropout=template.dropout)
+    elif strategy == "ff":
+        server["global"] = fl_round.stack_padded(
+            federated.stack_clients([zeros] * per_round), jnp.zeros((per_round,)))
+        keys = jax.random.split(rng, num_clients)
+        server["personal"] = federated.stack_clients([
+            lora.init(keys[k], params, template.targets, max_rank, template.scale * max_rank,
+                      dropout=template.dropout) for k in range(num_clients)])
+    return server
+
+
+def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
+    """Runs the federated job in ``workdir``; returns the summary it writes."""
+    started = time.perf_counter()
+    fl, d = config.fl, config.data
+    if fl.strategy not in fl_round.STRATEGIES:
+        raise UserError(f"fl.strategy={fl.strategy!r}; choose one of "
+                        f"{', '.join(fl_round.STRATEGIES)}")
+    if fl.rounds <= 0:
+        raise UserError(f"fl.rounds must be positive, got {fl.rounds}")
+    ranks = client_ranks(fl)
+    max_rank = max(ranks)
+    metrics = MetricsLog(workdir / "metrics.jsonl")
+
+    names, records, is_synthetic = client_records(config)
+    tokenizer = demo.run_tokenizer(config, workdir, (
+        p + r for recs in records for p, r in zip(*_pairs(recs, is_synthetic, d), strict=True)))
+    cfg, params = demo.model_config(config, tokenizer)
+    rng = jax.random.key(config.seed)
+    init_rng, server_rng, round_rng = jax.random.split(rng, 3)
+    if params is None:
+        params = init_params(init_rng, cfg)
+    params = sharding.shard(params, mesh)
+    template = lora.init(server_rng, params, fl.targets, max_rank, client_scale(fl) * max_rank,
+                         dropout=fl.dropout)  # raises on bad targets/ranks before any work
+    if fl.fusion == "chain" and fl.strategy == "ff":
+        federated.check_chain_targets(template)
+
+    train_sets, held_sets = encode_clients(config, tokenizer, records, is_synthetic)
+    counts = [len(s["input_ids"]) for s in train_sets]
+    data.log_split("clients", counts)
+    for k in np.flatnonzero(np.asarray(counts) == 0):
+        logging.warning("client %s has no training examples: it gets weight 0", names[k])
+    if fl.batch_size % fl.micro_batch_size:
+        raise UserError(f"fl.batch_size={fl.batch_size} is not a multiple of "
+                        f"fl.micro_batch_size={fl.micro_batch_size}")
+    grad_accum = fl.batch_size // fl.micro_batch_size
+    steps = [data.local_steps(n, fl.local_epochs, fl.batch_size) for n in counts]
+    max_steps = max(max(steps), 1)
+    per_round = max(int(fl.fraction * fl.num_clients), 1)
+    held_batches = [_eval_batches(s, config.eval.batch_size) for s in held_sets]
+
+    def make_optimizer(num_steps):
+        return train_lib.make_optimizer(fl.lr, num_steps, weight_decay=fl.weight_decay,
+                                        max_grad_norm=fl.max_grad_norm)
+
+    @functools.partial(jax.jit, static_argnames="fusion")
+    def round_fn(server, *args, fusion):
+        # No donation: the previous state may still be in an asynchronous checkpoint save.
+        return fl_round.run_round(server, *args, cfg=cfg, optimizer=make_optimizer,
+                                  strategy=fl.strategy, fusion=fusion)
+
+    by_client = NamedSharding(mesh, PartitionSpec("clients"))
+    if per_round % mesh.shape["clients"]:
+        raise UserError(f"{per_round} clients per round do not divide over the mesh's "
+                        f"{mesh.shape['clients']} 'clients' devices")
+
+    server = init_server(fl.strategy, params, template, fl.num_clients, per_round, max_rank,
+                         server_rng)
+    state = {"server": server, "global_rank": jnp.zeros((), jnp.int32)}
+    mngr = checkpoint.manager(workdir / "checkpoints" / "rounds", max_to_keep=2)
+    start, state = checkpoint.restore_latest(mngr, state)
+    if start:
+        logging.info("resuming after round %d", start)
+        metrics.drop_records_after("round", start)
+    evaluate = make_evaluator(cfg)
+    bar = tqdm(range(start, fl.rounds), desc="rounds", initial=start, total=fl.rounds,
+               disable=not _isatty())
+    for t in bar:
+        round_start = time.perf_counter()
+        selected = federated.select_clients(t, fl.num_clients, fl.fraction)
+        weights = federated.client_weights([counts[k] for k in selected])
+        batches = [data.client_round_batches(train_sets[k], steps[k], max_steps,
+                                             fl.micro_batch_size, grad_accum,
+                                             seed=[config.seed, t, k]) for k in selected]
+        batches = {key: np.stack([b[key] for b in batches]) for key in batches[0]}
+        key = jax.random.fold_in(round_rng, t)
+        fresh = federated.stack_clients([
+            lora.init(jax.random.fold_in(key, k), params, fl.targets, max_rank,
+                      client_scale(fl) * max_rank, dropout=fl.dropout) for k in selected])
+        inputs = (fresh, np.asarray(selected), np.asarray(weights, np.float32),
+                  np.stack([federated.rank_mask(ranks[k], max_rank) for k in selected]),
+                  batches, jax.random.split(jax.random.fold_in(key, 10**6), len(selected)),
+                  np.asarray([steps[k] for k in selected], np.int32))
+        inputs = jax.device_put(inputs, by_client)
+        global_rank = int(state["global_rank"])
+        # Chain fusion through an all-zero global adapter has zero gradient, so clients train
+        # plain personal adapters until a global one exists (additive fusion with G = 0).
+        fusion = fl.fusion if global_rank > 0 else "add"
+        server, _, info = round_fn(state["server"], *inputs, fusion=fusion)
+        info = jax.device_get(info)
+        accepted = [bool(a) for a in info["accepted"]]
+        new_global_rank = sum(ranks[k] for k, ok in zip(selected, accepted, strict=True) if ok)
+        state = {"server": server, "global_rank": jnp.asarray(
+            new_global_rank if any(accepted) else global_rank, jnp.int32)}
+
+        for i, k in enumerate(selected):
+            active = info["active"][i].astype(bool)
+            loss = float(np.mean(info["loss"][i][active])) if active.any() else float("nan")
+            up, down = comm_bytes(fl.strategy, template, ranks[k], global_rank)
+            metrics.write(kind="client", round=t + 1, client=k, name=names[k],
+                          steps=int(active.sum()), train_loss=loss, accepted=accepted[i],
+                          upload_bytes=up if accepted[i] else 0, download_bytes=down)
+            if not accepted[i] and weights[i] > 0:
+                logging.warning("round %d: client %s sent a non-finite update; rejected",
+                                t + 1, names[k])
+        round_eval = evaluate_round(config, server, cfg, held_batches, names, evaluate)
+        for rec in round_eval:
+            metrics.write(kind="eval", round=t + 1, **rec)
+        mean_global = _mean([r["loss"] for r in round_eval if r["model"] == "global"])
+        metrics.write(kind="round", round=t + 1, selected=selected,
+                      seconds=round(time.perf_counter() - round_start, 2),
+                      mean_global_loss=mean_global)
+        bar.set_postfix(global_loss=f"{mean_global:.4f}")
+        logging.info("round %d/%d: clients %s, mean held-out loss (global) %.4f, %.1f s",
+                     t + 1, fl.rounds, selected, mean_global, time.perf_counter() - round_start)
+        checkpoint.save(mngr, t + 1, state)
+    mngr.wait_until_finished()
+    mngr.close()
+
+    server = state["server"]
+    final = [r for r in read_jsonl(metrics.path)
+             if r.get("kind") == "eval" and r["round"] == fl.rounds]
+    exported = export(config, workdir, cfg, server, tokenizer, ranks) if config.export else {}
+    plot_client_rounds(read_jsonl(metrics.path), workdir / "rounds.png",
+                       title=f"ffrag_jax federated ({fl.strategy}): held-out loss per client")
+    summary = {
+        "strategy": fl.strategy,
+        "rounds": fl.rounds,
+        "clients": fl.num_clients,
+        "final_held_out_loss": {r["name"] + " " + r["model"]: round(r["loss"], 4) for r in final},
+        "mean_global_loss": _mean([r["loss"] for r in final if r["model"] == "global"]),
+        "mean_fused_loss": _mean([r["loss"] for r in final if r["model"] == "fused"]),
+        "upload_bytes_total": sum(r.get("upload_bytes", 0) for r in read_jsonl(metrics.path)
+                                  if r.get("kind") == "client"),
+        "wall_time_s": round(time.perf_counter() - started, 1),
+        "exported": exported,
+    }
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def global_model(server: dict, strategy: str) -> tuple[dict, LoRA | None]:
+    """``(params, adapter)`` of the global model: the merged base (``stack``), or the base with
+    the global adapter."""
+    if strategy == "stack":
+        return server["params"], None
+    return server["params"], server["global"]
+
+
+def fused_adapter(server: dict, client: int, fusion: str) -> LoRA:
+    personal = jax.tree.map(lambda x: x[client], server["personal"])
+    return federated.fuse(server["global"], personal, fusion)
+
+
+def evaluate_round(config, server, cfg, held_batches, names, evaluate) -> list[dict]:
+    """Held-out loss and perplexity per client: the global model, and (``ff``) the fused."""
+    fl = config.fl
+    params, adapter = global_model(server, fl.strategy)
+    out = []
+    for k, batches in enumerate(held_batches):
+        if not batches:
+            continue
+        models = [("global", adapter)]
+        if fl.strategy == "ff":
+            models.append(("fused", fused_adapter(server, k, fl.fusion)))
+        for model, ad in models:
+            loss = evaluate(params, ad, batches)
+            out.append({"client": k, "name": names[k], "model": model, "loss": loss,
+                        "ppl": math.exp(min(loss, 50.0))})
+    return out
+
+
+def export(config, workdir: Path, cfg, server: dict, tokenizer, ranks: list[int]) -> dict:
+    """The merged global model as an HF folder (for ``lm_eval`` and transformers) and, for
+    ``ff``, each client's personal adapter in PEFT format (at its own rank)."""
+    fl = config.fl
+    params, adapter = global_model(server, fl.strategy)
+    merged = params if adapter is None else lora.merge(params, adapter)
+    global_dir = hf.save_llama(workdir / "export" / "global_model", cfg, jax.device_get(merged),
+                               tokenizer=tokenizer, overwrite=True)
+    out = {"global_model": str(global_dir)}
+    if fl.strategy == "ff":
+        # Additive fusion: the personal adapter on top of the merged global model is the
+        # fused model. Chain fusion has no global term of its own, so its fused adapter
+        # chain(global, personal) goes on top of the unmerged base, exported beside it.
+        base_dir = global_dir
+        if fl.fusion == "chain":
+            base_dir = hf.save_llama(workdir / "export" / "base_model", cfg,
+                                     jax.device_get(params), tokenizer=tokenizer, overwrite=True)
+            out["base_model"] = str(base_dir)
+        for k, rank in enumerate(ranks):
+            personal = jax.tree.map(lambda x, k=k: x[k], server["personal"])
+            if fl.fusion == "chain":
+                personal = federated.fuse(server["global"], personal, "chain")
+            lora.save_peft_adapter(workdir / "export" / "personal" / f"client_{k}",
+                                   federated.unpad_rank(personal, rank), cfg,
+                                   base_model_name_or_path=str(base_dir), overwrite=True)
+        out["personal_adapters"] = str(workdir / "export" / "personal")
+    return out
+
+
+def _mean(values) -> float:
+    values = [v for v in values if v == v]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def _isatty() -> bool:
+    import sys
+
+    return sys.stderr.isatty()
