@@ -41,6 +41,7 @@ def get_config() -> ConfigDict:
         response_field=config_dict.placeholder(str),
         synthetic_domains="clinic,geography",
         examples_per_client=64,
+        client_sizes=config_dict.placeholder(tuple),  # per-client counts; overrides the above
         distractors=0,
         held_out=0.1,  # fraction of each client's examples kept for evaluation
         max_len=512,  # cutoff; batches are trimmed to the longest example

@@ -45,10 +45,9 @@ def client_records(config: ConfigDict) -> tuple[list[str], list[list[dict]], boo
     d, n = config.data, config.fl.num_clients
     if d.source == "synthetic":
         domains = [x.strip() for x in d.synthetic_domains.split(",") if x.strip()]
-        sizes = d.examples_per_client
-        sizes = [sizes] * n if isinstance(sizes, int) else list(sizes)
+        sizes = list(d.client_sizes) if d.client_sizes else [d.examples_per_client] * n
         if len(sizes) != n:
-            raise UserError(f"data.examples_per_client has {len(sizes)} entries for "
+            raise UserError(f"data.client_sizes has {len(sizes)} entries for "
                             f"fl.num_clients={n}")
         records = [synthetic.make_examples(domains[k % len(domains)], sizes[k],
                                            seed=config.seed + 100 + k, distractors=d.distractors)
@@ -264,8 +263,8 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         raise UserError(f"{per_round} clients per round do not divide over the mesh's "
                         f"{mesh.shape['clients']} 'clients' devices")
 
-    server = init_server(fl.strategy, params, template, fl.num_clients, per_round, max_rank,
-                         server_rng)
+    server = sharding.shard(init_server(fl.strategy, params, template, fl.num_clients,
+                                        per_round, max_rank, server_rng), mesh)
     state = {"server": server, "global_rank": jnp.zeros((), jnp.int32)}
     mngr = checkpoint.manager(workdir / "checkpoints" / "rounds", max_to_keep=2)
     start, state = checkpoint.restore_latest(mngr, state)

@@ -1,0 +1,251 @@
+"""The federated round loop (issue 3): per-client step counts, the jitted round's aggregation
+and NaN rejection, data loading and splits, and the federated job end to end with resume."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from ffrag_jax import data, federated, fl, fl_round, lora, train
+from ffrag_jax import run as run_lib
+from ffrag_jax.errors import UserError
+from ffrag_jax.launch import CONFIG_DIR, _load_config_file
+from ffrag_jax.models import llama
+
+CFG = llama.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2,
+                        num_heads=4, num_kv_heads=2, max_position_embeddings=64)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return llama.init_params(jax.random.key(0), CFG)
+
+
+def _random_adapter(params, seed, rank):
+    lo = lora.init(jax.random.key(seed), params, ["q_proj", "v_proj"], rank, 2.0 * rank)
+    leaves, tree = jax.tree.flatten(lo.weights)
+    keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
+    return lo.replace(weights=jax.tree.unflatten(
+        tree, [0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]))
+
+
+def _batches(num_clients, steps, seed=0):
+    ids = jax.random.randint(jax.random.key(seed), (num_clients, steps, 1, 4, 16), 0, 96)
+    return {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "loss_mask": jnp.ones_like(ids)}
+
+
+def test_stack_padded_equals_stack_of_unpadded_clients(params):
+    ranks = [8, 4, 2]
+    clients = [_random_adapter(params, k, r) for k, r in enumerate(ranks)]
+    weights = federated.client_weights([30, 10, 60])
+    padded = federated.stack_clients([federated.pad_rank(c, 8) for c in clients])
+    got = lora.delta(fl_round.stack_padded(padded, jnp.asarray(weights, jnp.float32)))
+    want = lora.delta(federated.stack(clients, weights))
+    for path in want:
+        rel = float(jnp.linalg.norm(got[path] - want[path]) / jnp.linalg.norm(want[path]))
+        assert rel <= 1e-6, path
+
+
+def test_a_client_with_fewer_steps_equals_training_only_those_steps(params):
+    """Per-client step counts: steps past a client's count change nothing, and its LR decays
+    over its own steps (same as a client whose batches stop there)."""
+    adapter = federated.pad_rank(lora.init(jax.random.key(1), params, ["q_proj"], 4, 8.0), 4)
+    mask = federated.rank_mask(4, 4)
+    batches = jax.tree.map(lambda x: x[0], _batches(1, 4))
+    make = lambda n: train.make_optimizer(1e-2, n)  # noqa: E731
+    short, metrics = jax.jit(lambda b: federated.client_update(
+        adapter, mask, params, b, jax.random.key(2), cfg=CFG, optimizer=make,
+        num_steps=jnp.asarray(2)))(batches)
+    alone, _ = jax.jit(lambda b: federated.client_update(
+        adapter, mask, params, b, jax.random.key(2), cfg=CFG, optimizer=make))(
+        jax.tree.map(lambda x: x[:2], batches))
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7),
+                 short.weights, alone.weights)
+    assert metrics["active"].tolist() == [True, True, False, False]
+
+
+@pytest.mark.parametrize("strategy", ["stack", "ff"])
+def test_round_rejects_a_non_finite_client(params, strategy):
+    """A client whose update is NaN gets weight 0; the result equals the round without it."""
+    ranks, per_round = [4, 4, 2], 3
+    template = lora.init(jax.random.key(0), params, ["q_proj", "v_proj"], 4, 8.0)
+    server = fl.init_server(strategy, params, template, 3, per_round, 4, jax.random.key(5))
+    fresh = federated.stack_clients([lora.init(jax.random.key(10 + k), params,
+                                               ["q_proj", "v_proj"], 4, 8.0) for k in range(3)])
+    masks = jnp.stack([federated.rank_mask(r, 4) for r in ranks])
+    batches = _batches(3, 2)
+    rngs = jax.random.split(jax.random.key(3), 3)
+    steps = jnp.asarray([2, 2, 2])
+    selected = jnp.arange(3)
+    run = jax.jit(lambda server, fresh, w, b: fl_round.run_round(
+        server, fresh, selected, w, masks, b, rngs, steps, cfg=CFG,
+        optimizer=lambda n: train.make_optimizer(1e-2, n), strategy=strategy))
+    # Client 1 diverges: a NaN in its data's embedding path is simplest as a NaN start.
+    poisoned = jax.tree.map(lambda x: x.at[1].set(jnp.nan), fresh)
+    if strategy == "ff":
+        server_nan = dict(server, personal=jax.tree.map(lambda x: x.at[1].set(jnp.nan),
+                                                        server["personal"]))
+    else:
+        server_nan = server
+    weights = jnp.asarray([0.25, 0.5, 0.25])
+    new, _, info = run(server_nan, poisoned, weights, batches)
+    assert info["accepted"].tolist() == [True, False, True]
+    ref, _, _ = run(server, fresh, jnp.asarray([0.5, 0.0, 0.5]), batches)
+    key = "params" if strategy == "stack" else "global"
+    for got, want in zip(jax.tree.leaves(new[key]), jax.tree.leaves(ref[key]), strict=True):
+        assert np.all(np.isfinite(got))
+        np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_round_with_every_client_rejected_keeps_the_state(params):
+    template = lora.init(jax.random.key(0), params, ["q_proj"], 2, 4.0)
+    server = fl.init_server("fedavg", params, template, 2, 2, 2, jax.random.key(5))
+    fresh = federated.stack_clients([template, template])
+    new, _, info = fl_round.run_round(
+        server, fresh, jnp.arange(2), jnp.asarray([0.5, 0.5]),
+        jnp.ones((2, 2)), _batches(2, 1), jax.random.split(jax.random.key(1), 2),
+        jnp.asarray([1, 1]), cfg=CFG, optimizer=lambda n: train.make_optimizer(jnp.nan, n),
+        strategy="fedavg")
+    assert not info["accepted"].any()
+    jax.tree.map(np.testing.assert_array_equal, new["global"], server["global"])
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+
+
+def test_malformed_json_line_names_file_and_line(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "c", "output"\n')
+    with pytest.raises(UserError, match=r"c\.jsonl:3: malformed JSON line"):
+        data.read_records(path)
+    folder = tmp_path / "d" / "2"
+    folder.mkdir(parents=True)
+    (folder / "local_training_0.json").write_text(json.dumps([{"instruction": "x",
+                                                               "output": "y"}]))
+    with pytest.raises(UserError, match="client 1: missing data file"):
+        data.load_client_files(tmp_path / "d", 2)
+
+
+def test_alpaca_template_and_splits():
+    prompt, response = data.render({"instruction": "Add.", "input": "1 2", "output": "3"})
+    assert prompt.endswith("### Instruction:\nAdd.\n\n### Input:\n1 2\n\n### Response:\n")
+    assert response == "3"
+    assert "### Input" not in data.render({"instruction": "Hi", "input": "", "output": "o"})[0]
+    parts = data.split_iid(103, 4, seed=0)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(103))
+    assert [len(p) for p in parts] == [26, 26, 26, 25]
+    labels = ["a"] * 60 + ["b"] * 60 + ["c"] * 60
+    skewed = data.split_dirichlet(labels, 3, alpha=0.1, seed=0)
+    assert sorted(np.concatenate(skewed).tolist()) == list(range(180))
+    # Small alpha: each category goes mostly to one client; large alpha: evenly (~1/3 each).
+    def top_share(parts):
+        owner = np.empty(180, int)
+        for k, p in enumerate(parts):
+            owner[p] = k
+        return np.mean([np.bincount(owner[c * 60:(c + 1) * 60], minlength=3).max() / 60
+                        for c in range(3)])
+
+    assert top_share(skewed) > 0.8
+    assert top_share(data.split_dirichlet(labels, 3, alpha=1000.0, seed=0)) < 0.45
+    names, by_field = data.split_by_field([{"c": "x"}, {"c": "y"}, {"c": "x"}], "c")
+    assert names == ["x", "y"] and [p.tolist() for p in by_field] == [[0, 2], [1]]
+    train_idx, held = data.holdout(np.arange(10), 0.2, seed=0)
+    assert len(held) == 2 and set(train_idx) | set(held) == set(range(10))
+
+
+# --------------------------------------------------------------------------------------------
+# The job end to end
+
+TINY_FL = {
+    "fl.num_clients": 4,
+    "fl.ranks": (4, 2, 2, 1),
+    "fl.rounds": 3,
+    "fl.batch_size": 8,
+    "fl.micro_batch_size": 4,
+    "fl.lr": 3e-3,
+    "data.examples_per_client": 20,
+    "data.held_out": 0.2,
+    "model.hidden_size": 32,
+    "model.intermediate_size": 64,
+    "model.num_layers": 2,
+    "tokenizer.vocab_size": 400,
+    "eval.batch_size": 8,
+}
+
+
+def _fl_config(**extra):
+    config = _load_config_file(str(CONFIG_DIR / "heter.py"))
+    for key, value in {**TINY_FL, **extra}.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def _exports(workdir):
+    out = dict(load_file(workdir / "export/global_model/model.safetensors"))
+    for k in range(4):
+        for name, x in load_file(workdir / f"export/personal/client_{k}/"
+                                 "adapter_model.safetensors").items():
+            out[f"{k}/{name}"] = x
+    return out
+
+
+def test_killed_federated_run_resumes_to_the_same_result(tmp_path, monkeypatch):
+    config = _fl_config(**{"fl.strategy": "ff"})
+    full = run_lib.run(config, tmp_path / "full")
+    records = [json.loads(x) for x in (tmp_path / "full/metrics.jsonl").read_text().splitlines()]
+    assert {r["round"] for r in records if r["kind"] == "eval"} == {1, 2, 3}
+    assert {r["model"] for r in records if r["kind"] == "eval"} == {"global", "fused"}
+    uploads = {r["client"]: r["upload_bytes"] for r in records if r["kind"] == "client"}
+    assert uploads[0] == 2 * uploads[1] == 4 * uploads[3] > 0  # ranks 4, 2, 2, 1
+    assert (tmp_path / "full/rounds.png").stat().st_size > 0
+
+    calls = {"n": 0}
+    real = fl.evaluate_round
+
+    def dies_in_round_3(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fl, "evaluate_round", dies_in_round_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_lib.run(config, tmp_path / "killed")
+    monkeypatch.setattr(fl, "evaluate_round", real)
+    resumed = run_lib.run(config, tmp_path / "killed")
+    assert resumed["final_held_out_loss"] == full["final_held_out_loss"]
+    a, b = _exports(tmp_path / "full"), _exports(tmp_path / "killed")
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    rounds = [json.loads(x)["round"] for x in
+              (tmp_path / "killed/metrics.jsonl").read_text().splitlines()
+              if json.loads(x)["kind"] == "round"]
+    assert rounds == [1, 2, 3]
+
+
+def test_federated_bad_input(tmp_path):
+    with pytest.raises(UserError, match=r"fl.ranks has 3 entries but fl.num_clients=4"):
+        run_lib.run(_fl_config(**{"fl.ranks": (4, 2, 2)}), tmp_path / "a")
+    with pytest.raises(UserError, match="fusion='chain' needs square targets.*v_proj"):
+        run_lib.run(_fl_config(**{"fl.strategy": "ff", "fl.fusion": "chain"}), tmp_path / "b")
+    with pytest.raises(UserError, match="fedavg' needs one rank"):
+        run_lib.run(_fl_config(**{"fl.strategy": "fedavg"}), tmp_path / "c")
+
+
+def test_client_without_examples_gets_weight_zero(tmp_path):
+    summary = run_lib.run(_fl_config(**{"data.client_sizes": (20, 0, 20, 20),
+                                        "fl.rounds": 1, "fl.strategy": "stack"}),
+                          tmp_path / "run")
+    records = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    client1 = [r for r in records if r["kind"] == "client" and r["client"] == 1]
+    assert client1[0]["steps"] == 0 and not client1[0]["accepted"]
+    assert np.isfinite(summary["mean_global_loss"])
