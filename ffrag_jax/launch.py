@@ -76,6 +76,25 @@ def _load_config_file(path: str):
     return module.get_config(arg) if arg else module.get_config()
 
 
+def load_config(name: str, overrides: dict | None = None):
+    """The named config (``configs/NAME.py``, or a path to a config file) with dotted
+    ``overrides`` applied, e.g. ``load_config("heter", {"fl.rounds": 5})``: the launcher's
+    config for research code and tests."""
+    path = name if name.endswith(".py") else str(CONFIG_DIR / f"{name}.py")
+    if not Path(path).exists():
+        raise UserError(f"unknown config {name!r}; configs: {', '.join(config_names())}")
+    config = _load_config_file(path)
+    for key, value in (overrides or {}).items():
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        if leaf not in node:
+            raise UserError(f"unknown config key {key!r}")
+        node[leaf] = value
+    return config
+
+
 def check_override_keys(config, argv: list[str]) -> None:
     """A UserError naming the first ``--config.KEY=...`` whose KEY the config lacks."""
     from ml_collections import ConfigDict

@@ -12,7 +12,7 @@ from safetensors.numpy import load_file
 from ffrag_jax import data, federated, fl, fl_round, lora, train
 from ffrag_jax import run as run_lib
 from ffrag_jax.errors import UserError
-from ffrag_jax.launch import CONFIG_DIR, _load_config_file
+from ffrag_jax.launch import load_config
 from ffrag_jax.models import llama
 
 CFG = llama.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2,
@@ -178,14 +178,7 @@ TINY_FL = {
 
 
 def _fl_config(**extra):
-    config = _load_config_file(str(CONFIG_DIR / "heter.py"))
-    for key, value in {**TINY_FL, **extra}.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
+    return load_config("heter", {**TINY_FL, **extra})
 
 
 def _exports(workdir):

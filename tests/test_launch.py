@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ffrag_jax import run as run_lib
-from ffrag_jax.launch import CONFIG_DIR, _load_config_file
+from ffrag_jax.launch import load_config
 
 # A demo small enough for a test: same code path, a few steps.
 TINY = {
@@ -36,14 +36,7 @@ def _launch(*args, timeout=600):
 
 
 def _tiny_config(**extra):
-    config = _load_config_file(str(CONFIG_DIR / "demo.py"))
-    for key, value in {**TINY, **extra}.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
+    return load_config("demo", {**TINY, **extra})
 
 
 def _error_line(result):
