@@ -26,7 +26,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from absl import logging
 
 from ffrag_jax import text
 from ffrag_jax.errors import UserError
@@ -173,16 +172,7 @@ def _check_clients(num_clients: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Tokenised clients and fixed-shape round batches
-
-
-def encode_records(tokenizer, records: Sequence[dict], max_len: int, *,
-                   prompt_field: str | None = None, response_field: str | None = None,
-                   response_only: bool = True) -> dict[str, np.ndarray]:
-    """:func:`~ffrag_jax.text.encode_pairs` of the rendered records (``[N, max_len]``)."""
-    pairs = [render(r, prompt_field, response_field) for r in records]
-    return text.encode_pairs(tokenizer, [p for p, _ in pairs], [r for _, r in pairs], max_len,
-                             response_only=response_only)
+# Fixed-shape round batches
 
 
 def local_steps(num_examples: int, epochs: float, per_step: int) -> int:
@@ -213,6 +203,3 @@ def client_round_batches(data: dict[str, np.ndarray], num_steps: int, max_steps:
             out[k][step] = batch[k]
     return out
 
-
-def log_split(name: str, sizes: Sequence[int]) -> None:
-    logging.info("%s: %d clients, examples per client %s", name, len(sizes), list(sizes))

@@ -159,15 +159,6 @@ def fuse(global_lora: LoRA, personal: LoRA, fusion: str = "add") -> LoRA:
     return chain(global_lora, personal)
 
 
-def check_chain_targets(lo: LoRA) -> None:
-    """Raises before training if ``fusion='chain'`` cannot apply to ``lo``'s modules."""
-    for path, ab in module_weights(lo.weights).items():
-        if ab["a"].shape[-2] != ab["b"].shape[-1]:
-            raise UserError(f"fusion='chain' needs square targets; {'/'.join(path)} maps "
-                            f"{ab['a'].shape[-2]} -> {ab['b'].shape[-1]} (use fusion='add', "
-                            "or targets such as q_proj,o_proj whose widths are equal)")
-
-
 def finite_clients(loras: LoRA) -> jax.Array:
     """``[K]`` bool: whether every weight of each client (leading axis) is finite."""
     leaves = [jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1)

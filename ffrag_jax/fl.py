@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -29,7 +30,18 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from ffrag_jax import checkpoint, data, demo, federated, fl_round, hf, lora, sharding, synthetic
+from ffrag_jax import (
+    checkpoint,
+    data,
+    demo,
+    federated,
+    fl_round,
+    hf,
+    lora,
+    sharding,
+    synthetic,
+    text,
+)
 from ffrag_jax import train as train_lib
 from ffrag_jax.errors import UserError
 from ffrag_jax.lora import LoRA, module_weights
@@ -84,18 +96,16 @@ def _pairs(records: list[dict], is_synthetic: bool, d: ConfigDict) -> tuple[list
     return [p for p, _ in pairs], [r for _, r in pairs]
 
 
-def encode_clients(config, tokenizer, records, is_synthetic) -> tuple[list[dict], list[dict]]:
-    """Per client ``(train, held_out)`` encoded arrays, all trimmed to one common length
-    (the longest example, rounded up to 8, at most ``data.max_len``)."""
-    from ffrag_jax import text
-
+def encode_clients(config, tokenizer, pairs) -> tuple[list[dict], list[dict]]:
+    """Per client ``(train, held_out)`` encoded arrays of its ``(prompts, responses)``, all
+    trimmed to one common length (the longest example, rounded up to 8, at most
+    ``data.max_len``)."""
     d = config.data
     train_sets, held_sets = [], []
-    for k, recs in enumerate(records):
-        prompts, responses = _pairs(recs, is_synthetic, d)
+    for k, (prompts, responses) in enumerate(pairs):
         enc = (text.encode_pairs(tokenizer, prompts, responses, d.max_len,
-                                 response_only=d.response_only) if recs else None)
-        tr, ho = data.holdout(np.arange(len(recs)), d.held_out, seed=config.seed + k)
+                                 response_only=d.response_only) if prompts else None)
+        tr, ho = data.holdout(np.arange(len(prompts)), d.held_out, seed=config.seed + k)
         for out, idx in ((train_sets, tr), (held_sets, ho)):
             out.append({key: v[idx] for key, v in enc.items()} if enc else
                        {key: np.zeros((0, d.max_len), np.int32) for key in
@@ -105,7 +115,7 @@ def encode_clients(config, tokenizer, records, is_synthetic) -> tuple[list[dict]
     length = min(d.max_len, -(-longest // 8) * 8)
     trim = [{k: v[:, :length] if v.ndim == 2 else v for k, v in s.items()}
             for s in train_sets + held_sets]
-    return trim[:len(records)], trim[len(records):]
+    return trim[:len(pairs)], trim[len(pairs):]
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,21 +199,27 @@ def make_evaluator(cfg):
 # The job
 
 
+def new_adapter(rng: jax.Array, params: dict, template: LoRA) -> LoRA:
+    """A freshly initialised adapter with ``template``'s targets, rank, scale and dropout."""
+    rank = max(template.ranks.values())
+    return lora.init(rng, params, template.targets, rank, template.scale * rank,
+                     dropout=template.dropout)
+
+
 def init_server(strategy: str, params: dict, template: LoRA, num_clients: int, per_round: int,
                 max_rank: int, rng: jax.Array) -> dict:
-    """The round-0 server state (see :mod:`ffrag_jax.fl_round`)."""
+    """The round-0 server state (see :mod:`ffrag_jax.fl_round`); ``template`` is an adapter at
+    the largest client rank ``max_rank``."""
     server = {"params": params}
-    zeros = jax.tree.map(jnp.zeros_like, template)
     if strategy in ("fedavg", "zeropad"):
-        server["global"] = lora.init(rng, params, template.targets, max_rank,
-                                     template.scale * max_rank, dropout=template.dropout)
+        server["global"] = new_adapter(rng, params, template)
     elif strategy == "ff":
+        zeros = jax.tree.map(jnp.zeros_like, template)
         server["global"] = fl_round.stack_padded(
             federated.stack_clients([zeros] * per_round), jnp.zeros((per_round,)))
         keys = jax.random.split(rng, num_clients)
-        server["personal"] = federated.stack_clients([
-            lora.init(keys[k], params, template.targets, max_rank, template.scale * max_rank,
-                      dropout=template.dropout) for k in range(num_clients)])
+        server["personal"] = federated.stack_clients(
+            [new_adapter(keys[k], params, template) for k in range(num_clients)])
     return server
 
 
@@ -221,8 +237,9 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     metrics = MetricsLog(workdir / "metrics.jsonl")
 
     names, records, is_synthetic = client_records(config)
+    pairs = [_pairs(recs, is_synthetic, d) for recs in records]
     tokenizer = demo.run_tokenizer(config, workdir, (
-        p + r for recs in records for p, r in zip(*_pairs(recs, is_synthetic, d), strict=True)))
+        p + r for prompts, responses in pairs for p, r in zip(prompts, responses, strict=True)))
     cfg, params = demo.model_config(config, tokenizer)
     rng = jax.random.key(config.seed)
     init_rng, server_rng, round_rng = jax.random.split(rng, 3)
@@ -232,11 +249,11 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     template = lora.init(server_rng, params, fl.targets, max_rank, client_scale(fl) * max_rank,
                          dropout=fl.dropout)  # raises on bad targets/ranks before any work
     if fl.fusion == "chain" and fl.strategy == "ff":
-        federated.check_chain_targets(template)
+        lora.check_square(template)
 
-    train_sets, held_sets = encode_clients(config, tokenizer, records, is_synthetic)
+    train_sets, held_sets = encode_clients(config, tokenizer, pairs)
     counts = [len(s["input_ids"]) for s in train_sets]
-    data.log_split("clients", counts)
+    logging.info("%d clients, training examples per client %s", len(counts), counts)
     for k in np.flatnonzero(np.asarray(counts) == 0):
         logging.warning("client %s has no training examples: it gets weight 0", names[k])
     if fl.batch_size % fl.micro_batch_size:
@@ -273,7 +290,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         metrics.drop_records_after("round", start)
     evaluate = make_evaluator(cfg)
     bar = tqdm(range(start, fl.rounds), desc="rounds", initial=start, total=fl.rounds,
-               disable=not _isatty())
+               disable=not sys.stderr.isatty())
     for t in bar:
         round_start = time.perf_counter()
         selected = federated.select_clients(t, fl.num_clients, fl.fraction)
@@ -283,9 +300,10 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
                                              seed=[config.seed, t, k]) for k in selected]
         batches = {key: np.stack([b[key] for b in batches]) for key in batches[0]}
         key = jax.random.fold_in(round_rng, t)
-        fresh = federated.stack_clients([
-            lora.init(jax.random.fold_in(key, k), params, fl.targets, max_rank,
-                      client_scale(fl) * max_rank, dropout=fl.dropout) for k in selected])
+        fresh = None  # only stack starts every round from new adapters
+        if fl.strategy == "stack":
+            fresh = federated.stack_clients(
+                [new_adapter(jax.random.fold_in(key, k), params, template) for k in selected])
         inputs = (fresh, np.asarray(selected), np.asarray(weights, np.float32),
                   np.stack([federated.rank_mask(ranks[k], max_rank) for k in selected]),
                   batches, jax.random.split(jax.random.fold_in(key, 10**6), len(selected)),
@@ -327,10 +345,10 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     mngr.close()
 
     server = state["server"]
-    final = [r for r in read_jsonl(metrics.path)
-             if r.get("kind") == "eval" and r["round"] == fl.rounds]
+    records = read_jsonl(metrics.path)
+    final = [r for r in records if r.get("kind") == "eval" and r["round"] == fl.rounds]
     exported = export(config, workdir, cfg, server, tokenizer, ranks) if config.export else {}
-    plot_client_rounds(read_jsonl(metrics.path), workdir / "rounds.png",
+    plot_client_rounds(records, workdir / "rounds.png",
                        title=f"ffrag_jax federated ({fl.strategy}): held-out loss per client")
     summary = {
         "strategy": fl.strategy,
@@ -339,7 +357,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         "final_held_out_loss": {r["name"] + " " + r["model"]: round(r["loss"], 4) for r in final},
         "mean_global_loss": _mean([r["loss"] for r in final if r["model"] == "global"]),
         "mean_fused_loss": _mean([r["loss"] for r in final if r["model"] == "fused"]),
-        "upload_bytes_total": sum(r.get("upload_bytes", 0) for r in read_jsonl(metrics.path)
+        "upload_bytes_total": sum(r.get("upload_bytes", 0) for r in records
                                   if r.get("kind") == "client"),
         "wall_time_s": round(time.perf_counter() - started, 1),
         "exported": exported,
@@ -411,9 +429,3 @@ def export(config, workdir: Path, cfg, server: dict, tokenizer, ranks: list[int]
 def _mean(values) -> float:
     values = [v for v in values if v == v]
     return float(np.mean(values)) if values else float("nan")
-
-
-def _isatty() -> bool:
-    import sys
-
-    return sys.stderr.isatty()

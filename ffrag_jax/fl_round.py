@@ -51,7 +51,7 @@ def _select(flag, new, old):
     return jax.tree.map(lambda n, o: jnp.where(flag, n, o), new, old)
 
 
-def client_start(server: dict, selected: jax.Array, fresh: LoRA, strategy: str) -> LoRA:
+def client_start(server: dict, selected: jax.Array, fresh: LoRA | None, strategy: str) -> LoRA:
     """Each selected client's starting adapter ``[K, ...]`` (padded to ``R``)."""
     if strategy == "stack":
         return fresh  # a fresh adapter every round
@@ -73,7 +73,7 @@ def round_params(server: dict, strategy: str, fusion: str) -> tuple[dict, LoRA |
 
 def run_round(
     server: dict,
-    fresh: LoRA,
+    fresh: LoRA | None,
     selected: jax.Array,
     weights: jax.Array,
     masks: jax.Array,
@@ -88,8 +88,8 @@ def run_round(
 ) -> tuple[dict, LoRA, dict]:
     """One round. ``selected`` ``[K]`` client ids, ``weights`` ``[K]`` their ``p_k`` (0 for
     clients without data), ``masks`` ``[K, R]`` rank masks, ``batches`` ``[K, S, A, B, T]``,
-    ``rngs`` ``[K]``, ``num_steps`` ``[K]``; ``fresh`` ``[K, ...]`` new adapters (used by
-    ``stack``). Returns ``(server, client adapters [K], info)`` where ``info`` has
+    ``rngs`` ``[K]``, ``num_steps`` ``[K]``; ``fresh`` ``[K, ...]`` new adapters (``stack``
+    only; None otherwise). Returns ``(server, client adapters [K], info)`` where ``info`` has
     ``accepted`` ``[K]`` and the per-step client metrics ``[K, S]``."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")

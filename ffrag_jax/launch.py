@@ -43,6 +43,16 @@ def config_names() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.py") if not p.stem.startswith("_"))
 
 
+def config_path(name: str) -> Path:
+    """``configs/NAME.py``, or ``name`` itself when it is an existing ``.py`` file."""
+    if name.endswith(".py") and Path(name).exists():
+        return Path(name)
+    path = CONFIG_DIR / f"{name}.py"
+    if not path.exists():
+        raise UserError(f"unknown config {name!r}; configs: {', '.join(config_names())}")
+    return path
+
+
 def resolve_config_name(argv: list[str]) -> tuple[list[str], str, str]:
     """argv with ``--config NAME`` turned into the config file's path; the name; the path."""
     argv = list(argv)
@@ -54,11 +64,9 @@ def resolve_config_name(argv: list[str]) -> tuple[list[str], str, str]:
         else:
             continue
         name = value.split(":", 1)[0]
-        if name.endswith(".py") and Path(name).exists():
-            return argv, Path(name).stem, value
-        path = CONFIG_DIR / f"{name}.py"
-        if not path.exists():
-            raise UserError(f"unknown config {name!r}; configs: {', '.join(config_names())}")
+        path = config_path(name)
+        if name.endswith(".py"):
+            return argv, path.stem, value
         resolved = str(path) + value[len(name):]
         argv[index] = resolved if index == i + 1 else f"--config={resolved}"
         return argv, name, resolved
@@ -80,10 +88,7 @@ def load_config(name: str, overrides: dict | None = None):
     """The named config (``configs/NAME.py``, or a path to a config file) with dotted
     ``overrides`` applied, e.g. ``load_config("heter", {"fl.rounds": 5})``: the launcher's
     config for research code and tests."""
-    path = name if name.endswith(".py") else str(CONFIG_DIR / f"{name}.py")
-    if not Path(path).exists():
-        raise UserError(f"unknown config {name!r}; configs: {', '.join(config_names())}")
-    config = _load_config_file(path)
+    config = _load_config_file(str(config_path(name)))
     for key, value in (overrides or {}).items():
         node = config
         *parents, leaf = key.split(".")

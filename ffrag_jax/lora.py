@@ -155,17 +155,25 @@ def merge(params: dict, lora: LoRA) -> dict:
 _PEFT_PREFIX = "base_model.model."
 
 
+def check_square(lo: LoRA) -> None:
+    """Raises unless every adapted module maps ``d`` to ``d`` features (needed by :func:`chain`;
+    shapes only, so it also runs on abstract adapters before any training)."""
+    for path, ab in module_weights(lo.weights).items():
+        d_in, d_out = ab["a"].shape[-2], ab["b"].shape[-1]
+        if d_in != d_out:
+            raise UserError(f"fusion='chain' needs square targets; {'/'.join(path)} maps "
+                            f"{d_in} -> {d_out} (use fusion='add', or targets such as "
+                            "q_proj,o_proj whose widths are equal)")
+
+
 def chain(outer: LoRA, inner: LoRA) -> LoRA:
     """The adapter of ``inner`` followed by ``outer``: ``delta = s_i s_o (a_i b_i)(a_o b_o)``,
     with ``inner``'s rank (``a = a_i``, ``b = s_o b_i a_o b_o``). FF-LoRA's chain fusion (in
     PyTorch's layout ``delta = s D C B A``). Needs equal input and output widths per module."""
-    flat_outer, flat_inner = module_weights(outer.weights), module_weights(inner.weights)
+    check_square(inner)
+    flat_outer = module_weights(outer.weights)
     out = {}
-    for path, ab in flat_inner.items():
-        d_in, d_out = ab["a"].shape[-2], ab["b"].shape[-1]
-        if d_in != d_out:
-            raise UserError(f"chained adapters need square targets; {'/'.join(path)} maps "
-                            f"{d_in} -> {d_out}")
+    for path, ab in module_weights(inner.weights).items():
         o = flat_outer[path]
         out[path + ("a",)] = ab["a"]
         out[path + ("b",)] = ab["b"] @ o["a"] @ o["b"] * outer.scale

@@ -198,10 +198,9 @@ class LoRALinear(nn.Module):
             y = y + ((self.dropout(x) @ a) @ b) * jnp.asarray(self.lora_scale, self.dtype)
         return y
 
-
     def dropout(self, x: jax.Array) -> jax.Array:
         """Inverted dropout on the LoRA input, as ``nn.Dropout``. The keep mask is named so the
-        remat policies save it: recomputing threefry bits in the backward cost ~10% of a step."""
+        remat policies save it: recomputing threefry bits in the backward cost a few % of a step."""
         if self.deterministic or self.lora_dropout == 0.0:
             return x
         keep_prob = 1.0 - self.lora_dropout
