@@ -65,5 +65,14 @@ def get_config() -> ConfigDict:
         weight_decay=0.0,
         max_grad_norm=1.0,
     ))
-    c.eval = ConfigDict(dict(batch_size=32))
+    c.eval = ConfigDict(dict(
+        batch_size=32,  # held-out loss batches
+        # The reference's MMLU harness on the global model (ffrag_jax.mmlu), optional: the
+        # mmlu_test_1444 file (not shipped), items per subject (None: all), every n rounds
+        # (the last round always).
+        mmlu_path=config_dict.placeholder(str),
+        mmlu_limit=config_dict.placeholder(int),
+        mmlu_every=1,
+        mmlu_batch_size=16,
+    ))
     return c

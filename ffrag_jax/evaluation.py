@@ -6,9 +6,11 @@ import re
 import string
 from collections.abc import Sequence
 
+import jax
 import numpy as np
+from tqdm import tqdm
 
-from ffrag_jax.generate import greedy_generate
+from ffrag_jax.generate import generate
 from ffrag_jax.models.llama import LlamaConfig
 from ffrag_jax.text import encode_prompts
 
@@ -37,26 +39,42 @@ def generate_answers(
     max_prompt_len: int,
     max_new_tokens: int = 8,
     batch_size: int = 64,
+    rng: jax.Array | None = None,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    length_bucket: int = 64,
+    progress: bool = False,
 ) -> list[str]:
-    """Greedy answers (decoded, cut at the first EOS, stripped) for ``prompts``.
+    """Answers (decoded, cut at the first EOS, stripped) for ``prompts``, in their order.
 
-    The last batch is padded to ``batch_size`` so every call has one shape.
+    Greedy unless ``temperature > 0`` (then sampled as in :func:`generate.generate`, batch
+    ``i`` with ``fold_in(rng, i)``). Prompts run in order of length and each batch is cut to
+    the next multiple of ``length_bucket`` above its longest prompt, so mixed-length sets (MMLU)
+    compile a few shapes and do not pay for the longest prompt everywhere; the last batch is
+    padded to ``batch_size``.
     """
     enc = encode_prompts(tokenizer, prompts, max_prompt_len)
-    answers: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        ids = enc["input_ids"][start : start + batch_size]
-        lens = enc["prompt_len"][start : start + batch_size]
+    order = np.argsort(enc["prompt_len"], kind="stable")
+    answers: list[str] = [""] * len(prompts)
+    starts = range(0, len(prompts), batch_size)
+    for b, start in enumerate(tqdm(starts, desc="generate", disable=not progress)):
+        rows = order[start : start + batch_size]
+        lens = enc["prompt_len"][rows]
+        width = min(-(-int(lens.max()) // length_bucket) * length_bucket, max_prompt_len)
+        ids = enc["input_ids"][rows, :width]
         real = len(ids)
         if real < batch_size:
             ids = np.concatenate([ids, np.repeat(ids[-1:], batch_size - real, 0)])
             lens = np.concatenate([lens, np.repeat(lens[-1:], batch_size - real, 0)])
-        out = np.asarray(greedy_generate(params, cfg, ids, lens, max_new_tokens, lora))[:real]
-        for row in out:
+        key = None if temperature <= 0 else jax.random.fold_in(rng, b)
+        out = np.asarray(generate(params, cfg, ids, lens, max_new_tokens, lora, key,
+                                  temperature=temperature, top_k=top_k, top_p=top_p))[:real]
+        for i, row in zip(rows, out, strict=True):
             row = row.tolist()
             if tokenizer.eos_token_id in row:
                 row = row[: row.index(tokenizer.eos_token_id)]
-            answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+            answers[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
     return answers
 
 

@@ -38,6 +38,7 @@ from ffrag_jax import (
     fl_round,
     hf,
     lora,
+    mmlu,
     sharding,
     synthetic,
     text,
@@ -264,6 +265,8 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     max_steps = max(max(steps), 1)
     per_round = max(int(fl.fraction * fl.num_clients), 1)
     held_batches = [_eval_batches(s, config.eval.batch_size) for s in held_sets]
+    mmlu_items = (mmlu.load(config.eval.mmlu_path, config.eval.mmlu_limit)
+                  if config.eval.mmlu_path else None)  # a bad file stops the run here
 
     def make_optimizer(num_steps):
         return train_lib.make_optimizer(fl.lr, num_steps, weight_decay=fl.weight_decay,
@@ -334,6 +337,16 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         for rec in round_eval:
             metrics.write(kind="eval", round=t + 1, **rec)
         mean_global = _mean([r["loss"] for r in round_eval if r["model"] == "global"])
+        if mmlu_items and ((t + 1) % max(config.eval.mmlu_every, 1) == 0
+                           or t + 1 == fl.rounds):
+            global_params, global_adapter = global_model(server, fl.strategy)
+            result = mmlu.evaluate(global_params, cfg, tokenizer, mmlu_items,
+                                   jax.random.fold_in(rng, 10**6 + t), lora=global_adapter,
+                                   batch_size=config.eval.mmlu_batch_size,
+                                   progress=sys.stderr.isatty())
+            metrics.write(kind="mmlu", round=t + 1, model="global", **result)
+            logging.info("round %d: MMLU macro accuracy (global model) %.4f over %d items",
+                         t + 1, result["macro"], result["count"])
         metrics.write(kind="round", round=t + 1, selected=selected,
                       seconds=round(time.perf_counter() - round_start, 2),
                       mean_global_loss=mean_global)
@@ -357,6 +370,8 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         "final_held_out_loss": {r["name"] + " " + r["model"]: round(r["loss"], 4) for r in final},
         "mean_global_loss": _mean([r["loss"] for r in final if r["model"] == "global"]),
         "mean_fused_loss": _mean([r["loss"] for r in final if r["model"] == "fused"]),
+        "mmlu_macro": next((r["macro"] for r in reversed(records)
+                            if r.get("kind") == "mmlu"), None),
         "upload_bytes_total": sum(r.get("upload_bytes", 0) for r in records
                                   if r.get("kind") == "client"),
         "wall_time_s": round(time.perf_counter() - started, 1),

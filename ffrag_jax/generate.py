@@ -1,9 +1,14 @@
-"""Greedy decoding with fixed shapes (compiles once per prompt length and batch size).
+"""Decoding with fixed shapes (compiles once per prompt length, batch size and settings).
 
 Prompts are right-padded; token ``t`` of each sequence is written at ``prompt_len + t``. The
 causal mask means later buffer positions never influence earlier logits, so no attention mask
 is needed. Each new token costs one full forward over the buffer (no KV cache yet): fine for
-the short answers of the demo and evaluation; cached decoding comes with the inference CLI.
+the short answers of the demo and the MMLU harness (32 tokens); cached decoding comes with the
+inference CLI.
+
+Sampling follows ``transformers``' ``generate(do_sample=True)``: temperature, then top-k, then
+top-p (nucleus), then a categorical draw; :func:`filter_logits` is tested against the
+``transformers`` logits warpers.
 """
 
 from __future__ import annotations
@@ -16,18 +21,54 @@ import jax.numpy as jnp
 from ffrag_jax.models.llama import LlamaConfig, check_length, forward
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens"))
-def greedy_generate(
+def filter_logits(logits: jax.Array, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0) -> jax.Array:
+    """Logits ``[..., V]`` divided by ``temperature`` with the tokens outside the top-k and
+    outside the top-p nucleus set to -inf (``top_k=0``/``top_p=1`` disable those filters).
+
+    As in ``transformers``: top-k keeps ties with the k-th value; top-p drops the tokens whose
+    cumulative probability in ascending order is ``<= 1 - top_p`` and always keeps the most
+    likely token.
+    """
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        order = jnp.argsort(logits, axis=-1)  # ascending
+        ascending = jnp.take_along_axis(logits, order, axis=-1)
+        cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
+        drop_sorted = (cumulative <= 1.0 - top_p).at[..., -1].set(False)
+        # Back to vocabulary order: the inverse permutation of ``order``.
+        drop = jnp.take_along_axis(drop_sorted, jnp.argsort(order, axis=-1), axis=-1)
+        logits = jnp.where(drop, -jnp.inf, logits)
+    return logits
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k",
+                                             "top_p"))
+def generate(
     params: dict,
     cfg: LlamaConfig,
     input_ids: jax.Array,
     prompt_len: jax.Array,
     max_new_tokens: int,
     lora=None,
+    rng: jax.Array | None = None,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ) -> jax.Array:
     """New tokens ``[B, max_new_tokens]`` for right-padded prompts ``input_ids`` ``[B, P]``
-    whose real lengths are ``prompt_len`` ``[B]``. Tokens after an EOS are still produced;
-    callers cut at the first EOS."""
+    whose real lengths are ``prompt_len`` ``[B]``.
+
+    ``temperature == 0`` is greedy (``rng`` unused); otherwise tokens are sampled with
+    :func:`filter_logits` and ``rng`` (a key; step ``t`` uses ``fold_in(rng, t)``). Tokens
+    after an EOS are still produced; callers cut at the first EOS.
+    """
+    if temperature > 0 and rng is None:
+        raise ValueError("sampling (temperature > 0) needs an rng key")
     batch, length = input_ids.shape
     check_length(cfg, length + max_new_tokens)
     buffer = jnp.pad(input_ids, ((0, 0), (0, max_new_tokens)))
@@ -37,9 +78,21 @@ def greedy_generate(
         buffer, out = carry
         logits = forward(params, cfg, buffer, None, lora)
         pos = prompt_len + t - 1
-        token = jnp.argmax(logits[rows, pos], axis=-1).astype(buffer.dtype)
+        step_logits = logits[rows, pos]
+        if temperature > 0:
+            step_logits = filter_logits(step_logits, temperature, top_k, top_p)
+            token = jax.random.categorical(jax.random.fold_in(rng, t), step_logits, axis=-1)
+        else:
+            token = jnp.argmax(step_logits, axis=-1)
+        token = token.astype(buffer.dtype)
         return buffer.at[rows, pos + 1].set(token), out.at[:, t].set(token)
 
     out = jnp.zeros((batch, max_new_tokens), input_ids.dtype)
     _, out = jax.lax.fori_loop(0, max_new_tokens, body, (buffer, out))
     return out
+
+
+def greedy_generate(params: dict, cfg: LlamaConfig, input_ids: jax.Array, prompt_len: jax.Array,
+                    max_new_tokens: int, lora=None) -> jax.Array:
+    """:func:`generate` with greedy decoding."""
+    return generate(params, cfg, input_ids, prompt_len, max_new_tokens, lora)

@@ -232,13 +232,26 @@ def test_federated_bad_input(tmp_path):
         run_lib.run(_fl_config(**{"fl.strategy": "ff", "fl.fusion": "chain"}), tmp_path / "b")
     with pytest.raises(UserError, match="fedavg' needs one rank"):
         run_lib.run(_fl_config(**{"fl.strategy": "fedavg"}), tmp_path / "c")
+    with pytest.raises(UserError, match="MMLU file not found: .*nope.json"):
+        run_lib.run(_fl_config(**{"eval.mmlu_path": str(tmp_path / "nope.json")}),
+                    tmp_path / "d")
+    assert not (tmp_path / "d/checkpoints/rounds").exists()  # stopped before training
 
 
-def test_client_without_examples_gets_weight_zero(tmp_path):
+def test_client_without_examples_gets_weight_zero_and_mmlu_is_logged(tmp_path):
+    items = [{"instruction": "Answer.", "input": f"Qusetion: {q}? Options: A. yes, B. no",
+              "output": f"The answer is: {a}", "class": c}
+             for q, a, c in [("one", "A. yes", "x"), ("two", "B. no", "x"), ("3", "A. yes", "y")]]
+    (tmp_path / "mmlu.json").write_text(json.dumps(items))
     summary = run_lib.run(_fl_config(**{"data.client_sizes": (20, 0, 20, 20),
-                                        "fl.rounds": 1, "fl.strategy": "stack"}),
+                                        "fl.rounds": 1, "fl.strategy": "stack",
+                                        "eval.mmlu_path": str(tmp_path / "mmlu.json")}),
                           tmp_path / "run")
     records = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     client1 = [r for r in records if r["kind"] == "client" and r["client"] == 1]
     assert client1[0]["steps"] == 0 and not client1[0]["accepted"]
     assert np.isfinite(summary["mean_global_loss"])
+    (result,) = [r for r in records if r["kind"] == "mmlu"]
+    assert result["round"] == 1 and result["count"] == 3
+    assert set(result["per_subject"]) == {"x", "y"}
+    assert summary["mmlu_macro"] == result["macro"]
