@@ -15,7 +15,7 @@ Without overrides it runs on the built-in synthetic clients with a tiny random L
 test of the whole loop on a CPU, not a meaningful experiment).
 """
 
-from ffrag_jax.configs import demo
+from ffrag_jax.configs import _common
 from ml_collections import ConfigDict, config_dict
 
 
@@ -25,8 +25,11 @@ def get_config() -> ConfigDict:
     c.seed = 42
     c.export = True
     c.mesh = ConfigDict(dict(clients=1, data=-1, fsdp=1, tensor=1))
-    c.model = demo.get_config().model  # a tiny Llama unless model.path is given
+    c.log_every = 25  # pretraining phase only
+    c.checkpoint_every = 100
+    c.model = _common.tiny_llama()  # a tiny Llama unless model.path is given
     c.model.remat = "dots_attn"
+    c.pretrain = _common.pretrain(steps=0)  # >0: pretrain the tiny model first (the demo)
     c.tokenizer = ConfigDict(dict(vocab_size=1536))  # only for the tiny model's own BPE
     c.data = ConfigDict(dict(
         # synthetic: built-in domains per client; client_files: data.path/<N>/
@@ -67,6 +70,11 @@ def get_config() -> ConfigDict:
     ))
     c.eval = ConfigDict(dict(
         batch_size=32,  # held-out loss batches
+        # Exact match of generated answers on each client's held-out split (base model before
+        # round 1, then global and fused models per round): generation, so slower than loss.
+        exact_match=False,
+        max_new_tokens=8,
+        generate_batch_size=50,
         # The reference's MMLU harness on the global model (ffrag_jax.mmlu), optional: the
         # mmlu_test_1444 file (not shipped), items per subject (None: all), every n rounds
         # (the last round always).

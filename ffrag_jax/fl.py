@@ -16,6 +16,7 @@ run: nothing of a round depends on host state other than the checkpoint.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import sys
@@ -33,7 +34,7 @@ from tqdm import tqdm
 from ffrag_jax import (
     checkpoint,
     data,
-    demo,
+    evaluation,
     federated,
     fl_round,
     hf,
@@ -44,6 +45,7 @@ from ffrag_jax import (
     text,
 )
 from ffrag_jax import train as train_lib
+from ffrag_jax.base_model import model_config, pretrain, run_tokenizer
 from ffrag_jax.errors import UserError
 from ffrag_jax.lora import LoRA, module_weights
 from ffrag_jax.metrics import MetricsLog, plot_client_rounds, read_jsonl
@@ -97,6 +99,13 @@ def _pairs(records: list[dict], is_synthetic: bool, d: ConfigDict) -> tuple[list
     return [p for p, _ in pairs], [r for _, r in pairs]
 
 
+def held_out_split(config: ConfigDict, client: int, num_examples: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """``(train, held_out)`` example indices of a client (seeded by the client)."""
+    return data.holdout(np.arange(num_examples), config.data.held_out,
+                        seed=config.seed + client)
+
+
 def encode_clients(config, tokenizer, pairs) -> tuple[list[dict], list[dict]]:
     """Per client ``(train, held_out)`` encoded arrays of its ``(prompts, responses)``, all
     trimmed to one common length (the longest example, rounded up to 8, at most
@@ -106,16 +115,12 @@ def encode_clients(config, tokenizer, pairs) -> tuple[list[dict], list[dict]]:
     for k, (prompts, responses) in enumerate(pairs):
         enc = (text.encode_pairs(tokenizer, prompts, responses, d.max_len,
                                  response_only=d.response_only) if prompts else None)
-        tr, ho = data.holdout(np.arange(len(prompts)), d.held_out, seed=config.seed + k)
+        tr, ho = held_out_split(config, k, len(prompts))
         for out, idx in ((train_sets, tr), (held_sets, ho)):
             out.append({key: v[idx] for key, v in enc.items()} if enc else
                        {key: np.zeros((0, d.max_len), np.int32) for key in
                         ("input_ids", "attention_mask", "loss_mask")})
-    longest = max((int(s["attention_mask"].sum(1).max()) for s in train_sets + held_sets
-                   if len(s["input_ids"])), default=8)
-    length = min(d.max_len, -(-longest // 8) * 8)
-    trim = [{k: v[:, :length] if v.ndim == 2 else v for k, v in s.items()}
-            for s in train_sets + held_sets]
+    trim = text.trim_padding(train_sets + held_sets, d.max_len)
     return trim[:len(pairs)], trim[len(pairs):]
 
 
@@ -239,12 +244,21 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
 
     names, records, is_synthetic = client_records(config)
     pairs = [_pairs(recs, is_synthetic, d) for recs in records]
-    tokenizer = demo.run_tokenizer(config, workdir, (
-        p + r for prompts, responses in pairs for p, r in zip(prompts, responses, strict=True)))
-    cfg, params = demo.model_config(config, tokenizer)
+    pretraining = not config.model.path and config.pretrain.steps > 0
+    base_examples = (synthetic.make_examples(config.pretrain.domain, config.pretrain.num_examples,
+                                             config.seed, distractors=d.distractors)
+                     if pretraining else [])
+    tokenizer = run_tokenizer(config, workdir, itertools.chain(
+        (p + r for prompts, responses in pairs for p, r in zip(prompts, responses, strict=True)),
+        (synthetic.prompt(e) + synthetic.response(e) for e in base_examples)))
+    cfg, params = model_config(config, tokenizer)
     rng = jax.random.key(config.seed)
     init_rng, server_rng, round_rng = jax.random.split(rng, 3)
-    if params is None:
+    if params is None and pretraining:
+        params = pretrain(config, cfg, tokenizer, base_examples, init_rng=init_rng,
+                          rng=jax.random.fold_in(rng, 7), max_len=d.max_len,
+                          mesh=mesh, ckpt_dir=workdir / "checkpoints", metrics=metrics)
+    elif params is None:
         params = init_params(init_rng, cfg)
     params = sharding.shard(params, mesh)
     template = lora.init(server_rng, params, fl.targets, max_rank, client_scale(fl) * max_rank,
@@ -292,6 +306,18 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         logging.info("resuming after round %d", start)
         metrics.drop_records_after("round", start)
     evaluate = make_evaluator(cfg)
+    held_pairs = []
+    for k, (prompts, responses) in enumerate(pairs):
+        held = held_out_split(config, k, len(prompts))[1]
+        held_pairs.append(([prompts[i] for i in held], [responses[i] for i in held]))
+    if start == 0:  # the base model, before any round (round 0 of the curves)
+        for rec in evaluate_round(config, state["server"], cfg, held_batches, names, evaluate,
+                                  base=True):
+            metrics.write(kind="eval", round=0, **rec)
+        if config.eval.exact_match:
+            for rec in exact_match_round(config, cfg, tokenizer, state["server"], held_pairs,
+                                         names, base=True):
+                metrics.write(kind="exact_match", round=0, **rec)
     bar = tqdm(range(start, fl.rounds), desc="rounds", initial=start, total=fl.rounds,
                disable=not sys.stderr.isatty())
     for t in bar:
@@ -337,6 +363,13 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         for rec in round_eval:
             metrics.write(kind="eval", round=t + 1, **rec)
         mean_global = _mean([r["loss"] for r in round_eval if r["model"] == "global"])
+        if config.eval.exact_match:
+            em = exact_match_round(config, cfg, tokenizer, server, held_pairs, names)
+            for rec in em:
+                metrics.write(kind="exact_match", round=t + 1, **rec)
+            logging.info("round %d: mean exact match %s", t + 1, {
+                m: round(_mean([r["exact_match"] for r in em if r["model"] == m]), 3)
+                for m in ("global", "fused") if any(r["model"] == m for r in em)})
         if mmlu_items and ((t + 1) % max(config.eval.mmlu_every, 1) == 0
                            or t + 1 == fl.rounds):
             global_params, global_adapter = global_model(server, fl.strategy)
@@ -368,10 +401,13 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         "rounds": fl.rounds,
         "clients": fl.num_clients,
         "final_held_out_loss": {r["name"] + " " + r["model"]: round(r["loss"], 4) for r in final},
+        "mean_base_loss": _mean([r["loss"] for r in records
+                                 if r.get("kind") == "eval" and r["model"] == "base"]),
         "mean_global_loss": _mean([r["loss"] for r in final if r["model"] == "global"]),
         "mean_fused_loss": _mean([r["loss"] for r in final if r["model"] == "fused"]),
         "mmlu_macro": next((r["macro"] for r in reversed(records)
                             if r.get("kind") == "mmlu"), None),
+        **exact_match_summary(records, fl.rounds),
         "upload_bytes_total": sum(r.get("upload_bytes", 0) for r in records
                                   if r.get("kind") == "client"),
         "wall_time_s": round(time.perf_counter() - started, 1),
@@ -394,21 +430,52 @@ def fused_adapter(server: dict, client: int, fusion: str) -> LoRA:
     return federated.fuse(server["global"], personal, fusion)
 
 
-def evaluate_round(config, server, cfg, held_batches, names, evaluate) -> list[dict]:
-    """Held-out loss and perplexity per client: the global model, and (``ff``) the fused."""
+def evaluate_round(config, server, cfg, held_batches, names, evaluate, *, base: bool = False
+                   ) -> list[dict]:
+    """Held-out loss and perplexity per client: the base model (``base=True``, before any
+    round), or the global model and (``ff``) the fused."""
     fl = config.fl
     params, adapter = global_model(server, fl.strategy)
     out = []
     for k, batches in enumerate(held_batches):
         if not batches:
             continue
-        models = [("global", adapter)]
-        if fl.strategy == "ff":
-            models.append(("fused", fused_adapter(server, k, fl.fusion)))
-        for model, ad in models:
-            loss = evaluate(params, ad, batches)
+        if base:
+            models = [("base", server["params"], None)]
+        else:
+            models = [("global", params, adapter)]
+            if fl.strategy == "ff":
+                models.append(("fused", params, fused_adapter(server, k, fl.fusion)))
+        for model, model_params, ad in models:
+            loss = evaluate(model_params, ad, batches)
             out.append({"client": k, "name": names[k], "model": model, "loss": loss,
                         "ppl": math.exp(min(loss, 50.0))})
+    return out
+
+
+def exact_match_round(config, cfg, tokenizer, server, held_pairs, names, *, base: bool = False
+                      ) -> list[dict]:
+    """Exact match of generated answers on each client's held-out split: the base model
+    (``base=True``, before any round) or the global and (``ff``) fused models."""
+    fl, e = config.fl, config.eval
+    params, adapter = global_model(server, fl.strategy)
+    max_prompt_len = min(config.data.max_len, cfg.max_position_embeddings) - e.max_new_tokens
+    out = []
+    for k, (prompts, responses) in enumerate(held_pairs):
+        if not prompts:
+            continue
+        if base:
+            models = [("base", server["params"], None)]
+        else:
+            models = [("global", params, adapter)]
+            if fl.strategy == "ff":
+                models.append(("fused", params, fused_adapter(server, k, fl.fusion)))
+        for model, model_params, ad in models:
+            answers = evaluation.generate_answers(
+                model_params, cfg, tokenizer, prompts, lora=ad, max_prompt_len=max_prompt_len,
+                max_new_tokens=e.max_new_tokens, batch_size=e.generate_batch_size)
+            out.append({"client": k, "name": names[k], "model": model,
+                        "exact_match": evaluation.exact_match_score(answers, responses)})
     return out
 
 
@@ -439,6 +506,22 @@ def export(config, workdir: Path, cfg, server: dict, tokenizer, ranks: list[int]
                                    base_model_name_or_path=str(base_dir), overwrite=True)
         out["personal_adapters"] = str(workdir / "export" / "personal")
     return out
+
+
+def exact_match_summary(records: list[dict], rounds: int) -> dict:
+    """Per client exact match of the base (before round 1), global and fused models (last
+    round), and their means; empty when exact match was not evaluated."""
+    em = [r for r in records if r.get("kind") == "exact_match"
+          and (r["round"] == rounds or r["model"] == "base")]
+    if not em:
+        return {}
+    per_client: dict[str, dict] = {}
+    for r in em:
+        per_client.setdefault(r["name"], {})[r["model"]] = round(r["exact_match"], 4)
+    models = sorted({r["model"] for r in em})
+    return {"exact_match": per_client,
+            **{f"mean_exact_match_{m}": round(_mean([r["exact_match"] for r in em
+                                                      if r["model"] == m]), 4) for m in models}}
 
 
 def _mean(values) -> float:

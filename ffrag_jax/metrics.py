@@ -84,30 +84,37 @@ def plot_training_loss(records: list[dict], path: str | Path, title: str = "") -
 
 
 def plot_client_rounds(records: list[dict], path: str | Path, title: str = "") -> None:
-    """Held-out loss per client against round: solid lines for the global model, dashed for
-    each client's fused (personalised) model."""
+    """Per client against round: held-out loss, and exact match when it was evaluated (a
+    second panel; round 0 is the base model). Solid lines for the global model, dashed for each
+    client's fused (personalised) model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in records if r.get("kind") == "eval"]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    panels = [("eval", "loss", "held-out loss (nats/token)")]
+    if any(r.get("kind") == "exact_match" for r in records):
+        panels.append(("exact_match", "exact_match", "held-out exact match"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.2), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, client in enumerate(sorted({r["client"] for r in rows})):
-        for model, style in (("global", "-"), ("fused", "--")):
-            mine = sorted((r for r in rows if r["client"] == client and r["model"] == model),
-                          key=lambda r: r["round"])
-            if mine:
-                ax.plot([r["round"] for r in mine], [r["loss"] for r in mine], style,
-                        marker=".", color=colors[i % len(colors)],
-                        label=f"{mine[0].get('name', client)} ({model})")
-    ax.set_xlabel("round")
-    ax.set_ylabel("held-out loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    for ax, (kind, field, label) in zip(axes[0], panels, strict=True):
+        rows = [r for r in records if r.get("kind") == kind]
+        for i, client in enumerate(sorted({r["client"] for r in rows})):
+            base = [r for r in rows if r["client"] == client and r["model"] == "base"]
+            for model, style in (("global", "-"), ("fused", "--")):
+                mine = sorted((r for r in rows if r["client"] == client and r["model"] == model),
+                              key=lambda r: r["round"])
+                if mine:
+                    mine = base + mine  # the global and fused curves start at the base model
+                    ax.plot([r["round"] for r in mine], [r[field] for r in mine], style,
+                            marker=".", color=colors[i % len(colors)],
+                            label=f"{mine[-1].get('name', client)} ({model})")
+        ax.set_xlabel("round")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
     if title:
-        ax.set_title(title, fontsize=10)
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -21,7 +21,7 @@ from ml_collections import ConfigDict
 from ffrag_jax import sharding
 from ffrag_jax.errors import UserError
 
-TASKS = ("demo", "federated")
+TASKS = ("lora", "federated")
 
 
 def _first_difference(old: dict, new: dict, prefix: str = "") -> str | None:
@@ -76,10 +76,10 @@ def run(config: ConfigDict, workdir: str | Path, *, overwrite: bool = False) -> 
     workdir = prepare_workdir(config, workdir, overwrite)
     mesh = sharding.make_mesh(dict(config.mesh))
     logging.info("devices: %s; mesh: %s", jax.devices(), dict(mesh.shape))
-    if config.task == "demo":
-        from ffrag_jax import demo
+    if config.task == "lora":
+        from ffrag_jax import lora_job
 
-        return demo.run(config, workdir, mesh)
+        return lora_job.run(config, workdir, mesh)
     if config.task == "federated":
         from ffrag_jax import fl
 

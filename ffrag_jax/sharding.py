@@ -17,6 +17,7 @@ from collections.abc import Mapping
 
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ffrag_jax.errors import UserError
@@ -63,11 +64,14 @@ def make_mesh(axis_sizes: Mapping[str, int], devices=None) -> Mesh:
         if len(devices) % known:
             raise UserError(f"mesh {asked} does not divide {len(devices)} devices")
         sizes[sizes.index(-1)] = len(devices) // known
-    if int(np.prod(sizes)) != len(devices):
-        raise UserError(
-            f"mesh {asked} needs {int(np.prod(sizes))} devices, {len(devices)} available"
-        )
-    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+    needed = int(np.prod(sizes))
+    if needed > len(devices):
+        raise UserError(f"mesh {asked} needs {needed} devices, {len(devices)} available")
+    if needed < len(devices):
+        # Fixed sizes that use fewer devices than exist run on the first ones (one GPU of a
+        # node, or a 1-device reference run): allowed, but said, since it is rarely meant.
+        logging.warning("mesh %s uses %d of %d devices", asked, needed, len(devices))
+    return Mesh(np.asarray(devices[:needed]).reshape(sizes), MESH_AXES)
 
 
 def path_str(path) -> str:

@@ -54,7 +54,8 @@ def _word(rng: random.Random, syllables: int) -> str:
 
 
 # domain -> entity kind, {relation: (value kind, fact template, question templates)}.
-# Value kinds: 'name2' (two-syllable word), 'name3', 'drug', 'doctor', 'ward', 'year'.
+# Value kinds: 'name2' (two-syllable word), 'name3', 'drug', 'doctor', 'ward', 'year', 'judge',
+# 'court', 'price', 'coach', 'stadium'.
 DOMAINS: dict[str, dict] = {
     "geography": {
         "entity": "country",
@@ -85,6 +86,33 @@ DOMAINS: dict[str, dict] = {
             "ward": ("ward", "Patient {e} stays in ward {v}.", ["Which ward is patient {e} in?"]),
         },
     },
+    "legal": {
+        "entity": "case",
+        "relations": {
+            "judge": ("judge", "Case {e} was heard by {v}.", ["Who heard case {e}?",
+                                                             "Which judge heard case {e}?"]),
+            "court": ("court", "Case {e} was filed at the {v}.", ["Where was case {e} filed?"]),
+            "decided": ("year", "Case {e} was decided in {v}.", ["When was case {e} decided?"]),
+        },
+    },
+    "retail": {
+        "entity": "product",
+        "relations": {
+            "price": ("price", "The {e} costs {v}.", ["How much does the {e} cost?",
+                                                      "What is the price of the {e}?"]),
+            "supplier": ("name3", "The {e} is supplied by {v}.", ["Who supplies the {e}?"]),
+            "aisle": ("ward", "The {e} is shelved in aisle {v}.", ["Which aisle has the {e}?"]),
+        },
+    },
+    "sports": {
+        "entity": "team",
+        "relations": {
+            "coach": ("coach", "The {e} are coached by {v}.", ["Who coaches the {e}?"]),
+            "stadium": ("stadium", "The {e} play at {v}.", ["Where do the {e} play?",
+                                                            "What is the home ground of the {e}?"]),
+            "founded": ("year", "The {e} were founded in {v}.", ["When were the {e} founded?"]),
+        },
+    },
 }
 
 
@@ -93,6 +121,12 @@ def _entity(rng: random.Random, kind: str) -> str:
         return _word(rng, rng.choice([2, 3]))
     if kind == "patient":
         return f"{rng.choice(_POOLS['person'])} {rng.choice(_POOLS['person'])}"
+    if kind == "case":
+        return f"{_word(rng, 2)}-{rng.randint(10, 99)}"
+    if kind == "product":
+        return f"{_word(rng, 2).lower()} {rng.choice(['lamp', 'kettle', 'chair', 'drill'])}"
+    if kind == "team":
+        return f"{_word(rng, 2)} {rng.choice(['Hawks', 'Rovers', 'Giants', 'Comets'])}"
     raise ValueError(kind)
 
 
@@ -107,6 +141,16 @@ def _value(rng: random.Random, kind: str) -> str:
         return f"Dr. {rng.choice(_POOLS['person'])}"
     if kind == "ward":
         return f"{rng.choice('ABCDEFGH')}{rng.randint(1, 9)}"
+    if kind == "judge":
+        return f"Judge {rng.choice(_POOLS['person'])}"
+    if kind == "court":
+        return f"{_word(rng, 2)} Court"
+    if kind == "price":
+        return f"{rng.randint(2, 99)} crowns"
+    if kind == "coach":
+        return f"Coach {rng.choice(_POOLS['person'])}"
+    if kind == "stadium":
+        return f"{_word(rng, 2)} Arena"
     if kind == "year":
         return str(rng.randint(1100, 1990))
     raise ValueError(kind)

@@ -87,6 +87,17 @@ def encode_pairs(
             "prompt_len": prompt_len}
 
 
+def trim_padding(sets: Sequence[dict[str, np.ndarray]], max_len: int, multiple: int = 8
+                 ) -> list[dict[str, np.ndarray]]:
+    """``sets`` of :func:`encode_pairs` arrays cut to one common width: the longest real
+    sequence among them rounded up to ``multiple``, at most ``max_len`` (so padding columns
+    that no example reaches cost no compute)."""
+    longest = max((int(s["attention_mask"].sum(1).max()) for s in sets
+                   if len(s["attention_mask"])), default=multiple)
+    width = min(max_len, -(-longest // multiple) * multiple)
+    return [{k: v[:, :width] if v.ndim == 2 else v for k, v in s.items()} for s in sets]
+
+
 def encode_prompts(tokenizer, prompts: Sequence[str], max_len: int) -> dict[str, np.ndarray]:
     """Right-padded ``<s> prompt`` for generation: ``input_ids`` ``[N, max_len]`` and
     ``prompt_len`` ``[N]``. Prompts longer than ``max_len`` lose tokens from the start."""

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from ffrag_jax import data, federated, fl, fl_round, lora, train
+from ffrag_jax import checkpoint, data, federated, fl, fl_round, lora, train
 from ffrag_jax import run as run_lib
 from ffrag_jax.errors import UserError
 from ffrag_jax.launch import load_config
@@ -194,8 +194,8 @@ def test_killed_federated_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     config = _fl_config(**{"fl.strategy": "ff"})
     full = run_lib.run(config, tmp_path / "full")
     records = [json.loads(x) for x in (tmp_path / "full/metrics.jsonl").read_text().splitlines()]
-    assert {r["round"] for r in records if r["kind"] == "eval"} == {1, 2, 3}
-    assert {r["model"] for r in records if r["kind"] == "eval"} == {"global", "fused"}
+    assert {r["round"] for r in records if r["kind"] == "eval"} == {0, 1, 2, 3}
+    assert {r["model"] for r in records if r["kind"] == "eval"} == {"base", "global", "fused"}
     uploads = {r["client"]: r["upload_bytes"] for r in records if r["kind"] == "client"}
     assert uploads[0] == 2 * uploads[1] == 4 * uploads[3] > 0  # ranks 4, 2, 2, 1
     assert (tmp_path / "full/rounds.png").stat().st_size > 0
@@ -205,7 +205,7 @@ def test_killed_federated_run_resumes_to_the_same_result(tmp_path, monkeypatch):
 
     def dies_in_round_3(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == 4:  # the base model's evaluation, rounds 1 and 2, then round 3
             raise KeyboardInterrupt("killed")
         return real(*args, **kwargs)
 
@@ -255,3 +255,27 @@ def test_client_without_examples_gets_weight_zero_and_mmlu_is_logged(tmp_path):
     assert result["round"] == 1 and result["count"] == 3
     assert set(result["per_subject"]) == {"x", "y"}
     assert summary["mmlu_macro"] == result["macro"]
+
+
+def test_clients_sharded_over_8_devices_equal_one_device(tmp_path):
+    """The whole job (FF-LoRA, 8 clients per round): the clients axis over 8 devices gives the
+    result of the same run on one device."""
+    eight_clients = {"fl.num_clients": 8, "fl.ranks": (4, 2, 2, 1, 4, 2, 2, 1), "fl.rounds": 2,
+                     "fl.strategy": "ff", "data.examples_per_client": 10, "export": False}
+    one = run_lib.run(_fl_config(**eight_clients, **{"mesh.data": 1}), tmp_path / "one")
+    eight = run_lib.run(_fl_config(**eight_clients, **{"mesh.clients": 8, "mesh.data": 1}),
+                        tmp_path / "eight")
+    assert one["final_held_out_loss"].keys() == eight["final_held_out_loss"].keys()
+    np.testing.assert_allclose(list(eight["final_held_out_loss"].values()),
+                               list(one["final_held_out_loss"].values()), rtol=1e-5)
+    states = []
+    for name in ("one", "eight"):
+        mngr = checkpoint.manager(tmp_path / name / "checkpoints" / "rounds")
+        states.append(mngr.restore(mngr.latest_step()))
+        mngr.close()
+    flat_one = jax.tree_util.tree_leaves_with_path(states[0])
+    flat_eight = jax.tree_util.tree_leaves_with_path(states[1])
+    assert len(flat_one) == len(flat_eight) > 0
+    for (path, a), (_, b) in zip(flat_one, flat_eight, strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6,
+                                   err_msg=jax.tree_util.keystr(path))

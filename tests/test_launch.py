@@ -1,4 +1,5 @@
-"""The launcher and the demo end to end: one-line errors, outputs, exports, resume, no overwrite."""
+"""The launcher and the jobs end to end: one-line errors, outputs, exports, resume, no
+overwrite; the single-LoRA job and the federated demo."""
 
 import json
 import subprocess
@@ -11,11 +12,11 @@ import pytest
 from ffrag_jax import run as run_lib
 from ffrag_jax.launch import load_config
 
-# A demo small enough for a test: same code path, a few steps.
+# The single-LoRA job small enough for a test: same code path, a few steps.
 TINY = {
     "pretrain.steps": 6,
     "lora.steps": 4,
-    "data.num_base_train": 64,
+    "pretrain.num_examples": 64,
     "data.num_task_train": 64,
     "data.num_eval": 8,
     "eval.batch_size": 8,
@@ -36,7 +37,7 @@ def _launch(*args, timeout=600):
 
 
 def _tiny_config(**extra):
-    return load_config("demo", {**TINY, **extra})
+    return load_config("lora", {**TINY, **extra})
 
 
 def _error_line(result):
@@ -51,26 +52,26 @@ def test_unknown_config_name_lists_configs():
 
 
 def test_unknown_override_key_lists_keys():
-    line = _error_line(_launch("--config=demo", "--config.lora.rnak=4"))
+    line = _error_line(_launch("--config=lora", "--config.lora.rnak=4"))
     assert "unknown config key 'lora.rnak'" in line and "rank" in line
 
 
 def test_bad_override_value_is_one_line():
-    assert "--config.lora.rank=abc" in _error_line(_launch("--config", "demo",
+    assert "--config.lora.rank=abc" in _error_line(_launch("--config", "lora",
                                                            "--config.lora.rank=abc"))
 
 
 def test_bad_lora_rank_fails_before_any_work(tmp_path):
-    line = _error_line(_launch("--config", "demo", "--config.lora.rank=0",
+    line = _error_line(_launch("--config", "lora", "--config.lora.rank=0",
                                "--workdir", str(tmp_path / "w")))
     assert "LoRA rank must be a positive integer" in line
     assert not (tmp_path / "w" / "checkpoints").exists()
 
 
-def test_demo_end_to_end_via_launcher(tmp_path):
+def test_lora_job_end_to_end_via_launcher(tmp_path):
     workdir = tmp_path / "run"
     overrides = [f"--config.{k}={v}" for k, v in TINY.items()]
-    result = _launch("--config", "demo", "--workdir", str(workdir), *overrides)
+    result = _launch("--config", "lora", "--workdir", str(workdir), *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("config.json", "metrics.jsonl", "loss.png", "summary.json",
                  "tokenizer/tokenizer.json", "export/base_model/config.json",
@@ -103,7 +104,7 @@ def test_demo_end_to_end_via_launcher(tmp_path):
     assert np.abs(out - ref).max() <= 1e-4
 
     # A finished run is never overwritten without --overwrite...
-    again = _launch("--config", "demo", "--workdir", str(workdir), *overrides)
+    again = _launch("--config", "lora", "--workdir", str(workdir), *overrides)
     assert "already holds a finished run; pass --overwrite" in _error_line(again)
     assert json.loads((workdir / "summary.json").read_text()) == summary
 
@@ -168,7 +169,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
-def test_demo_on_a_local_hf_checkpoint(tmp_path):
+def test_lora_job_on_a_local_hf_checkpoint(tmp_path):
     """--config.model.path: no pretraining, the folder's tokenizer, LoRA on the real weights."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -200,3 +201,43 @@ def test_demo_on_a_local_hf_checkpoint(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, params, exported)
     adapter = lora.load_peft_adapter(summary["exported"]["peft_adapter"], cfg)
     assert set(adapter.targets) == set(lora.resolve_targets("all-linear"))
+
+
+TINY_DEMO = {
+    "pretrain.steps": 4,
+    "pretrain.num_examples": 64,
+    "pretrain.batch_size": 8,
+    "data.examples_per_client": 30,
+    "fl.rounds": 2,
+    "fl.batch_size": 8,
+    "fl.micro_batch_size": 4,
+    "model.hidden_size": 32,
+    "model.intermediate_size": 64,
+    "model.num_layers": 2,
+    "tokenizer.vocab_size": 400,
+    "eval.generate_batch_size": 8,
+    "log_every": 2,
+    "checkpoint_every": 2,
+}
+
+
+def test_federated_demo_via_launcher(tmp_path):
+    """The README's first command (shrunk): pretraining, FF-LoRA rounds over four synthetic
+    domains, exact match of the base, global and fused models, exports."""
+    workdir = tmp_path / "demo"
+    overrides = [f"--config.{k}={v}" for k, v in TINY_DEMO.items()]
+    result = _launch("--config", "demo", "--workdir", str(workdir), *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r.get("phase") == "pretrain"] == [2, 4]
+    em = [r for r in records if r["kind"] == "exact_match"]
+    assert {(r["round"], r["model"]) for r in em} == {
+        (0, "base"), (1, "global"), (1, "fused"), (2, "global"), (2, "fused")}
+    assert {r["name"] for r in em} == {"0:clinic", "1:legal", "2:retail", "3:sports"}
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert set(summary["exact_match"]["2:retail"]) == {"base", "global", "fused"}
+    assert all(0.0 <= summary[f"mean_exact_match_{m}"] <= 1.0
+               for m in ("base", "global", "fused"))
+    for name in ("rounds.png", "export/global_model/model.safetensors",
+                 "export/personal/client_3/adapter_config.json"):
+        assert (workdir / name).exists(), name

@@ -125,7 +125,10 @@ def test_warmup_linear_decay_schedule():
 def test_mesh_errors_name_the_problem():
     from ffrag_jax.errors import UserError
 
-    with pytest.raises(UserError, match="needs 3 devices, 8 available"):
-        sharding.make_mesh({"data": 3})
+    with pytest.raises(UserError, match="needs 16 devices, 8 available"):
+        sharding.make_mesh({"data": 16})
+    with pytest.raises(UserError, match="does not divide 8 devices"):
+        sharding.make_mesh({"data": 3, "fsdp": -1})
+    assert sharding.make_mesh({"data": 2}).devices.size == 2  # the first 2 of 8
     with pytest.raises(UserError, match="unknown mesh axis 'model'"):
         sharding.make_mesh({"model": 2})

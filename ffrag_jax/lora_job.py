@@ -1,4 +1,5 @@
-"""The embedded default job: pretrain a tiny Llama, adapt it to a new domain with LoRA.
+"""The single-adapter job (``task = "lora"``): pretrain a tiny Llama, adapt it to a new domain
+with one LoRA (the centralised counterpart of the federated demo).
 
 Steps (each resumable from the workdir):
 
@@ -25,19 +26,20 @@ import jax
 from absl import logging
 from ml_collections import ConfigDict
 
-from ffrag_jax import evaluation, hf, lora, sharding, synthetic, text
+from ffrag_jax import evaluation, hf, lora, sharding, synthetic
+from ffrag_jax.base_model import encode_synthetic, model_config, pretrain, run_tokenizer
 from ffrag_jax.errors import UserError
 from ffrag_jax.loop import train_phase
 from ffrag_jax.metrics import MetricsLog, plot_training_loss, read_jsonl
-from ffrag_jax.models.llama import LlamaConfig, init_params
+from ffrag_jax.models.llama import init_params
 
 
 def _examples(config: ConfigDict, workdir: Path) -> dict[str, list[dict]]:
     d = config.data
     sets = {
-        "base_train": (d.base_domain, d.num_base_train, config.seed),
+        "base_train": (config.pretrain.domain, config.pretrain.num_examples, config.seed),
         "task_train": (d.task_domain, d.num_task_train, config.seed + 1),
-        "base_eval": (d.base_domain, d.num_eval, config.seed + 1000),
+        "base_eval": (config.pretrain.domain, d.num_eval, config.seed + 1000),
         "task_eval": (d.task_domain, d.num_eval, config.seed + 1001),
     }
     out = {}
@@ -47,63 +49,12 @@ def _examples(config: ConfigDict, workdir: Path) -> dict[str, list[dict]]:
     return out
 
 
-def run_tokenizer(config: ConfigDict, workdir: Path, texts):
-    """The tokenizer of ``model.path``, or a BPE trained on ``texts`` (an iterable, consumed
-    only when training) and kept in ``workdir/tokenizer`` so that a resumed run reuses it."""
-    if config.model.path:
-        return hf.load_tokenizer(config.model.path, pad_to_eos=config.model.pad_to_eos)
-    folder = workdir / "tokenizer"
-    if (folder / "tokenizer.json").exists():  # resuming: the exact tokenizer of the first run
-        return hf.load_tokenizer(folder)
-    tokenizer = text.train_bpe_tokenizer(texts, config.tokenizer.vocab_size)
-    tokenizer.save_pretrained(str(folder))
-    return tokenizer
-
-
 def _tokenizer(config: ConfigDict, workdir: Path, examples: dict[str, list[dict]]):
     return run_tokenizer(config, workdir, (
         synthetic.prompt(e) + synthetic.response(e)
         for split in ("base_train", "task_train")
         for e in examples[split]
     ))
-
-
-def model_config(config: ConfigDict, tokenizer) -> tuple[LlamaConfig, dict | None]:
-    """``(cfg, params)`` of the local checkpoint at ``model.path``, or ``(cfg, None)`` for the
-    tiny Llama that ``config.model`` describes (the caller initialises or pretrains it)."""
-    m = config.model
-    if m.path:
-        cfg, params = hf.load_llama(m.path, dtype=m.dtype, param_dtype=m.param_dtype)
-        return cfg.replace(remat=m.remat, attention=m.attention), params
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=m.hidden_size,
-        intermediate_size=m.intermediate_size,
-        num_layers=m.num_layers,
-        num_heads=m.num_heads,
-        num_kv_heads=m.num_kv_heads,
-        max_position_embeddings=m.max_position_embeddings,
-        rope_theta=m.rope_theta,
-        tie_word_embeddings=m.tie_word_embeddings,
-        dtype=m.dtype,
-        param_dtype=m.param_dtype,
-        remat=m.remat,
-        attention=m.attention,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return cfg, None
-
-
-def _encode(tokenizer, examples: list[dict], max_len: int, response_only: bool):
-    return text.encode_pairs(
-        tokenizer,
-        [synthetic.prompt(e) for e in examples],
-        [synthetic.response(e) for e in examples],
-        max_len,
-        response_only=response_only,
-    )
 
 
 def _exact_match(config, cfg, params, tokenizer, examples, adapter=None) -> float:
@@ -126,7 +77,7 @@ def _init_lora(config: ConfigDict, rng: jax.Array, params) -> lora.LoRA:
 
 
 def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
-    """Runs the demo in ``workdir`` on ``mesh``; returns the summary it writes."""
+    """Runs the single-adapter job in ``workdir`` on ``mesh``; returns the summary it writes."""
     started = time.perf_counter()
     metrics = MetricsLog(workdir / "metrics.jsonl")
     rng = jax.random.key(config.seed)
@@ -148,13 +99,9 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     jax.eval_shape(lambda p: _init_lora(config, lora_init_rng, p), abstract)
 
     if params is None:
-        params = init_params(init_rng, cfg)
-        params = train_phase(
-            "pretrain", cfg=cfg, trainable=params, frozen=None, mode="full",
-            data=_encode(tokenizer, examples["base_train"], max_len,
-                         config.pretrain.response_only),
-            phase=config.pretrain, rng=pretrain_rng, **common,
-        )
+        params = pretrain(config, cfg, tokenizer, examples["base_train"], init_rng=init_rng,
+                          rng=pretrain_rng, max_len=max_len, mesh=mesh,
+                          ckpt_dir=common["ckpt_dir"], metrics=metrics)
     params = sharding.shard(params, mesh)
 
     adapter = _init_lora(config, lora_init_rng, params)
@@ -163,7 +110,8 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
                  sum(x.size for x in jax.tree.leaves(params)))
     adapter = train_phase(
         "lora", cfg=cfg, trainable=adapter, frozen=params, mode="lora",
-        data=_encode(tokenizer, examples["task_train"], max_len, config.lora.response_only),
+        data=encode_synthetic(tokenizer, examples["task_train"], max_len,
+                              config.lora.response_only),
         phase=config.lora, rng=lora_rng, **common,
     )
 
@@ -188,7 +136,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         exported = {"hf_model": str(base_dir), "peft_adapter": str(workdir / "export" /
                                                                   "lora_adapter")}
     plot_training_loss(read_jsonl(metrics.path), workdir / "loss.png",
-                       title="ffrag_jax demo: pretrain, then LoRA on a new domain")
+                       title="ffrag_jax: pretrain, then LoRA on a new domain")
     summary = {
         **results,
         "wall_time_s": round(time.perf_counter() - started, 1),

@@ -1,0 +1,34 @@
+"""Config sections shared by the named configs (not a config itself: no get_config)."""
+
+from ml_collections import ConfigDict, config_dict
+
+
+def tiny_llama() -> ConfigDict:
+    """The model section: a local HF Llama at ``path``, or else this tiny Llama (1.2M params)
+    trained from scratch."""
+    return ConfigDict(dict(
+        path=config_dict.placeholder(str),  # a local HF Llama folder; None: the tiny model
+        pad_to_eos=False,  # for tokenizers without a pad token (most Llama tokenizers)
+        hidden_size=128,
+        intermediate_size=384,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        max_position_embeddings=128,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        dtype="float32",
+        param_dtype="float32",
+        remat="none",  # "dots", "dots_attn" or "full" trade compute for activation memory
+        attention="auto",  # "ffrag" (custom-VJP, CPU default), "xla" (GPU default: cuDNN)
+    ))
+
+
+def pretrain(steps: int = 800) -> ConfigDict:
+    """Pretraining of the tiny model on a synthetic base domain (skipped with model.path or
+    steps=0)."""
+    return ConfigDict(dict(
+        steps=steps, domain="geography", num_examples=4000, batch_size=32, grad_accum=1,
+        lr=3e-3, warmup_steps=30, weight_decay=0.01, max_grad_norm=1.0, response_only=False,
+        seed=0,
+    ))

@@ -1,0 +1,82 @@
+"""The base model of a job: its tokenizer, its config and (for the tiny model) pretraining.
+
+A job either names a local HF checkpoint (``model.path``: its tokenizer and weights are used
+as they are) or describes a tiny Llama in ``config.model`` that is trained from scratch on a
+synthetic base domain (``config.pretrain``) with a BPE tokenizer trained on the job's text.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+from ml_collections import ConfigDict
+
+from ffrag_jax import hf, synthetic, text
+from ffrag_jax.loop import train_phase
+from ffrag_jax.metrics import MetricsLog
+from ffrag_jax.models.llama import LlamaConfig, init_params
+
+
+def run_tokenizer(config: ConfigDict, workdir: Path, texts):
+    """The tokenizer of ``model.path``, or a BPE trained on ``texts`` (an iterable, consumed
+    only when training) and kept in ``workdir/tokenizer`` so that a resumed run reuses it."""
+    if config.model.path:
+        return hf.load_tokenizer(config.model.path, pad_to_eos=config.model.pad_to_eos)
+    folder = workdir / "tokenizer"
+    if (folder / "tokenizer.json").exists():  # resuming: the exact tokenizer of the first run
+        return hf.load_tokenizer(folder)
+    tokenizer = text.train_bpe_tokenizer(texts, config.tokenizer.vocab_size)
+    tokenizer.save_pretrained(str(folder))
+    return tokenizer
+
+
+def model_config(config: ConfigDict, tokenizer) -> tuple[LlamaConfig, dict | None]:
+    """``(cfg, params)`` of the local checkpoint at ``model.path``, or ``(cfg, None)`` for the
+    tiny Llama that ``config.model`` describes (the caller initialises or pretrains it)."""
+    m = config.model
+    if m.path:
+        cfg, params = hf.load_llama(m.path, dtype=m.dtype, param_dtype=m.param_dtype)
+        return cfg.replace(remat=m.remat, attention=m.attention), params
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        num_layers=m.num_layers,
+        num_heads=m.num_heads,
+        num_kv_heads=m.num_kv_heads,
+        max_position_embeddings=m.max_position_embeddings,
+        rope_theta=m.rope_theta,
+        tie_word_embeddings=m.tie_word_embeddings,
+        dtype=m.dtype,
+        param_dtype=m.param_dtype,
+        remat=m.remat,
+        attention=m.attention,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return cfg, None
+
+
+
+
+def encode_synthetic(tokenizer, examples: list[dict], max_len: int, response_only: bool):
+    """Synthetic examples as training arrays ``[N, max_len]`` (:func:`text.encode_pairs`)."""
+    return text.encode_pairs(tokenizer, [synthetic.prompt(e) for e in examples],
+                             [synthetic.response(e) for e in examples], max_len,
+                             response_only=response_only)
+
+
+def pretrain(config: ConfigDict, cfg: LlamaConfig, tokenizer, examples: list[dict], *,
+             init_rng: jax.Array, rng: jax.Array, max_len: int, mesh: jax.sharding.Mesh,
+             ckpt_dir: Path, metrics: MetricsLog) -> dict:
+    """A tiny Llama initialised from ``init_rng`` and trained on the synthetic ``examples``
+    for ``config.pretrain.steps`` steps (the resumable ``pretrain`` phase, full-parameter)."""
+    params = init_params(init_rng, cfg)
+    (data,) = text.trim_padding(
+        [encode_synthetic(tokenizer, examples, max_len, config.pretrain.response_only)], max_len)
+    return train_phase(
+        "pretrain", cfg=cfg, trainable=params, frozen=None, mode="full", data=data,
+        phase=config.pretrain, rng=rng, mesh=mesh, ckpt_dir=ckpt_dir, metrics=metrics,
+        log_every=config.log_every, checkpoint_every=config.checkpoint_every)
