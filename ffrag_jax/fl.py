@@ -395,7 +395,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     final = [r for r in records if r.get("kind") == "eval" and r["round"] == fl.rounds]
     exported = export(config, workdir, cfg, server, tokenizer, ranks) if config.export else {}
     plot_client_rounds(records, workdir / "rounds.png",
-                       title=f"ffrag_jax federated ({fl.strategy}): held-out loss per client")
+                       title=f"ffrag_jax federated ({fl.strategy}): held-out metrics per client")
     summary = {
         "strategy": fl.strategy,
         "rounds": fl.rounds,

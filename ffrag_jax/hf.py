@@ -60,7 +60,7 @@ _DTYPES = {
 MAX_SHARD_BYTES = 4 << 30
 
 
-def _np_dtype(name: str):
+def numpy_dtype(name: str):
     if name not in _DTYPES:
         raise UserError(f"unsupported dtype {name!r}; use one of {', '.join(_DTYPES)}")
     return _DTYPES[name]
@@ -240,24 +240,37 @@ def load_llama(
         cfg = config_from_hf(hf, dtype=dtype, param_dtype=param_dtype)
     except KeyError as e:
         raise UserError(f"{folder}/config.json: required field {e.args[0]!r} is missing") from None
-    np_dtype = _np_dtype(cfg.param_dtype)
+    params = read_mapped(folder, key_map(cfg), cfg.num_layers, expected_param_shapes(cfg),
+                         numpy_dtype(cfg.param_dtype))
+    return cfg, params
+
+
+def read_mapped(
+    folder: Path,
+    rows: list[tuple[str, str, bool]],
+    num_layers: int,
+    expected: dict[str, jax.ShapeDtypeStruct],
+    np_dtype,
+    *,
+    prefix: str = "",
+) -> dict:
+    """Nested params read from the safetensors of ``folder`` through key-map ``rows`` (HF name
+    -> Flax path + transpose; ``{layer}`` names stacked over ``num_layers``), checked against
+    the ``expected`` flat shapes. ``prefix`` is put before every HF name (``"bert."``)."""
     reader = _TensorReader(safetensors_files(folder))
-    expected = expected_param_shapes(cfg)
     flat = {}
     try:
-        for hf_name, flax_path, transpose in key_map(cfg):
-            names = (
-                [hf_name.format(layer=i) for i in range(cfg.num_layers)]
-                if "{layer}" in hf_name
-                else [hf_name]
-            )
+        for hf_name, flax_path, transpose in rows:
+            stacked = "{layer}" in hf_name
+            names = [prefix + hf_name.format(layer=i)
+                     for i in (range(num_layers) if stacked else [None])]
             tensors = []
             for name in names:
                 if name not in reader:
                     raise UserError(f"{folder}: tensor {name!r} is missing from the safetensors")
                 t = reader.get(name)
                 tensors.append(t.T if transpose else t)
-            value = np.stack(tensors) if "{layer}" in hf_name else tensors[0]
+            value = np.stack(tensors) if stacked else tensors[0]
             want = expected[flax_path].shape
             if value.shape != want:
                 raise UserError(
@@ -267,7 +280,7 @@ def load_llama(
             flat[flax_path] = jnp.asarray(value.astype(np_dtype))
     finally:
         reader.close()
-    return cfg, traverse_util.unflatten_dict(flat, sep="/")
+    return traverse_util.unflatten_dict(flat, sep="/")
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,12 +298,18 @@ def prepare_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
 
 def hf_tensors(cfg: LlamaConfig, params: dict) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, numpy tensor) pairs for ``params``, via :data:`LLAMA_KEY_MAP` reversed."""
+    return mapped_tensors(key_map(cfg), params)
+
+
+def mapped_tensors(rows: list[tuple[str, str, bool]], params: dict, *, prefix: str = ""
+                   ) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, numpy tensor) pairs for ``params`` through key-map ``rows`` backwards."""
     flat = traverse_util.flatten_dict(params, sep="/")
-    for hf_name, flax_path, transpose in key_map(cfg):
+    for hf_name, flax_path, transpose in rows:
         value = np.asarray(jax.device_get(flat[flax_path]))
         layers = enumerate(value) if "{layer}" in hf_name else [(None, value)]
         for i, t in layers:
-            yield hf_name.format(layer=i), np.ascontiguousarray(t.T if transpose else t)
+            yield prefix + hf_name.format(layer=i), np.ascontiguousarray(t.T if transpose else t)
 
 
 def write_safetensors(folder: Path, tensors: dict[str, np.ndarray], stem: str = "model") -> None:

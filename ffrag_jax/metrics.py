@@ -91,6 +91,7 @@ def plot_client_rounds(records: list[dict], path: str | Path, title: str = "") -
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     panels = [("eval", "loss", "held-out loss (nats/token)")]
     if any(r.get("kind") == "exact_match" for r in records):
@@ -110,6 +111,7 @@ def plot_client_rounds(records: list[dict], path: str | Path, title: str = "") -
                             marker=".", color=colors[i % len(colors)],
                             label=f"{mine[-1].get('name', client)} ({model})")
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)

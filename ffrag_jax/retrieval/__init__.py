@@ -1,0 +1,1 @@
+"""Retrieval: the Flax sentence encoder, indexes and knowledge bases."""

