@@ -24,6 +24,7 @@ import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -391,3 +392,49 @@ def embed_texts(params: dict, cfg: EncoderConfig, tokenizer, texts: Sequence[str
         out[rows] = np.asarray(_encode_jit(params, cfg, ids, mask, lora))[:real]
     return out
 
+
+
+def params_sha256(params: dict) -> str:
+    """A content hash of the encoder's weights (paths, shapes, dtypes and bytes)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path, leaf in sorted(traverse_util.flatten_dict(jax.device_get(params), sep="/").items()):
+        leaf = np.ascontiguousarray(leaf)
+        digest.update(f"{path}:{leaf.shape}:{leaf.dtype}".encode())
+        digest.update(leaf.tobytes())
+    return digest.hexdigest()
+
+
+@dataclasses.dataclass
+class TextEncoder:
+    """An encoder ready to embed text: config, weights, tokenizer and identity (its folder's
+    name and a hash of its weights, which knowledge bases record and check)."""
+
+    cfg: EncoderConfig
+    params: dict
+    tokenizer: Any
+    name: str
+    sha256: str
+    lora: Any = None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None) -> TextEncoder:
+        folder = default_encoder_path() if path is None else Path(path)
+        cfg, params, tokenizer = load(folder)
+        return cls(cfg, params, tokenizer, folder.name, params_sha256(params))
+
+    @property
+    def identity(self) -> dict:
+        """What a knowledge base records about the encoder that embedded it. A LoRA changes
+        the embeddings, so it is part of the identity (by its hash)."""
+        out = {"name": self.name, "sha256": self.sha256, "dim": self.cfg.embedding_dim}
+        if self.lora is not None:
+            out["lora_sha256"] = params_sha256(self.lora.weights)
+        return out
+
+    def embed(self, texts: Sequence[str], *, batch_size: int = 64,
+              progress: bool = False) -> np.ndarray:
+        """Embeddings ``[N, D]`` of ``texts`` (:func:`embed_texts`)."""
+        return embed_texts(self.params, self.cfg, self.tokenizer, texts, lora=self.lora,
+                           batch_size=batch_size, progress=progress)

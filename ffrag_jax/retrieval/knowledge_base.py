@@ -1,0 +1,230 @@
+"""Knowledge bases: chunks + embeddings + a dense index + BM25, saved as one folder; dense,
+BM25 and hybrid (reciprocal rank fusion) search; several bases queried together with quotas.
+
+A knowledge base folder holds ``chunks.jsonl``, ``embeddings.npy``, ``index/`` (exact or
+ScaNN), ``bm25/`` and ``manifest.json``: the encoder's identity (folder name and weight hash,
+plus the LoRA's hash when one was applied), the chunking settings, a hash of the corpus and the
+counts. Loading a base with an encoder whose identity differs is refused: its vectors would
+not be comparable with the queries.
+
+A hit is a dict ``{"id", "doc_id", "text", "source", "score", "kb"}``; ``kb`` names the base it
+came from (the "source recorded on every hit" of multi-index search).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ffrag_jax.errors import UserError
+from ffrag_jax.retrieval import index as index_lib
+from ffrag_jax.retrieval.documents import chunk_documents
+from ffrag_jax.retrieval.encoder import TextEncoder
+
+MODES = ("dense", "bm25", "hybrid")
+RRF_K = 60  # reciprocal rank fusion constant (Cormack et al., 2009)
+FORMAT = 1
+
+
+def _bm25_tokens(texts: Sequence[str]) -> list[list[str]]:
+    import bm25s
+
+    return bm25s.tokenize(list(texts), stopwords="en", return_ids=False, show_progress=False)
+
+
+def _corpus_sha256(chunks: Sequence[dict]) -> str:
+    digest = hashlib.sha256()
+    for c in chunks:
+        digest.update(c["id"].encode())
+        digest.update(b"\0")
+        digest.update(c["text"].encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def _describe(identity: dict) -> str:
+    lora = f", LoRA {identity['lora_sha256'][:12]}" if "lora_sha256" in identity else ""
+    return f"{identity['name']} (sha256 {identity['sha256'][:12]}{lora})"
+
+
+def reciprocal_rank_fusion(rankings: Sequence[Sequence[int]], k: int, rrf_k: int = RRF_K
+                           ) -> list[tuple[int, float]]:
+    """``[(item, score)]`` best first: ``score = sum over rankings of 1 / (rrf_k + rank)``
+    (rank from 1); ties keep the order of first appearance. Ids < 0 are ignored."""
+    scores: dict[int, float] = {}
+    for ranking in rankings:
+        for rank, item in enumerate(ranking, 1):
+            if item >= 0:
+                scores[int(item)] = scores.get(int(item), 0.0) + 1.0 / (rrf_k + rank)
+    return sorted(scores.items(), key=lambda kv: -kv[1])[:k]
+
+
+class KnowledgeBase:
+    """Chunks of a corpus, their embeddings, a dense index and a BM25 index."""
+
+    def __init__(self, name: str, chunks: list[dict], embeddings: np.ndarray, dense, bm25,
+                 manifest: dict, encoder: TextEncoder):
+        self.name, self.chunks, self.embeddings = name, chunks, embeddings
+        self.dense, self.bm25, self.manifest, self.encoder = dense, bm25, manifest, encoder
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    @classmethod
+    def build(cls, name: str, docs: Sequence[dict], encoder: TextEncoder, *,
+              chunk_tokens: int = 200, overlap: int = 32, metric: str = "cosine",
+              index_kind: str = "auto", batch_size: int = 64,
+              progress: bool = False) -> KnowledgeBase:
+        """Chunks ``docs`` (``{"id", "text", "source"}``), embeds and indexes them."""
+        import bm25s
+
+        chunk_tokens = min(chunk_tokens, encoder.cfg.max_seq_length - 2)  # room for CLS/SEP
+        chunks = chunk_documents(docs, encoder.tokenizer, chunk_tokens=chunk_tokens,
+                                 overlap=min(overlap, chunk_tokens - 1))
+        embeddings = encoder.embed([c["text"] for c in chunks], batch_size=batch_size,
+                                   progress=progress)
+        dense = index_lib.build(embeddings, metric, index_kind)
+        bm25 = bm25s.BM25()
+        bm25.index(_bm25_tokens([c["text"] for c in chunks]), show_progress=False)
+        manifest = {
+            "format": FORMAT,
+            "name": name,
+            "encoder": encoder.identity,
+            "chunking": {"chunk_tokens": chunk_tokens, "overlap": overlap},
+            "corpus_sha256": _corpus_sha256(chunks),
+            "documents": len(docs),
+            "chunks": len(chunks),
+            "metric": metric,
+            "index": dense.kind,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        return cls(name, chunks, embeddings, dense, bm25, manifest, encoder)
+
+    # ----------------------------------------------------------------------------------------
+
+    def save(self, folder: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        folder = Path(folder)
+        if folder.exists() and any(folder.iterdir()):
+            if not overwrite:
+                raise UserError(f"{folder} is not empty; pass overwrite=True to replace it")
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        with (folder / "chunks.jsonl").open("w") as f:
+            for c in self.chunks:
+                f.write(json.dumps(c, ensure_ascii=False) + "\n")
+        np.save(folder / "embeddings.npy", self.embeddings)
+        self.dense.save(folder / "index")
+        self.bm25.save(str(folder / "bm25"), show_progress=False)
+        (folder / "manifest.json").write_text(json.dumps(self.manifest, indent=2))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, encoder: TextEncoder) -> KnowledgeBase:
+        """The base saved in ``folder``; refuses an ``encoder`` other than the one it was
+        built with."""
+        import bm25s
+
+        folder = Path(folder)
+        manifest_file = folder / "manifest.json"
+        if not manifest_file.exists():
+            raise UserError(f"{folder}: no manifest.json (not a knowledge base)")
+        manifest = json.loads(manifest_file.read_text())
+        if manifest.get("format") != FORMAT:
+            raise UserError(f"{folder}: knowledge base format {manifest.get('format')!r}, "
+                            f"this ffrag_jax reads {FORMAT}")
+        built_with, given = manifest["encoder"], encoder.identity
+        if built_with != given:
+            raise UserError(f"knowledge base {folder} was built with encoder "
+                            f"{_describe(built_with)}, not {_describe(given)}; rebuild it with "
+                            "this encoder")
+        with (folder / "chunks.jsonl").open() as f:
+            chunks = [json.loads(line) for line in f]
+        if _corpus_sha256(chunks) != manifest["corpus_sha256"]:
+            raise UserError(f"{folder}/chunks.jsonl does not match its manifest (edited?); "
+                            "rebuild the knowledge base")
+        embeddings = np.load(folder / "embeddings.npy")
+        dense = index_lib.load(folder / "index")
+        bm25 = bm25s.BM25.load(str(folder / "bm25"), show_progress=False)
+        return cls(manifest["name"], chunks, embeddings, dense, bm25, manifest, encoder)
+
+    # ----------------------------------------------------------------------------------------
+
+    def _hit(self, i: int, score: float) -> dict:
+        c = self.chunks[i]
+        return {"id": c["id"], "doc_id": c["doc_id"], "text": c["text"], "source": c["source"],
+                "score": float(score), "kb": self.name}
+
+    def search_ids(self, queries: Sequence[str], k: int, mode: str = "hybrid", *,
+                   query_embeddings: np.ndarray | None = None, candidates: int = 100
+                   ) -> list[list[tuple[int, float]]]:
+        """Per query ``[(chunk index, score)]`` best first, at most ``k`` (the corpus may be
+        smaller). ``hybrid`` fuses the dense and BM25 top-``candidates`` by reciprocal rank."""
+        if mode not in MODES:
+            raise UserError(f"search mode {mode!r}; choose one of {', '.join(MODES)}")
+        if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+            raise UserError(f"k must be a positive integer, got {k!r}")
+        queries = list(queries)
+        depth = min(max(k, candidates) if mode == "hybrid" else k, len(self))
+        dense = bm25 = None
+        if mode in ("dense", "hybrid"):
+            if query_embeddings is None:
+                query_embeddings = self.encoder.embed(queries)
+            scores, ids = self.dense.search(query_embeddings, depth)
+            dense = [[(int(i), float(s)) for i, s in zip(row_i, row_s, strict=True) if i >= 0]
+                     for row_i, row_s in zip(ids, scores, strict=True)]
+        if mode in ("bm25", "hybrid"):
+            ids, scores = self.bm25.retrieve(_bm25_tokens(queries), k=depth,
+                                             show_progress=False)
+            # BM25 scores 0 for a chunk sharing no term with the query: not a hit.
+            bm25 = [[(int(i), float(s)) for i, s in zip(row_i, row_s, strict=True) if s > 0]
+                    for row_i, row_s in zip(ids, scores, strict=True)]
+        if mode == "dense":
+            return [row[:k] for row in dense]
+        if mode == "bm25":
+            return [row[:k] for row in bm25]
+        return [reciprocal_rank_fusion([[i for i, _ in d], [i for i, _ in b]], k)
+                for d, b in zip(dense, bm25, strict=True)]
+
+    def search(self, queries: Sequence[str], k: int, mode: str = "hybrid", **kwargs
+               ) -> list[list[dict]]:
+        """Per query, up to ``k`` hits (dicts, see the module docstring), best first."""
+        return [[self._hit(i, s) for i, s in row]
+                for row in self.search_ids(queries, k, mode, **kwargs)]
+
+
+def search_sources(bases: Sequence[KnowledgeBase], queries: Sequence[str],
+                   quotas: dict[str, int], mode: str = "hybrid") -> list[list[dict]]:
+    """Several knowledge bases queried together (a client's case base and the shared
+    authoritative base): per query, the top ``quotas[kb.name]`` hits of each base, each hit
+    naming its base (``kb``), ordered by base in the order given, then by rank.
+
+    Bases embedded by the same encoder share the query embeddings (computed once).
+    """
+    names = [kb.name for kb in bases]
+    if len(set(names)) != len(names):
+        raise UserError(f"knowledge base names must be distinct, got {names}")
+    unknown = set(quotas) - set(names)
+    if unknown:
+        raise UserError(f"quotas name unknown knowledge bases {sorted(unknown)}; bases: {names}")
+    queries = list(queries)
+    embedded: dict[str, np.ndarray] = {}
+    out: list[list[dict]] = [[] for _ in queries]
+    for kb in bases:
+        quota = quotas.get(kb.name, 0)
+        if quota <= 0:
+            continue
+        key = json.dumps(kb.encoder.identity, sort_keys=True)
+        if mode != "bm25" and key not in embedded:
+            embedded[key] = kb.encoder.embed(queries)
+        hits = kb.search(queries, quota, mode,
+                         query_embeddings=embedded.get(key) if mode != "bm25" else None)
+        for row, more in zip(out, hits, strict=True):
+            row.extend(more)
+    return out

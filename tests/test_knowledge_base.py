@@ -1,0 +1,120 @@
+"""Knowledge bases: reading and chunking documents, dense/BM25/hybrid search, multi-source
+search with quotas, save/load round trip, encoder mismatch, bad input."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from ffrag_jax import lora
+from ffrag_jax.errors import UserError
+from ffrag_jax.retrieval import documents
+from ffrag_jax.retrieval.encoder import TextEncoder
+from ffrag_jax.retrieval.knowledge_base import (
+    KnowledgeBase,
+    reciprocal_rank_fusion,
+    search_sources,
+)
+
+CASES = [
+    "Patient Ab Cd was prescribed Rimexol for chronic migraine after two visits.",
+    "The ward B4 handles post-operative cardiac patients under Dr. Lorn.",
+    "Patient Ef Gh developed a rash on amoxicillin; switched to azithromycin.",
+    "Night shifts in ward C2 are staffed by three nurses and one resident.",
+]
+GUIDELINES = [
+    "Guideline 7: penicillin allergy excludes amoxicillin; macrolides are an alternative.",
+    "Guideline 12: migraine prophylaxis starts with beta blockers or topiramate.",
+    "Guideline 19: hand hygiene before and after every patient contact.",
+]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return TextEncoder.load()
+
+
+def _docs(texts, prefix):
+    return [{"id": f"{prefix}{i}", "text": t, "source": prefix} for i, t in enumerate(texts)]
+
+
+def test_reading_files_and_token_aware_chunks(tmp_path, encoder):
+    (tmp_path / "a.txt").write_text("First file. " * 100)
+    (tmp_path / "notes.md").write_text("   \n\t")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"_id": "x1", "title": "T", "text": "body"})
+                                      + "\n\n" + json.dumps({"_id": "x2", "text": "more"}) + "\n")
+    (tmp_path / "c.csv").write_text("_id,text\nr1,row one\nr2,row two\n")
+    docs = documents.read_documents(tmp_path)
+    assert [d["id"] for d in docs] == ["a.txt", "x1", "x2", "r1", "r2", "notes.md"]
+    assert docs[1]["text"] == "T\nbody"
+    chunks = documents.chunk_documents(docs, encoder.tokenizer, chunk_tokens=40, overlap=8)
+    long = [c for c in chunks if c["doc_id"] == "a.txt"]
+    assert len(long) > 5 and all(c["text"] == docs[0]["text"][c["start"]:c["end"]]
+                                 for c in long)
+    assert long[1]["start"] < long[0]["end"]  # overlapping windows
+    for c in long:
+        assert len(encoder.tokenizer(c["text"], add_special_tokens=False)["input_ids"]) <= 40
+    assert "notes.md" not in {c["doc_id"] for c in chunks}  # whitespace document skipped
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.jsonl").write_text('{"text": "ok"}\n{oops\n')
+    with pytest.raises(UserError, match=r"x.jsonl:2: malformed JSON line"):
+        documents.read_documents(bad)
+    (bad / "x.jsonl").write_text('{"body": "no text field"}\n')
+    with pytest.raises(UserError, match=r"x.jsonl:1: no 'text' field"):
+        documents.read_documents(bad)
+    with pytest.raises(UserError, match="the corpus is empty"):
+        documents.chunk_documents([], encoder.tokenizer)
+    with pytest.raises(UserError, match="every document is empty or whitespace"):
+        documents.chunk_documents(_docs(["", "  \n"], "e"), encoder.tokenizer)
+
+
+def test_rrf_fuses_rankings():
+    fused = reciprocal_rank_fusion([[3, 1, 2], [1, 4, -1]], k=3)
+    assert [i for i, _ in fused] == [1, 3, 4]
+    assert fused[0][1] == pytest.approx(1 / 62 + 1 / 61)
+
+
+def test_search_modes_round_trip_and_encoder_mismatch(tmp_path, encoder):
+    kb = KnowledgeBase.build("cases", _docs(CASES, "case"), encoder)
+    queries = ["which drug was patient Ab Cd given for migraine?", "ward C2 night staffing"]
+    for mode in ("dense", "bm25", "hybrid"):
+        top = [row[0]["doc_id"] for row in kb.search(queries, 2, mode)]
+        assert top == ["case0", "case3"], mode
+    everything = kb.search(queries[:1], 10, "dense")[0]
+    assert len(everything) == len(CASES)  # k beyond the corpus: every chunk, once
+    assert len({h["id"] for h in everything}) == len(CASES)
+
+    kb.save(tmp_path / "kb")
+    with pytest.raises(UserError, match="not empty"):
+        kb.save(tmp_path / "kb")
+    again = KnowledgeBase.load(tmp_path / "kb", encoder)
+    for mode in ("dense", "bm25", "hybrid"):
+        assert again.search(queries, 3, mode) == kb.search(queries, 3, mode)
+
+    adapter = lora.init(jax.random.key(0), encoder.params, ["query"], 2, 4.0)
+    tuned = TextEncoder(encoder.cfg, encoder.params, encoder.tokenizer, encoder.name,
+                        encoder.sha256, lora=adapter)
+    with pytest.raises(UserError, match=r"built with encoder .* not .*LoRA.*rebuild it"):
+        KnowledgeBase.load(tmp_path / "kb", tuned)
+    with pytest.raises(UserError, match="search mode 'semantic'"):
+        kb.search(queries, 2, "semantic")
+    with pytest.raises(UserError, match="k must be a positive integer"):
+        kb.search(queries, 0)
+
+
+def test_multi_source_search_with_quotas(encoder):
+    cases = KnowledgeBase.build("cases", _docs(CASES, "case"), encoder)
+    authority = KnowledgeBase.build("guidelines", _docs(GUIDELINES, "gl"), encoder)
+    hits = search_sources([cases, authority], ["amoxicillin allergy rash"],
+                          {"cases": 1, "guidelines": 2})[0]
+    assert [h["kb"] for h in hits] == ["cases", "guidelines", "guidelines"]
+    assert hits[0]["doc_id"] == "case2" and hits[1]["doc_id"] == "gl0"
+    dense_only = cases.search(["amoxicillin allergy rash"], 1, "hybrid")[0][0]
+    assert dense_only["id"] == hits[0]["id"]
+    with pytest.raises(UserError, match="unknown knowledge bases"):
+        search_sources([cases], ["q"], {"nope": 1})
+    emb = encoder.embed(["short", "a much longer query with many more tokens in it"])
+    assert emb.shape == (2, 384) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
