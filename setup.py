@@ -36,6 +36,7 @@ setup(
             "torch",
             "peft>=0.13",
             "sentence-transformers",
+            "pytrec-eval-terrier",  # BEIR's metric implementation, the reference for ours
             "pytest",
             "pytest-xdist",
             "ruff",
