@@ -103,7 +103,8 @@ def chunk_documents(docs: Sequence[dict], tokenizer, *, chunk_tokens: int = 200,
     stride = chunk_tokens - overlap
     chunks, empty = [], 0
     texts = [d["text"] for d in docs]
-    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True,
+                        verbose=False)  # long documents are the point: no length warning
     for doc, offsets in zip(docs, encoded["offset_mapping"], strict=True):
         text = doc["text"]
         if not text.strip() or not offsets:

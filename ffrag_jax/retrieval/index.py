@@ -169,12 +169,15 @@ class ScannIndex:
     def dim(self) -> int:
         return self._dim
 
-    def search(self, queries: np.ndarray, k: int, *, batch_size: int = 256
-               ) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, *, batch_size: int = 256,
+               leaves_to_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """As :meth:`ExactIndex.search`; ``leaves_to_search`` overrides the built setting
+        (more leaves: higher recall, fewer queries/s). Queries run on all cores."""
         queries = _prepare_queries(self, queries, k)
         kk = min(k, len(self))
         ids, scores = self.searcher.search_batched_parallel(
-            queries, final_num_neighbors=kk, batch_size=batch_size)
+            queries, final_num_neighbors=kk, batch_size=batch_size,
+            leaves_to_search=leaves_to_search)
         ids = np.asarray(ids, np.int64).astype(np.int32)
         scores = np.asarray(scores, np.float32)
         # ScaNN may return fewer than kk hits for a query (few leaves searched): mark them.
