@@ -66,15 +66,15 @@ def plot_training_loss(records: list[dict], path: str | Path, title: str = "") -
     import matplotlib.pyplot as plt
 
     phases = sorted({r["phase"] for r in records if "loss" in r and r.get("kind") == "train"},
-                    key=lambda p: min(r["time"] for r in records if r["phase"] == p))
+                    key=lambda p: min(r["time"] for r in records if r.get("phase") == p))
     fig, axes = plt.subplots(1, max(len(phases), 1), figsize=(5 * max(len(phases), 1), 3.6),
                              squeeze=False)
     for ax, phase in zip(axes[0], phases, strict=False):
-        rows = [r for r in records if r["phase"] == phase and r.get("kind") == "train"]
+        rows = [r for r in records if r.get("phase") == phase and r.get("kind") == "train"]
         ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker=".")
         ax.set_title(phase)
         ax.set_xlabel("step")
-        ax.set_ylabel("train loss (nats/token)")
+        ax.set_ylabel("train loss")
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)

@@ -1,0 +1,169 @@
+"""The retriever fine-tuning job (``task = "retriever"``): SQuAD questions -> their paragraphs.
+
+1. Data: SQuAD v1.1 (``data.path``) as a retrieval task, questions split by article into
+   train and test (no paragraph on both sides).
+2. Evaluation before training: the test questions against every paragraph of the file,
+   exact search, recall@1/5/10/100, MRR@10, nDCG@10.
+3. Training: symmetric in-batch InfoNCE (:mod:`ffrag_jax.retrieval.contrastive`) on
+   (question, paragraph) pairs of the train articles; every batch has distinct paragraphs, so
+   no in-batch negative is a positive. LoRA (default) or full fine-tuning; checkpointed and
+   resumable; loss logged to ``metrics.jsonl`` and ``loss.png``.
+4. Evaluation after training, and export of the (merged) encoder as a sentence-transformers
+   folder (``export/encoder``) that ``SentenceTransformer`` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from absl import logging
+from ml_collections import ConfigDict
+from tqdm import tqdm
+
+from ffrag_jax import checkpoint, lora, train
+from ffrag_jax.errors import UserError
+from ffrag_jax.metrics import MetricsLog, plot_training_loss, read_jsonl
+from ffrag_jax.retrieval import beir, contrastive
+from ffrag_jax.retrieval import encoder as encoder_lib
+from ffrag_jax.retrieval import index as index_lib
+from ffrag_jax.retrieval.encoder import TextEncoder
+
+
+def evaluate(encoder: TextEncoder, paragraphs: list[dict], questions: list[dict],
+             batch_size: int) -> dict:
+    """Retrieval scores of ``questions`` against all ``paragraphs`` (exact search)."""
+    vectors = encoder.embed([p["text"] for p in paragraphs], batch_size=batch_size,
+                            progress=sys.stderr.isatty())
+    queries = encoder.embed([q["text"] for q in questions], batch_size=batch_size)
+    _, ids = index_lib.ExactIndex(vectors, "dot").search(queries, 100)
+    ranked = {q["id"]: [paragraphs[i]["id"] for i in row if i >= 0]
+              for q, row in zip(questions, ids, strict=True)}
+    return beir.scores(ranked, {q["id"]: {q["paragraph"]: 1} for q in questions})
+
+
+def batch_at(step: int, pairs_by_paragraph: list[list[int]], questions: list[dict],
+             paragraphs: dict[str, str], tokenizer, config: ConfigDict) -> dict:
+    """The batch of ``step`` (a pure function of the seed and step): ``batch_size`` distinct
+    paragraphs, one of their questions each."""
+    t = config.train
+    rng = np.random.default_rng([config.seed, step])
+    chosen = rng.choice(len(pairs_by_paragraph), t.batch_size, replace=False)
+    picked = [questions[rng.choice(pairs_by_paragraph[c])] for c in chosen]
+    q = encoder_lib.tokenize(tokenizer, [x["text"] for x in picked], t.max_query_len)
+    p = encoder_lib.tokenize(tokenizer, [paragraphs[x["paragraph"]] for x in picked],
+                             t.max_passage_len)
+    return {"query_ids": q["input_ids"], "query_mask": q["attention_mask"],
+            "passage_ids": p["input_ids"], "passage_mask": p["attention_mask"]}
+
+
+def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
+    del mesh  # single-device job for now: the encoder is small
+    started = time.perf_counter()
+    t, d = config.train, config.data
+    if t.mode not in contrastive.MODES:
+        raise UserError(f"train.mode={t.mode!r}; choose one of {', '.join(contrastive.MODES)}")
+    if not d.path:
+        raise UserError("data.path must name a SQuAD v1.1 JSON file (e.g. "
+                        "../shared/data/squad/dev-v1.1.json)")
+    metrics = MetricsLog(workdir / "metrics.jsonl")
+    base = TextEncoder.load(config.encoder.path)
+    paragraphs, questions = beir.load_squad(d.path)
+    train_q, test_q = beir.split_by_article(questions, d.test_fraction, config.seed)
+    if d.max_test_questions and len(test_q) > d.max_test_questions:
+        keep = np.random.default_rng(config.seed).choice(len(test_q), d.max_test_questions,
+                                                         replace=False)
+        test_q = [test_q[i] for i in sorted(keep)]
+    by_paragraph: dict[str, list[int]] = {}
+    for i, q in enumerate(train_q):
+        by_paragraph.setdefault(q["paragraph"], []).append(i)
+    groups = list(by_paragraph.values())
+    if len(groups) < t.batch_size:
+        raise UserError(f"train.batch_size={t.batch_size} exceeds the {len(groups)} training "
+                        "paragraphs")
+    logging.info("%d paragraphs; %d train questions (%d paragraphs), %d test questions",
+                 len(paragraphs), len(train_q), len(groups), len(test_q))
+
+    records = read_jsonl(metrics.path) if metrics.path.exists() else []
+    before = next((r for r in records if r.get("kind") == "eval" and r["model"] == "base"), None)
+    if before is None:
+        before = {"model": "base", **evaluate(base, paragraphs, test_q, config.eval.batch_size)}
+        metrics.write(kind="eval", **before)
+    logging.info("before training: recall@1 %.4f, recall@10 %.4f, nDCG@10 %.4f",
+                 before["recall@1"], before["recall@10"], before["ndcg@10"])
+
+    rng = jax.random.key(config.seed)
+    if t.mode == "lora":
+        trainable = lora.init(rng, base.params, t.targets, t.rank, t.alpha, dropout=t.dropout)
+    else:
+        trainable = base.params
+    optimizer = train.make_optimizer(t.lr, t.steps, warmup_steps=t.warmup_steps,
+                                     weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm)
+    state = train.init_train_state(trainable, optimizer)
+    mngr = checkpoint.manager(workdir / "checkpoints" / "retriever")
+    start, state = checkpoint.restore_latest(mngr, state)
+    if start:
+        logging.info("resuming retriever training at step %d", start)
+        metrics.drop_train_records_after("retriever", start)
+    texts = {p["id"]: p["text"] for p in paragraphs}
+    frozen = base.params if t.mode == "lora" else None
+    bar = tqdm(range(start, t.steps), desc="retriever", initial=start, total=t.steps,
+               disable=not sys.stderr.isatty())
+    window, window_start = [], time.perf_counter()
+    for step in bar:
+        batch = batch_at(step, groups, train_q, texts, base.tokenizer, config)
+        state, out = contrastive.train_step(
+            state, frozen, batch, jax.random.fold_in(rng, step), cfg=base.cfg,
+            optimizer=optimizer, mode=t.mode, scale=t.logit_scale, symmetric=t.symmetric)
+        window.append(out)
+        done = step + 1
+        if done % config.log_every == 0 or done == t.steps:
+            got = jax.device_get(window)
+            loss = float(np.mean([w["loss"] for w in got]))
+            if not np.isfinite(loss):
+                raise FloatingPointError(f"retriever: loss is {loss} at step {done}")
+            metrics.write(kind="train", phase="retriever", step=done, loss=loss,
+                          accuracy=float(np.mean([w["accuracy"] for w in got])),
+                          grad_norm=float(got[-1]["grad_norm"]),
+                          steps_per_s=round(len(got) / (time.perf_counter() - window_start), 3))
+            logging.info("retriever step %d/%d  loss %.4f  in-batch accuracy %.3f", done,
+                         t.steps, loss, np.mean([w["accuracy"] for w in got]))
+            bar.set_postfix(loss=f"{loss:.4f}")
+            window, window_start = [], time.perf_counter()
+        if done % config.checkpoint_every == 0 or done == t.steps:
+            checkpoint.save(mngr, done, state)
+    mngr.wait_until_finished()
+    mngr.close()
+
+    tuned_params = (lora.merge(base.params, state.trainable) if t.mode == "lora"
+                    else state.trainable)
+    tuned = TextEncoder(base.cfg, tuned_params, base.tokenizer, base.name + "+tuned",
+                        encoder_lib.params_sha256(tuned_params))
+    after = {"model": "tuned", **evaluate(tuned, paragraphs, test_q, config.eval.batch_size)}
+    metrics.write(kind="eval", **after)
+    logging.info("after training: recall@1 %.4f, recall@10 %.4f, nDCG@10 %.4f",
+                 after["recall@1"], after["recall@10"], after["ndcg@10"])
+    exported = {}
+    if config.export:
+        folder = encoder_lib.save(workdir / "export" / "encoder", base.cfg,
+                                  jax.device_get(tuned_params),
+                                  encoder_lib.default_encoder_path() if config.encoder.path
+                                  is None else config.encoder.path, overwrite=True)
+        exported = {"encoder": str(folder)}
+    plot_training_loss(read_jsonl(metrics.path), workdir / "loss.png",
+                       title="ffrag_jax retriever: in-batch InfoNCE on SQuAD")
+    keys = ("recall@1", "recall@5", "recall@10", "recall@100", "mrr@10", "ndcg@10")
+    summary = {
+        "train_questions": len(train_q),
+        "test_questions": len(test_q),
+        "before": {k: round(before[k], 4) for k in keys},
+        "after": {k: round(after[k], 4) for k in keys},
+        "wall_time_s": round(time.perf_counter() - started, 1),
+        "exported": exported,
+    }
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
