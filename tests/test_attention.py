@@ -9,8 +9,10 @@ from ffrag_jax.models import attention, llama
 
 
 # block 64: one block (T=20); block 8: blocks of 8, 8 and 4 query positions; block 1: one each.
-@pytest.mark.parametrize("heads, kv_heads, block", [(8, 2, 64), (4, 4, 64), (8, 2, 8), (4, 2, 1)])
-def test_values_and_gradients_match_xla_attention(heads, kv_heads, block):
+@pytest.mark.parametrize("heads, kv_heads, block, causal", [
+    (8, 2, 64, True), (4, 4, 64, True), (8, 2, 8, True), (4, 2, 1, True),
+    (4, 4, 64, False), (8, 2, 8, False)])  # not causal: the encoder's attention
+def test_values_and_gradients_match_xla_attention(heads, kv_heads, block, causal):
     keys = jax.random.split(jax.random.key(0), 4)
     q = jax.random.normal(keys[0], (3, 20, heads, 16))
     k = jax.random.normal(keys[1], (3, 20, kv_heads, 16))
@@ -21,11 +23,11 @@ def test_values_and_gradients_match_xla_attention(heads, kv_heads, block):
 
     def reference(q, k, v):
         out = jax.nn.dot_product_attention(q, k, v, mask=kv_mask[:, None, None, :], scale=0.25,
-                                           is_causal=True)
+                                           is_causal=causal)
         return jnp.sum(jnp.where(valid, out * weights, 0.0))
 
     def ours(q, k, v):
-        out = attention.causal_attention(q, k, v, kv_mask, 0.25, block=block)
+        out = attention.attention(q, k, v, kv_mask, 0.25, block=block, causal=causal)
         return jnp.sum(jnp.where(valid, out * weights, 0.0))
 
     np.testing.assert_allclose(jax.jit(ours)(q, k, v), reference(q, k, v), rtol=1e-5)

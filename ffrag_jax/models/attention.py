@@ -34,21 +34,30 @@ def _query_blocks(length: int, block: int) -> list[tuple[int, int]]:
     return [(start, min(start + block, length)) for start in range(0, length, block)]
 
 
-def _block_scores(q_rows, k, kv_mask, scale, start, end, groups):
-    """Masked f32 scores ``[(end-start)*G, end]`` of query positions ``[start, end)`` (rows
-    ``q_rows`` ``[(end-start)*G, H]``) against the keys they can see, ``k[:end]``."""
-    s = jnp.dot(q_rows, k[:end].T, preferred_element_type=jnp.float32) * scale
-    query_pos = start + jnp.arange((end - start) * groups) // groups
-    visible = (jnp.arange(end)[None, :] <= query_pos[:, None]) & kv_mask[None, :end]
+def _key_end(start_end: tuple[int, int], length: int, causal: bool) -> int:
+    """Keys a query block sees: its causal prefix, or all of them."""
+    return start_end[1] if causal else length
+
+
+def _block_scores(q_rows, k, kv_mask, scale, start, end, groups, causal):
+    """Masked f32 scores ``[(end-start)*G, keys]`` of query positions ``[start, end)`` (rows
+    ``q_rows`` ``[(end-start)*G, H]``) against the keys they can see: ``k[:end]`` when
+    ``causal``, else all of ``k``."""
+    keys = _key_end((start, end), k.shape[0], causal)
+    s = jnp.dot(q_rows, k[:keys].T, preferred_element_type=jnp.float32) * scale
+    visible = kv_mask[None, :keys]
+    if causal:
+        query_pos = start + jnp.arange((end - start) * groups) // groups
+        visible = visible & (jnp.arange(keys)[None, :] <= query_pos[:, None])
     return jnp.where(visible, s, _MASKED)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _attend(q, k, v, kv_mask, scale, groups, block):
-    return _attend_fwd(q, k, v, kv_mask, scale, groups, block)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _attend(q, k, v, kv_mask, scale, groups, block, causal):
+    return _attend_fwd(q, k, v, kv_mask, scale, groups, block, causal)[0]
 
 
-def _attend_fwd(q, k, v, kv_mask, scale, groups, block):
+def _attend_fwd(q, k, v, kv_mask, scale, groups, block, causal):
     """q ``[BK, T*G, H]``, k/v ``[BK, T, H]``, kv_mask ``[BK, T]`` -> out ``[BK, T*G, H]``."""
     length = k.shape[1]
 
@@ -56,12 +65,13 @@ def _attend_fwd(q, k, v, kv_mask, scale, groups, block):
         q1, k1, v1, mask1 = args
         outs, lses = [], []
         for start, end in _query_blocks(length, block):
+            keys = _key_end((start, end), length, causal)
             s = _block_scores(q1[start * groups:end * groups], k1, mask1, scale, start, end,
-                              groups)
+                              groups, causal)
             row_max = jnp.max(s, axis=-1, keepdims=True)
             p = jnp.exp(s - row_max)
             row_sum = jnp.sum(p, axis=-1, keepdims=True)
-            outs.append(jnp.dot(p.astype(v1.dtype), v1[:end]) / row_sum.astype(v1.dtype))
+            outs.append(jnp.dot(p.astype(v1.dtype), v1[:keys]) / row_sum.astype(v1.dtype))
             lses.append((row_max + jnp.log(row_sum))[:, 0])
         return jnp.concatenate(outs), jnp.concatenate(lses)
 
@@ -72,7 +82,7 @@ def _attend_fwd(q, k, v, kv_mask, scale, groups, block):
     return out, (q, k, v, kv_mask, out, lse)
 
 
-def _attend_bwd(scale, groups, block, residuals, d_out):
+def _attend_bwd(scale, groups, block, causal, residuals, d_out):
     q, k, v, kv_mask, out, lse = residuals
     length = k.shape[1]
 
@@ -83,16 +93,17 @@ def _attend_bwd(scale, groups, block, residuals, d_out):
         row_dot = jnp.sum(d_out1.astype(jnp.float32) * out1.astype(jnp.float32), -1)
         dqs = []
         for start, end in _query_blocks(length, block):
+            keys = _key_end((start, end), length, causal)
             rows = slice(start * groups, end * groups)
             q_rows, d_rows = q1[rows], d_out1[rows]
-            s = _block_scores(q_rows, k1, mask1, scale, start, end, groups)
+            s = _block_scores(q_rows, k1, mask1, scale, start, end, groups, causal)
             p = jnp.exp(s - lse1[rows][:, None])
-            dv = dv.at[:end].add(
+            dv = dv.at[:keys].add(
                 jnp.dot(p.T.astype(d_rows.dtype), d_rows, preferred_element_type=jnp.float32))
-            dp = jnp.dot(d_rows, v1[:end].T, preferred_element_type=jnp.float32)
+            dp = jnp.dot(d_rows, v1[:keys].T, preferred_element_type=jnp.float32)
             ds = (p * (dp - row_dot[rows][:, None]) * scale).astype(q1.dtype)
-            dqs.append(jnp.dot(ds, k1[:end]))
-            dk = dk.at[:end].add(jnp.dot(ds.T, q_rows, preferred_element_type=jnp.float32))
+            dqs.append(jnp.dot(ds, k1[:keys]))
+            dk = dk.at[:keys].add(jnp.dot(ds.T, q_rows, preferred_element_type=jnp.float32))
         return jnp.concatenate(dqs), dk.astype(k1.dtype), dv.astype(v1.dtype)
 
     dq, dk, dv = jax.lax.map(one_head, (q, k, v, kv_mask, out, lse, d_out))
@@ -103,8 +114,15 @@ _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 def causal_attention(q, k, v, kv_mask, scale: float, block: int = DEFAULT_BLOCK):
-    """Causal attention. ``q`` ``[B, T, N, H]``, ``k``/``v`` ``[B, T, K, H]`` (``N`` a multiple
-    of ``K``), ``kv_mask`` bool ``[B, T]`` (False: padding key). Returns ``[B, T, N, H]``.
+    """:func:`attention` with the causal mask (the Llama's)."""
+    return attention(q, k, v, kv_mask, scale, block, causal=True)
+
+
+def attention(q, k, v, kv_mask, scale: float, block: int = DEFAULT_BLOCK, *,
+              causal: bool = True):
+    """Blocked attention. ``q`` ``[B, T, N, H]``, ``k``/``v`` ``[B, T, K, H]`` (``N`` a
+    multiple of ``K``), ``kv_mask`` bool ``[B, T]`` (False: padding key). Returns
+    ``[B, T, N, H]``. ``causal=False`` lets every query see every real key (encoders).
 
     ``block`` (query positions per block) trades loop overhead against cache use; it does not
     change the result beyond float rounding.
@@ -118,6 +136,6 @@ def causal_attention(q, k, v, kv_mask, scale: float, block: int = DEFAULT_BLOCK)
     k_rows = k.transpose(0, 2, 1, 3).reshape(batch * kv_heads, length, dim)
     v_rows = v.transpose(0, 2, 1, 3).reshape(batch * kv_heads, length, dim)
     mask_rows = jnp.repeat(kv_mask, kv_heads, axis=0)
-    out = _attend(q_rows, k_rows, v_rows, mask_rows, scale, groups, min(block, length))
+    out = _attend(q_rows, k_rows, v_rows, mask_rows, scale, groups, min(block, length), causal)
     out = out.reshape(batch, kv_heads, length, groups, dim).transpose(0, 2, 1, 3, 4)
     return out.reshape(batch, length, heads, dim)
