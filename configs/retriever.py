@@ -27,7 +27,7 @@ def get_config() -> ConfigDict:
         mode="lora",  # lora | full
         targets="query,key,value,attention_output,intermediate,output",
         rank=8, alpha=16.0, dropout=0.0,
-        steps=200, batch_size=32, lr=5e-4, warmup_steps=20, weight_decay=0.0,
+        steps=150, batch_size=32, lr=5e-4, warmup_steps=15, weight_decay=0.0,
         max_grad_norm=1.0,
         logit_scale=100.0, symmetric=True,
         max_query_len=48, max_passage_len=128,  # training truncation (evaluation uses 256)
