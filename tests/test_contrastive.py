@@ -88,6 +88,7 @@ def test_retriever_job_end_to_end(tmp_path):
     squad.write_text(json.dumps({"data": articles, "version": "1.1"}))
     config = load_config("retriever", {"data.path": str(squad), "data.test_fraction": 0.5,
                                        "train.steps": 4, "train.batch_size": 4,
+                                       "train.hard_negatives": True,
                                        "log_every": 2, "checkpoint_every": 2})
     summary = run_lib.run(config, tmp_path / "run")
     assert summary["test_questions"] == 24 and summary["train_questions"] == 24
@@ -100,3 +101,5 @@ def test_retriever_job_end_to_end(tmp_path):
 
     model = SentenceTransformer(summary["exported"]["encoder"], device="cpu")
     assert model.encode(["a question"]).shape == (1, 384)
+    with pytest.raises(run_lib.UserError, match="data.path must name a SQuAD"):
+        run_lib.run(load_config("retriever"), tmp_path / "no_data")

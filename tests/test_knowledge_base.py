@@ -118,3 +118,22 @@ def test_multi_source_search_with_quotas(encoder):
         search_sources([cases], ["q"], {"nope": 1})
     emb = encoder.embed(["short", "a much longer query with many more tokens in it"])
     assert emb.shape == (2, 384) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+
+
+def test_command_line_build_and_search(tmp_path, capsys):
+    from ffrag_jax.retrieval import kb as cli
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i, text in enumerate(GUIDELINES):
+        (docs / f"g{i}.txt").write_text(text)
+    assert cli.main(["build", str(docs), str(tmp_path / "kb")]) == 0
+    assert json.loads(capsys.readouterr().out)["chunks"] == 3
+    assert cli.main(["build", str(docs), str(tmp_path / "kb")]) == 2  # no silent overwrite
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert cli.main(["search", str(tmp_path / "kb"), "hand hygiene rules", "--k", "1"]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert json.loads(line)["hits"][0]["doc_id"] == "g2.txt"
+    assert cli.main(["build", str(tmp_path / "missing"), str(tmp_path / "kb2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: document path") and "missing" in err[0]

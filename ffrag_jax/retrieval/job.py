@@ -6,7 +6,8 @@
    exact search, recall@1/5/10/100, MRR@10, nDCG@10.
 3. Training: symmetric in-batch InfoNCE (:mod:`ffrag_jax.retrieval.contrastive`) on
    (question, paragraph) pairs of the train articles; every batch has distinct paragraphs, so
-   no in-batch negative is a positive. LoRA (default) or full fine-tuning; checkpointed and
+   no in-batch negative is a positive; optionally one BM25-mined hard negative per question
+   (``train.hard_negatives``). LoRA (default) or full fine-tuning; checkpointed and
    resumable; loss logged to ``metrics.jsonl`` and ``loss.png``.
 4. Evaluation after training, and export of the (merged) encoder as a sentence-transformers
    folder (``export/encoder``) that ``SentenceTransformer`` loads.
@@ -46,19 +47,51 @@ def evaluate(encoder: TextEncoder, paragraphs: list[dict], questions: list[dict]
     return beir.scores(ranked, {q["id"]: {q["paragraph"]: 1} for q in questions})
 
 
+def mine_hard_negatives(questions: list[dict], paragraphs: dict[str, str], depth: int = 5
+                        ) -> list[list[str]]:
+    """Per question, the ids of the BM25 top-``depth`` paragraphs (of ``paragraphs``) that are
+    not its own: lexically close, wrong passages."""
+    import bm25s
+
+    ids = sorted(paragraphs)
+    tokens = lambda texts: bm25s.tokenize(texts, stopwords="en", return_ids=False,
+                                          show_progress=False)
+    bm25 = bm25s.BM25()
+    bm25.index(tokens([paragraphs[i] for i in ids]), show_progress=False)
+    found, _ = bm25.retrieve(tokens([q["text"] for q in questions]),
+                             k=min(depth + 1, len(ids)), show_progress=False)
+    return [[ids[j] for j in row if ids[j] != q["paragraph"]][:depth]
+            for q, row in zip(questions, found, strict=True)]
+
+
 def batch_at(step: int, pairs_by_paragraph: list[list[int]], questions: list[dict],
-             paragraphs: dict[str, str], tokenizer, config: ConfigDict) -> dict:
+             paragraphs: dict[str, str], tokenizer, config: ConfigDict,
+             negatives: list[list[str]] | None = None) -> dict:
     """The batch of ``step`` (a pure function of the seed and step): ``batch_size`` distinct
-    paragraphs, one of their questions each."""
+    paragraphs, one of their questions each, and (with ``negatives``) one hard negative per
+    question that is none of the batch's positives."""
     t = config.train
     rng = np.random.default_rng([config.seed, step])
     chosen = rng.choice(len(pairs_by_paragraph), t.batch_size, replace=False)
-    picked = [questions[rng.choice(pairs_by_paragraph[c])] for c in chosen]
+    indices = [int(rng.choice(pairs_by_paragraph[c])) for c in chosen]
+    picked = [questions[i] for i in indices]
     q = encoder_lib.tokenize(tokenizer, [x["text"] for x in picked], t.max_query_len)
     p = encoder_lib.tokenize(tokenizer, [paragraphs[x["paragraph"]] for x in picked],
                              t.max_passage_len)
-    return {"query_ids": q["input_ids"], "query_mask": q["attention_mask"],
-            "passage_ids": p["input_ids"], "passage_mask": p["attention_mask"]}
+    batch = {"query_ids": q["input_ids"], "query_mask": q["attention_mask"],
+             "passage_ids": p["input_ids"], "passage_mask": p["attention_mask"]}
+    if negatives is not None:
+        positives = {x["paragraph"] for x in picked}
+        hard = []
+        for i in indices:
+            options = [n for n in negatives[i] if n not in positives]
+            # No usable mined negative: a random paragraph outside the batch.
+            hard.append(options[0] if options else next(
+                pid for pid in rng.permutation(sorted(paragraphs)) if pid not in positives))
+        n = encoder_lib.tokenize(tokenizer, [paragraphs[h] for h in hard], t.max_passage_len)
+        batch["negative_ids"] = n["input_ids"][:, None]
+        batch["negative_mask"] = n["attention_mask"][:, None]
+    return batch
 
 
 def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
@@ -110,12 +143,16 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         logging.info("resuming retriever training at step %d", start)
         metrics.drop_train_records_after("retriever", start)
     texts = {p["id"]: p["text"] for p in paragraphs}
+    negatives = None
+    if t.hard_negatives:
+        train_ids = {q["paragraph"] for q in train_q}
+        negatives = mine_hard_negatives(train_q, {i: texts[i] for i in train_ids})
     frozen = base.params if t.mode == "lora" else None
     bar = tqdm(range(start, t.steps), desc="retriever", initial=start, total=t.steps,
                disable=not sys.stderr.isatty())
     window, window_start = [], time.perf_counter()
     for step in bar:
-        batch = batch_at(step, groups, train_q, texts, base.tokenizer, config)
+        batch = batch_at(step, groups, train_q, texts, base.tokenizer, config, negatives)
         state, out = contrastive.train_step(
             state, frozen, batch, jax.random.fold_in(rng, step), cfg=base.cfg,
             optimizer=optimizer, mode=t.mode, scale=t.logit_scale, symmetric=t.symmetric)
