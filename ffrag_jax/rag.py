@@ -1,0 +1,219 @@
+"""The jitted end-to-end retriever-generator step.
+
+Inputs (host side): ``B`` questions with answers and, per question, the ``K`` passages the
+current index returned. Inside one jit:
+
+1. the query encoder (frozen weights + its LoRA) embeds the questions; the passages' vectors
+   are given (the index's, frozen passage encoder: the default, no index refresh needed) or,
+   when ``passage_ids`` are in the batch, embedded by the same encoder (then passage-side
+   training changes the corpus vectors and the index must be refreshed);
+2. ``doc_scores = scale * q . p`` ``[B, K]`` carry gradients to the retriever's LoRA;
+3. the generator (frozen weights + its LoRA) scores the answer given each (passage, question)
+   in one batched forward over ``B*K`` sequences;
+4. the loss is a weighted sum of RAG-sequence, RAG-token, LSR (retriever only, LM side
+   stop-gradient) and RALT (generator only: the response-only NLL, mean over the K passages),
+   :mod:`ffrag_jax.losses`.
+
+Generator sequences are laid out so that every answer starts at the same position: the prompt
+``<s> Context: {passage}\\nQuestion: {question}\\nAnswer:`` is left-padded to ``P`` tokens (a
+passage too long for ``P`` loses tokens from its end, never the question or the answer), then
+the answer and ``</s>`` right-padded to ``T``. Positions count real tokens only, so the left
+padding changes nothing. The answer's log-probs are then ``[B, K, T]`` for every ``k`` alike,
+which RAG-token needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ffrag_jax import losses
+from ffrag_jax.errors import UserError
+from ffrag_jax.models.llama import LlamaConfig, forward
+from ffrag_jax.retrieval.encoder import EncoderConfig, encode
+from ffrag_jax.train import TrainState
+
+LOSSES = ("rag_sequence", "rag_token", "lsr", "ralt")
+PROMPT = "Context: {passage}\nQuestion: {question}\nAnswer:"
+
+
+@dataclasses.dataclass(frozen=True)
+class RagLossConfig:
+    """Static loss settings (hashable). ``weights`` pairs loss names with weights."""
+
+    weights: tuple[tuple[str, float], ...] = (("rag_sequence", 1.0),)
+    score_scale: float = 20.0  # doc_scores = scale * cosine (MiniLM cosines are in [-1, 1])
+    epsilon: float = 0.0
+    tau_r: float = 1.0
+    tau_lm: float = 1.0
+    lsr_direction: str = "lm_to_retriever"
+    length_normalize: bool = True  # LSR's LM scores: mean log-prob per answer token
+
+    def __post_init__(self):
+        unknown = [name for name, _ in self.weights if name not in LOSSES]
+        if unknown:
+            raise UserError(f"unknown RAG loss {unknown[0]!r}; losses: {', '.join(LOSSES)}")
+
+
+def encode_generator_batch(tokenizer, questions: Sequence[str], answers: Sequence[str],
+                           passages: Sequence[Sequence[str]], prompt_len: int,
+                           answer_len: int) -> dict[str, np.ndarray]:
+    """Generator arrays for ``B`` questions x ``K`` passages: ``gen_ids``/``gen_mask``
+    ``[B, K, P + T]`` and the answer ``targets``/``answer_mask`` ``[B, T]`` (see the module
+    docstring). An answer longer than ``T - 1`` tokens (EOS included) is an error; a question
+    with fewer than ``K`` passages must be padded by the caller (:func:`pad_passages`)."""
+    if len({len(p) for p in passages}) != 1:
+        raise UserError("every question needs the same number of passages (pad_passages)")
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id]
+    pad = tokenizer.pad_token_id
+    b, k = len(questions), len(passages[0])
+    ids = np.full((b, k, prompt_len + answer_len), pad, np.int32)
+    mask = np.zeros_like(ids)
+    targets = np.full((b, answer_len), pad, np.int32)
+    answer_mask = np.zeros((b, answer_len), np.int32)
+    for i, (question, answer) in enumerate(zip(questions, answers, strict=True)):
+        ans = tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"] + eos
+        if len(ans) > answer_len:
+            raise UserError(f"answer {i} has {len(ans)} tokens (EOS included); the budget is "
+                            f"{answer_len} (rag answer_len)")
+        targets[i, : len(ans)] = ans
+        answer_mask[i, : len(ans)] = 1
+        head, tail = PROMPT.split("{passage}")
+        q_tail = tokenizer(tail.format(question=question), add_special_tokens=False)[
+            "input_ids"]
+        head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+        room = prompt_len - len(bos) - len(head_ids) - len(q_tail)
+        if room < 0:
+            raise UserError(f"question {i} does not fit prompt_len={prompt_len} even without a "
+                            "passage")
+        for j, passage in enumerate(passages[i]):
+            p_ids = tokenizer(passage, add_special_tokens=False)["input_ids"][:room]
+            prompt = bos + head_ids + p_ids + q_tail
+            ids[i, j, prompt_len - len(prompt) : prompt_len] = prompt
+            mask[i, j, prompt_len - len(prompt) : prompt_len] = 1
+            ids[i, j, prompt_len : prompt_len + len(ans)] = ans
+            mask[i, j, prompt_len : prompt_len + len(ans)] = 1
+    return {"gen_ids": ids, "gen_mask": mask, "targets": targets, "answer_mask": answer_mask}
+
+
+def pad_passages(passages: Sequence[Sequence[str]], k: int) -> tuple[list[list[str]],
+                                                                      np.ndarray]:
+    """Each question's passages cut or padded to ``k`` (padding: empty passages) and a
+    ``[B, k]`` mask of the real ones (a question with no passage gets one empty passage,
+    unmasked, so it is scored closed-book)."""
+    out, valid = [], np.zeros((len(passages), k), bool)
+    for i, ps in enumerate(passages):
+        ps = list(ps)[:k]
+        valid[i, : max(len(ps), 1)] = True
+        out.append(ps + [""] * (k - len(ps)))
+    return out, valid
+
+
+def answer_logits(gen_params: dict, gen_cfg: LlamaConfig, batch: dict, gen_lora=None,
+                  dropout_rng=None) -> jax.Array:
+    """Generator logits aligned with the answer tokens: ``[B, K, T, V]``."""
+    b, k, length = batch["gen_ids"].shape
+    t = batch["targets"].shape[1]
+    ids = batch["gen_ids"].reshape(b * k, length)
+    mask = batch["gen_mask"].reshape(b * k, length)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)  # left padding: real tokens only
+    logits = forward(gen_params, gen_cfg, ids, mask, gen_lora, positions=positions,
+                     dropout_rng=dropout_rng)
+    prompt_len = length - t
+    return logits[:, prompt_len - 1 : length - 1].reshape(b, k, t, -1)
+
+
+def doc_scores(enc_params: dict, enc_cfg: EncoderConfig, batch: dict, enc_lora,
+               scale: float) -> jax.Array:
+    """``scale * q . p`` ``[B, K]``: questions embedded by the (LoRA) encoder; passages from
+    ``passage_emb`` ``[B, K, D]`` or, with ``passage_ids``/``passage_mask`` ``[B, K, Tp]``,
+    embedded by the same encoder. Padded passages (``passage_valid`` False) score -1e9."""
+    q = encode(enc_params, enc_cfg, batch["query_ids"], batch["query_mask"], enc_lora)
+    if "passage_ids" in batch:
+        b, k, tp = batch["passage_ids"].shape
+        p = encode(enc_params, enc_cfg, batch["passage_ids"].reshape(b * k, tp),
+                   batch["passage_mask"].reshape(b * k, tp), enc_lora).reshape(b, k, -1)
+    else:
+        p = batch["passage_emb"]
+    scores = scale * jnp.einsum("bd,bkd->bk", q, p)
+    if "passage_valid" in batch:
+        scores = jnp.where(batch["passage_valid"], scores, -1e9)
+    return scores
+
+
+def rag_loss(trainable: dict, frozen: dict, batch: dict, rng: jax.Array | None, *,
+             gen_cfg: LlamaConfig, enc_cfg: EncoderConfig, loss_cfg: RagLossConfig
+             ) -> tuple[jax.Array, dict]:
+    """Mean weighted loss over the batch and its parts. ``trainable`` holds the LoRAs
+    ``{"generator": LoRA | None, "retriever": LoRA | None}`` (None: not trained), ``frozen``
+    the base weights ``{"generator": params, "retriever": params}``."""
+    scores = doc_scores(frozen["retriever"], enc_cfg, batch, trainable.get("retriever"),
+                        loss_cfg.score_scale)
+    logits = answer_logits(frozen["generator"], gen_cfg, batch, trainable.get("generator"),
+                           dropout_rng=rng)
+    targets, mask = batch["targets"], batch["answer_mask"]
+    target_lp, vocab_sums = losses.answer_logprobs(logits, targets)
+    parts = {}
+    for name, _ in loss_cfg.weights:
+        if name == "rag_sequence":
+            parts[name] = losses.rag_sequence_nll(
+                target_lp, scores, mask, epsilon=loss_cfg.epsilon,
+                vocab_logprob_sums=vocab_sums, vocab_size=logits.shape[-1])
+        elif name == "rag_token":
+            parts[name] = losses.rag_token_nll(logits, scores, targets, mask,
+                                               epsilon=loss_cfg.epsilon)
+        elif name == "lsr":
+            lm = losses.sequence_logprob(target_lp, mask,
+                                         length_normalize=loss_cfg.length_normalize)
+            if "passage_valid" in batch:
+                lm = jnp.where(batch["passage_valid"], lm, -1e9)
+            parts[name] = losses.lsr_loss(scores, lm, tau_r=loss_cfg.tau_r,
+                                          tau_lm=loss_cfg.tau_lm,
+                                          direction=loss_cfg.lsr_direction)
+        elif name == "ralt":  # generator only: each passage's prompt scored on its own
+            valid = batch.get("passage_valid", jnp.ones(scores.shape, bool)).astype(jnp.float32)
+            per_doc = -(target_lp * mask[:, None, :]).sum(-1) / jnp.maximum(
+                mask.sum(-1, keepdims=True), 1)
+            parts[name] = (per_doc * valid).sum(-1) / jnp.maximum(valid.sum(-1), 1.0)
+    total = sum(weight * parts[name].mean() for name, weight in loss_cfg.weights)
+    metrics = {name: value.mean() for name, value in parts.items()}
+    metrics["retrieval_top1_is_lm_best"] = (
+        jnp.argmax(scores, -1) == jnp.argmax(losses.sequence_logprob(target_lp, mask), -1)
+    ).mean()
+    return total, metrics
+
+
+@functools.partial(jax.jit, static_argnames=("gen_cfg", "enc_cfg", "loss_cfg", "optimizers"),
+                   donate_argnums=(0,))
+def rag_step(states: dict, frozen: dict, batch: dict, rng: jax.Array, *, gen_cfg: LlamaConfig,
+             enc_cfg: EncoderConfig, loss_cfg: RagLossConfig, optimizers: tuple
+             ) -> tuple[dict, dict]:
+    """One update of both LoRAs with their own optimizers. ``states`` ``{"generator":
+    TrainState | None, "retriever": TrainState | None}`` (donated); ``optimizers`` the
+    ``(generator, retriever)`` optax transformations (None for a tree not trained). Returns
+    the new states and ``{loss, <parts>, grad_norm_<tree>}``."""
+    trainable = {name: None if s is None else s.trainable for name, s in states.items()}
+
+    def loss_fn(trees):
+        return rag_loss({**trainable, **trees}, frozen, batch, rng, gen_cfg=gen_cfg,
+                        enc_cfg=enc_cfg, loss_cfg=loss_cfg)
+
+    trained = {name: t for name, t in trainable.items() if t is not None}
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
+    new_states = dict(states)
+    for name, optimizer in zip(("generator", "retriever"), optimizers, strict=True):
+        if name not in trained:
+            continue
+        state = states[name]
+        updates, opt_state = optimizer.update(grads[name], state.opt_state, state.trainable)
+        new_states[name] = TrainState(state.step + 1, optax.apply_updates(state.trainable,
+                                                                          updates), opt_state)
+        metrics[f"grad_norm_{name}"] = optax.global_norm(grads[name])
+    return new_states, {"loss": loss, **metrics}
