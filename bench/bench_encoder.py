@@ -10,19 +10,16 @@ column excludes compilation (a warm-up pass over the same shapes runs first).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import report  # bench/report.py (the script's folder is on sys.path)
 
 from ffrag_jax.retrieval import beir
 from ffrag_jax.retrieval.encoder import TextEncoder, default_encoder_path
 
-RESULTS = Path(__file__).parent / "results"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -56,19 +53,15 @@ def main(argv=None):
                      "torch_s": torch_s, "speedup": torch_s / jax_s,
                      "max_abs_diff": float(np.abs(a - b).max())})
         print(rows[-1], flush=True)
-    result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-              "args": vars(args), "rows": rows, "command": " ".join(["python"] + sys.argv)}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "encoder_cpu.json").write_text(json.dumps(result, indent=2))
+    result = {"machine": report.machine(),
+              "args": vars(args), "rows": rows, "command": report.command()}
     lines = [f"# all-MiniLM-L6-v2 encoding, Flax vs sentence-transformers ({os.cpu_count()} "
              "CPU cores)", "", "| texts | count | tokens | JAX s | PyTorch s | JAX speed-up | "
              "max abs diff |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['texts']} | {r['count']} | {r['tokens']} | {r['jax_s']:.2f} | "
                      f"{r['torch_s']:.2f} | {r['speedup']:.2f}x | {r['max_abs_diff']:.1e} |")
-    lines += ["", f"Command: `{result['command']}`"]
-    (RESULTS / "encoder_cpu.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    report.save("encoder_cpu", result, lines)
 
 
 if __name__ == "__main__":

@@ -17,22 +17,19 @@ sweep of leaves-to-search, the default (10% of leaves) first.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import report  # bench/report.py (the script's folder is on sys.path)
 
 from ffrag_jax.retrieval import beir
 from ffrag_jax.retrieval import index as index_lib
 from ffrag_jax.retrieval.encoder import TextEncoder
 
-RESULTS = Path(__file__).parent / "results"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CACHE = Path(os.environ.get("FFRAG_BENCH_CACHE", Path(tempfile.gettempdir()) / "ffrag_bench"))
 
@@ -134,11 +131,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     passages, queries = real_vectors(args.data, args.queries)
     rows = [row for n in args.sizes for row in bench_size(n, passages, queries)]
-    result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+    result = {"machine": report.machine(),
               "args": vars(args) | {"data": str(args.data)}, "rows": rows,
-              "command": " ".join(["python"] + sys.argv)}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "index_cpu.json").write_text(json.dumps(result, indent=2))
+              "command": report.command()}
     lines = [f"# ScaNN vs exact search, 384-d MiniLM vectors ({os.cpu_count()} CPU cores)", "",
              f"{args.queries} real query embeddings (SQuAD dev questions), k = 10.", "",
              "| n | index | leaves searched | recall@10 | queries/s | vs exact | build s | "
@@ -149,9 +144,7 @@ def main(argv=None):
         lines.append(f"| {r['n']:,} | {r['index']} | {leaves} | {r['recall@10']:.3f} | "
                      f"{r['qps']:.0f} | {r.get('speedup_over_exact', 1.0):.1f}x | "
                      f"{r['build_s']:.1f} | {r['index_mb']:.0f} | {r['rss_growth_mb']:.0f} |")
-    lines += ["", f"Command: `{result['command']}`"]
-    (RESULTS / "index_cpu.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    report.save("index_cpu", result, lines)
 
 
 if __name__ == "__main__":

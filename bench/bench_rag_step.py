@@ -15,14 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+import report  # bench/report.py (the script's folder is on sys.path)
+
 
 
 def worker(k: int, args) -> dict:
@@ -100,11 +100,9 @@ def main(argv=None):
     base = rows[0]["step_s"] / rows[0]["k"]
     for r in rows:
         r["vs_k_times_k1"] = r["step_s"] / (r["k"] * base)
-    result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+    result = {"machine": report.machine(),
               "args": {k: v for k, v in vars(args).items() if k != "worker"}, "rows": rows,
-              "command": " ".join(["python"] + sys.argv)}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "rag_step_cpu.json").write_text(json.dumps(result, indent=2))
+              "command": report.command()}
     lines = [f"# End-to-end RAG step against K ({os.cpu_count()} CPU cores)", "",
              f"B = {args.batch} questions, prompt {args.prompt_len} + answer {args.answer_len} "
              "tokens per passage; tiny Llama generator + MiniLM query encoder, both LoRA.", "",
@@ -113,9 +111,7 @@ def main(argv=None):
     for r in rows:
         lines.append(f"| {r['k']} | {r['step_s']:.3f} | {r['vs_k_times_k1']:.2f} | "
                      f"{r['compile_s']:.1f} | {r['peak_rss_mb']:.0f} |")
-    lines += ["", f"Command: `{result['command']}`"]
-    (RESULTS / "rag_step_cpu.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    report.save("rag_step_cpu", result, lines)
 
 
 if __name__ == "__main__":

@@ -11,18 +11,15 @@ encoder's 256 tokens are chunked (200 tokens, overlap 32) and ranked by their be
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import sys
 import time
 from pathlib import Path
+
+import report  # bench/report.py (the script's folder is on sys.path)
 
 from ffrag_jax.retrieval import beir
 from ffrag_jax.retrieval.encoder import TextEncoder
 from ffrag_jax.retrieval.knowledge_base import KnowledgeBase
 
-RESULTS = Path(__file__).parent / "results"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -64,11 +61,9 @@ def main(argv=None):
                     {q["id"]: {q["paragraph"]: 1} for q in questions}, encoder)
     rows += r
     sizes.append(s)
-    result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+    result = {"machine": report.machine(),
               "encoder": encoder.identity, "rows": rows, "sizes": sizes,
-              "command": " ".join(["python"] + sys.argv)}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "retrieval_cpu.json").write_text(json.dumps(result, indent=2))
+              "command": report.command()}
     lines = ["# Retrieval quality: all-MiniLM-L6-v2 (Flax), BM25 (bm25s), hybrid (RRF)", "",
              "| dataset | mode | recall@1 | recall@10 | recall@100 | MRR@10 | nDCG@10 | queries |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -81,9 +76,7 @@ def main(argv=None):
     for s in sizes:
         lines.append(f"| {s['dataset']} | {s['documents']} | {s['chunks']} | "
                      f"{s['build_s']:.1f} | {s['query_embed_s']:.1f} |")
-    lines += ["", f"Command: `{result['command']}` ({os.cpu_count()} CPU cores)"]
-    (RESULTS / "retrieval_cpu.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    report.save("retrieval_cpu", result, lines)
 
 
 if __name__ == "__main__":

@@ -430,22 +430,29 @@ def fused_adapter(server: dict, client: int, fusion: str) -> LoRA:
     return federated.fuse(server["global"], personal, fusion)
 
 
+def round_models(server: dict, fl: ConfigDict, client: int, base: bool
+                 ) -> list[tuple[str, dict, LoRA | None]]:
+    """``(name, params, adapter)`` of the models evaluated for ``client``: the base model
+    (``base``: before any round), or the global model and (``ff``) the client's fused one."""
+    if base:
+        return [("base", server["params"], None)]
+    params, adapter = global_model(server, fl.strategy)
+    models = [("global", params, adapter)]
+    if fl.strategy == "ff":
+        models.append(("fused", params, fused_adapter(server, client, fl.fusion)))
+    return models
+
+
 def evaluate_round(config, server, cfg, held_batches, names, evaluate, *, base: bool = False
                    ) -> list[dict]:
     """Held-out loss and perplexity per client: the base model (``base=True``, before any
     round), or the global model and (``ff``) the fused."""
     fl = config.fl
-    params, adapter = global_model(server, fl.strategy)
     out = []
     for k, batches in enumerate(held_batches):
         if not batches:
             continue
-        if base:
-            models = [("base", server["params"], None)]
-        else:
-            models = [("global", params, adapter)]
-            if fl.strategy == "ff":
-                models.append(("fused", params, fused_adapter(server, k, fl.fusion)))
+        models = round_models(server, fl, k, base)
         for model, model_params, ad in models:
             loss = evaluate(model_params, ad, batches)
             out.append({"client": k, "name": names[k], "model": model, "loss": loss,
@@ -458,18 +465,12 @@ def exact_match_round(config, cfg, tokenizer, server, held_pairs, names, *, base
     """Exact match of generated answers on each client's held-out split: the base model
     (``base=True``, before any round) or the global and (``ff``) fused models."""
     fl, e = config.fl, config.eval
-    params, adapter = global_model(server, fl.strategy)
     max_prompt_len = min(config.data.max_len, cfg.max_position_embeddings) - e.max_new_tokens
     out = []
     for k, (prompts, responses) in enumerate(held_pairs):
         if not prompts:
             continue
-        if base:
-            models = [("base", server["params"], None)]
-        else:
-            models = [("global", params, adapter)]
-            if fl.strategy == "ff":
-                models.append(("fused", params, fused_adapter(server, k, fl.fusion)))
+        models = round_models(server, fl, k, base)
         for model, model_params, ad in models:
             answers = evaluation.generate_answers(
                 model_params, cfg, tokenizer, prompts, lora=ad, max_prompt_len=max_prompt_len,
