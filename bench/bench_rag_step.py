@@ -19,10 +19,8 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import report  # bench/report.py (the script's folder is on sys.path)
-
 
 
 def worker(k: int, args) -> dict:
