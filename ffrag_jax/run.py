@@ -21,7 +21,7 @@ from ml_collections import ConfigDict
 from ffrag_jax import sharding
 from ffrag_jax.errors import UserError
 
-TASKS = ("lora", "federated", "retriever")
+TASKS = ("lora", "federated", "retriever", "rag")
 
 
 def _first_difference(old: dict, new: dict, prefix: str = "") -> str | None:
@@ -88,4 +88,8 @@ def run(config: ConfigDict, workdir: str | Path, *, overwrite: bool = False) -> 
         from ffrag_jax.retrieval import job
 
         return job.run(config, workdir, mesh)
+    if config.task == "rag":
+        from ffrag_jax import rag_job
+
+        return rag_job.run(config, workdir, mesh)
     raise AssertionError(config.task)

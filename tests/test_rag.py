@@ -120,3 +120,25 @@ def test_rag_step_updates_both_loras_and_keeps_the_base(setup, losses):
     assert np.abs(np.asarray(states["retriever"].trainable.weights["layers"]["query"]["b"])
                   ).max() > 0
     jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, gen_params))
+
+
+def test_rag_job_end_to_end(tmp_path):
+    """The rag task, shrunk: pretraining, knowledge base, evaluation before/after, LSR steps
+    through the launcher's library entry point; K beyond the knowledge base is refused."""
+    import json
+
+    from ffrag_jax import run as run_lib
+    from ffrag_jax.launch import load_config
+
+    small = {"pretrain.steps": 4, "pretrain.num_examples": 64, "pretrain.batch_size": 8,
+             "data.num_facts": 40, "data.num_test": 10, "train.steps": 2,
+             "train.batch_size": 4, "model.hidden_size": 32, "model.intermediate_size": 64,
+             "model.num_layers": 2, "tokenizer.vocab_size": 400, "log_every": 1,
+             "checkpoint_every": 1}
+    summary = run_lib.run(load_config("rag_e2e", small), tmp_path / "run")
+    assert summary["test_questions"] == 10 and summary["train_questions"] == 30
+    assert set(summary["before"]) == {"recall@1", "recall@4", "closed_book_em", "rag_em"}
+    records = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r.get("phase") == "rag"] == [1, 2]
+    with pytest.raises(UserError, match="rag.k=50 is larger than the knowledge base"):
+        run_lib.run(load_config("rag_e2e", {**small, "rag.k": 50}), tmp_path / "k")

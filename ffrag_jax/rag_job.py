@@ -1,0 +1,168 @@
+"""The centralised end-to-end RAG job (``task = "rag"``) on synthetic knowledge.
+
+1. Knowledge: ``data.num_facts`` fact sentences of a synthetic domain form the knowledge base
+   (one passage each); a question about each fact can only be answered by reading it. Entity
+   names repeat across facts with different relations ("the capital of Rinkle", "the currency
+   of Rinkle"), so the retriever has to find the right relation, not just the name.
+2. Generator: the tiny Llama pretrained on reading comprehension of the same domain with
+   fresh facts (``base_model.pretrain``), or a local checkpoint (``model.path``).
+3. Retriever: the packaged MiniLM (or ``retriever.path``) with a LoRA on its query side; the
+   passages' vectors stay fixed (query-side training: no index refresh).
+4. Before and after training, on held-out questions: retrieval recall@1/@k, closed-book exact
+   match (empty context), and RAG exact match (the top-1 passage in the prompt).
+5. Training: per step, the current query encoder retrieves the top ``rag.k`` passages of a
+   batch of training questions (host side, exact index), and :func:`ffrag_jax.rag.rag_step`
+   updates the LoRAs with the configured losses (default: LSR alone, generator frozen).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from ml_collections import ConfigDict
+from tqdm import tqdm
+
+from ffrag_jax import checkpoint, evaluation, lora, rag, synthetic, train
+from ffrag_jax.base_model import model_config, pretrain, run_tokenizer
+from ffrag_jax.errors import UserError
+from ffrag_jax.metrics import MetricsLog, plot_training_loss, read_jsonl
+from ffrag_jax.models.llama import init_params
+from ffrag_jax.retrieval import encoder as encoder_lib
+from ffrag_jax.retrieval import index as index_lib
+from ffrag_jax.retrieval.encoder import TextEncoder
+
+
+def knowledge(config: ConfigDict) -> tuple[list[dict], list[dict], list[dict]]:
+    """``(facts, train questions, test questions)``; every question's fact is ``facts[i]``."""
+    d = config.data
+    examples = synthetic.make_examples(d.domain, d.num_facts, config.seed + 7, distractors=0)
+    facts = [{"id": f"fact{i}", "text": e["context"]} for i, e in enumerate(examples)]
+    questions = [{"question": e["question"], "answer": e["answer"], "fact": i}
+                 for i, e in enumerate(examples)]
+    order = np.random.default_rng(config.seed).permutation(len(questions))
+    test = [questions[i] for i in sorted(order[: d.num_test])]
+    train_q = [questions[i] for i in sorted(order[d.num_test:])]
+    return facts, train_q, test
+
+
+def retrieve(enc: TextEncoder, index, questions: list[dict], k: int) -> np.ndarray:
+    """Top-``k`` fact ids ``[N, k]`` of the questions with the encoder's current LoRA."""
+    return index.search(enc.embed([q["question"] for q in questions]), k)[1]
+
+
+def evaluate(config, enc, index, facts, questions, gen_params, gen_cfg, tokenizer) -> dict:
+    """Retrieval recall and closed-book / RAG exact match on ``questions``."""
+    k = config.rag.k
+    ids = retrieve(enc, index, questions, k)
+    gold = np.asarray([q["fact"] for q in questions])
+    answers = [q["answer"] for q in questions]
+    prompt = lambda context, q: synthetic.prompt({"context": context, "question": q["question"]})
+    common = dict(max_prompt_len=config.rag.prompt_len, max_new_tokens=config.eval.max_new_tokens,
+                  batch_size=config.eval.batch_size)
+    closed = evaluation.generate_answers(gen_params, gen_cfg, tokenizer,
+                                         [prompt("", q) for q in questions], **common)
+    with_rag = evaluation.generate_answers(
+        gen_params, gen_cfg, tokenizer,
+        [prompt(facts[i]["text"], q) for i, q in zip(ids[:, 0], questions, strict=True)],
+        **common)
+    return {"recall@1": float(np.mean(ids[:, 0] == gold)),
+            f"recall@{k}": float(np.mean((ids == gold[:, None]).any(1))),
+            "closed_book_em": evaluation.exact_match_score(closed, answers),
+            "rag_em": evaluation.exact_match_score(with_rag, answers),
+            "questions": len(questions)}
+
+
+def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
+    started = time.perf_counter()
+    r, t = config.rag, config.train
+    metrics = MetricsLog(workdir / "metrics.jsonl")
+    facts, train_q, test_q = knowledge(config)
+    if r.k > len(facts):
+        raise UserError(f"rag.k={r.k} is larger than the knowledge base ({len(facts)} facts)")
+    reading = synthetic.make_examples(config.data.domain, config.pretrain.num_examples,
+                                      config.seed, distractors=0)
+    tokenizer = run_tokenizer(config, workdir, (
+        synthetic.prompt(e) + synthetic.response(e) for e in reading + [
+            {"context": f["text"], "question": "", "answer": ""} for f in facts]))
+    gen_cfg, gen_params = model_config(config, tokenizer)
+    rng = jax.random.key(config.seed)
+    if gen_params is None:
+        gen_params = (pretrain(config, gen_cfg, tokenizer, reading, init_rng=rng,
+                               rng=jax.random.fold_in(rng, 1), max_len=config.data.max_len,
+                               mesh=mesh,
+                               ckpt_dir=workdir / "checkpoints", metrics=metrics)
+                      if config.pretrain.steps > 0 else init_params(rng, gen_cfg))
+
+    enc = TextEncoder.load(config.retriever.path)
+    fact_vectors = enc.embed([f["text"] for f in facts])
+    index = index_lib.ExactIndex(fact_vectors, "dot")
+    records = read_jsonl(metrics.path) if metrics.path.exists() else []
+    before = next((x for x in records if x.get("kind") == "eval" and x["model"] == "base"), None)
+    if before is None:
+        before = {"model": "base", **evaluate(config, enc, index, facts, test_q, gen_params,
+                                              gen_cfg, tokenizer)}
+        metrics.write(kind="eval", **before)
+    logging.info("before: %s", before)
+
+    ret_lora = lora.init(jax.random.fold_in(rng, 2), enc.params, t.retriever_targets,
+                         t.rank, 2.0 * t.rank)
+    opt_r = train.make_optimizer(t.retriever_lr, t.steps, warmup_steps=t.warmup_steps)
+    states = {"generator": None, "retriever": train.init_train_state(ret_lora, opt_r)}
+    mngr = checkpoint.manager(workdir / "checkpoints" / "rag")
+    start, states = checkpoint.restore_latest(mngr, states)
+    if start:
+        metrics.drop_train_records_after("rag", start)
+    loss_cfg = rag.RagLossConfig(weights=tuple((k, float(v)) for k, v in r.losses.items()),
+                                 score_scale=r.score_scale, tau_lm=r.tau_lm)
+    frozen = {"generator": gen_params, "retriever": enc.params}
+    bar = tqdm(range(start, t.steps), desc="rag", initial=start, total=t.steps,
+               disable=not sys.stderr.isatty())
+    for step in bar:
+        enc.lora = states["retriever"].trainable
+        pick = np.random.default_rng([config.seed, step]).choice(len(train_q), t.batch_size,
+                                                                 replace=False)
+        batch_q = [train_q[i] for i in pick]
+        ids = retrieve(enc, index, batch_q, r.k)
+        gen = rag.encode_generator_batch(
+            tokenizer, [q["question"] for q in batch_q], [q["answer"] for q in batch_q],
+            [[facts[i]["text"] for i in row] for row in ids], r.prompt_len, r.answer_len)
+        q_tok = encoder_lib.tokenize(enc.tokenizer, [q["question"] for q in batch_q], 32)
+        batch = {**gen, "query_ids": q_tok["input_ids"], "query_mask": q_tok["attention_mask"],
+                 "passage_emb": fact_vectors[ids]}
+        states, out = rag.rag_step(states, frozen, {k: jnp.asarray(v) for k, v in batch.items()},
+                                   jax.random.fold_in(rng, step), gen_cfg=gen_cfg,
+                                   enc_cfg=enc.cfg, loss_cfg=loss_cfg, optimizers=(None, opt_r))
+        done = step + 1
+        if done % config.log_every == 0 or done == t.steps:
+            out = jax.device_get(out)
+            metrics.write(kind="train", phase="rag", step=done, loss=float(out["loss"]),
+                          top1_is_lm_best=float(out["retrieval_top1_is_lm_best"]))
+            bar.set_postfix(loss=f"{float(out['loss']):.4f}")
+            logging.info("rag step %d/%d loss %.4f", done, t.steps, float(out["loss"]))
+        if done % config.checkpoint_every == 0 or done == t.steps:
+            checkpoint.save(mngr, done, states)
+    mngr.wait_until_finished()
+    mngr.close()
+
+    enc.lora = states["retriever"].trainable
+    after = {"model": "trained", **evaluate(config, enc, index, facts, test_q, gen_params,
+                                            gen_cfg, tokenizer)}
+    metrics.write(kind="eval", **after)
+    logging.info("after: %s", after)
+    plot_training_loss(read_jsonl(metrics.path), workdir / "loss.png",
+                       title="ffrag_jax RAG: LM-supervised retrieval")
+    keys = [k for k in before if k not in ("model", "questions")]
+    summary = {"facts": len(facts), "train_questions": len(train_q),
+               "test_questions": len(test_q),
+               "before": {k: round(before[k], 4) for k in keys},
+               "after": {k: round(after[k], 4) for k in keys},
+               "wall_time_s": round(time.perf_counter() - started, 1)}
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
