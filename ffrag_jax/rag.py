@@ -54,6 +54,10 @@ class RagLossConfig:
     tau_lm: float = 1.0
     lsr_direction: str = "lm_to_retriever"
     length_normalize: bool = True  # LSR's LM scores: mean log-prob per answer token
+    # LSR over all B*K passages of the batch: other questions' passages join as negatives the
+    # LM gives zero weight. Without them, LSR only reorders each question's own top-K and can
+    # drift the query encoder away from everything else (measured: recall falls).
+    in_batch_negatives: bool = True
 
     def __post_init__(self):
         unknown = [name for name, _ in self.weights if name not in LOSSES]
@@ -130,11 +134,9 @@ def answer_logits(gen_params: dict, gen_cfg: LlamaConfig, batch: dict, gen_lora=
     return logits[:, prompt_len - 1 : length - 1].reshape(b, k, t, -1)
 
 
-def doc_scores(enc_params: dict, enc_cfg: EncoderConfig, batch: dict, enc_lora,
-               scale: float) -> jax.Array:
-    """``scale * q . p`` ``[B, K]``: questions embedded by the (LoRA) encoder; passages from
-    ``passage_emb`` ``[B, K, D]`` or, with ``passage_ids``/``passage_mask`` ``[B, K, Tp]``,
-    embedded by the same encoder. Padded passages (``passage_valid`` False) score -1e9."""
+def embeddings(enc_params: dict, enc_cfg: EncoderConfig, batch: dict, enc_lora
+               ) -> tuple[jax.Array, jax.Array]:
+    """Query ``[B, D]`` and passage ``[B, K, D]`` embeddings (see :func:`doc_scores`)."""
     q = encode(enc_params, enc_cfg, batch["query_ids"], batch["query_mask"], enc_lora)
     if "passage_ids" in batch:
         b, k, tp = batch["passage_ids"].shape
@@ -142,7 +144,19 @@ def doc_scores(enc_params: dict, enc_cfg: EncoderConfig, batch: dict, enc_lora,
                    batch["passage_mask"].reshape(b * k, tp), enc_lora).reshape(b, k, -1)
     else:
         p = batch["passage_emb"]
-    scores = scale * jnp.einsum("bd,bkd->bk", q, p)
+    return q, p
+
+
+def doc_scores(enc_params: dict, enc_cfg: EncoderConfig, batch: dict, enc_lora,
+               scale: float) -> jax.Array:
+    """``scale * q . p`` ``[B, K]``: questions embedded by the (LoRA) encoder; passages from
+    ``passage_emb`` ``[B, K, D]`` or, with ``passage_ids``/``passage_mask`` ``[B, K, Tp]``,
+    embedded by the same encoder. Padded passages (``passage_valid`` False) score -1e9."""
+    q, p = embeddings(enc_params, enc_cfg, batch, enc_lora)
+    return _mask_invalid(scale * jnp.einsum("bd,bkd->bk", q, p), batch)
+
+
+def _mask_invalid(scores: jax.Array, batch: dict) -> jax.Array:
     if "passage_valid" in batch:
         scores = jnp.where(batch["passage_valid"], scores, -1e9)
     return scores
@@ -154,8 +168,8 @@ def rag_loss(trainable: dict, frozen: dict, batch: dict, rng: jax.Array | None, 
     """Mean weighted loss over the batch and its parts. ``trainable`` holds the LoRAs
     ``{"generator": LoRA | None, "retriever": LoRA | None}`` (None: not trained), ``frozen``
     the base weights ``{"generator": params, "retriever": params}``."""
-    scores = doc_scores(frozen["retriever"], enc_cfg, batch, trainable.get("retriever"),
-                        loss_cfg.score_scale)
+    q, p = embeddings(frozen["retriever"], enc_cfg, batch, trainable.get("retriever"))
+    scores = _mask_invalid(loss_cfg.score_scale * jnp.einsum("bd,bkd->bk", q, p), batch)
     logits = answer_logits(frozen["generator"], gen_cfg, batch, trainable.get("generator"),
                            dropout_rng=rng)
     targets, mask = batch["targets"], batch["answer_mask"]
@@ -174,7 +188,17 @@ def rag_loss(trainable: dict, frozen: dict, batch: dict, rng: jax.Array | None, 
                                          length_normalize=loss_cfg.length_normalize)
             if "passage_valid" in batch:
                 lm = jnp.where(batch["passage_valid"], lm, -1e9)
-            parts[name] = losses.lsr_loss(scores, lm, tau_r=loss_cfg.tau_r,
+            retriever = scores
+            if loss_cfg.in_batch_negatives:
+                # [B, B*K]: every passage of the batch; the LM weighs only the question's own
+                # (the -1e9 logits are finite, so the zero-weight terms stay 0, never NaN).
+                b, k = scores.shape
+                own = jnp.eye(b, dtype=bool)[:, :, None].repeat(k, axis=2).reshape(b, b * k)
+                retriever = loss_cfg.score_scale * q @ p.reshape(b * k, -1).T
+                valid = batch.get("passage_valid", jnp.ones((b, k), bool)).reshape(1, b * k)
+                retriever = jnp.where(valid, retriever, -1e9)
+                lm = jnp.where(own, jnp.tile(lm, (1, b)), -1e9)
+            parts[name] = losses.lsr_loss(retriever, lm, tau_r=loss_cfg.tau_r,
                                           tau_lm=loss_cfg.tau_lm,
                                           direction=loss_cfg.lsr_direction)
         elif name == "ralt":  # generator only: each passage's prompt scored on its own
