@@ -28,10 +28,13 @@ def get_config() -> ConfigDict:
         prompt_len=48, answer_len=8,
         losses={"lsr": 1.0},  # any of rag_sequence, rag_token, lsr, ralt with weights
         score_scale=20.0, tau_lm=1.0,
+        passage_len=32,  # encoder tokens per fact (passage-side training)
+        refresh_every=50,  # steps between index rebuilds (passage-side training only)
     ))
     c.train = ConfigDict(dict(
         steps=150, batch_size=16, rank=8, retriever_targets="query,value",
         retriever_lr=1e-3, warmup_steps=10,
+        passage_side=False,  # also train the passage side (then the index is refreshed)
     ))
     c.eval = ConfigDict(dict(max_new_tokens=8, batch_size=50))
     return c

@@ -13,6 +13,9 @@
 5. Training: per step, the current query encoder retrieves the top ``rag.k`` passages of a
    batch of training questions (host side, exact index), and :func:`ffrag_jax.rag.rag_step`
    updates the LoRAs with the configured losses (default: LSR alone, generator frozen).
+   With ``train.passage_side`` the candidate passages are re-encoded by the LoRA encoder in
+   the step, and the knowledge base is re-embedded and re-indexed every ``rag.refresh_every``
+   steps (and at the end); until then training searches the stale index.
 """
 
 from __future__ import annotations
@@ -79,6 +82,18 @@ def evaluate(config, enc, index, facts, questions, gen_params, gen_cfg, tokenize
             "questions": len(questions)}
 
 
+def refresh(enc: TextEncoder, texts: list[str], metrics: MetricsLog, step: int):
+    """Re-embeds the knowledge base with the encoder's current LoRA and rebuilds the index
+    (passage-side training changes the corpus vectors); the time is logged."""
+    started = time.perf_counter()
+    vectors = enc.embed(texts)
+    index = index_lib.ExactIndex(vectors, "dot")
+    seconds = time.perf_counter() - started
+    metrics.write(kind="index_refresh", step=step, seconds=round(seconds, 2), count=len(texts))
+    logging.info("index refreshed at step %d in %.1f s", step, seconds)
+    return vectors, index
+
+
 def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     started = time.perf_counter()
     r, t = config.rag, config.train
@@ -101,8 +116,10 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
                       if config.pretrain.steps > 0 else init_params(rng, gen_cfg))
 
     enc = TextEncoder.load(config.retriever.path)
-    fact_vectors = enc.embed([f["text"] for f in facts])
+    fact_texts = [f["text"] for f in facts]
+    fact_vectors = enc.embed(fact_texts)
     index = index_lib.ExactIndex(fact_vectors, "dot")
+    fact_tokens = encoder_lib.tokenize(enc.tokenizer, fact_texts, r.passage_len)
     records = read_jsonl(metrics.path) if metrics.path.exists() else []
     before = next((x for x in records if x.get("kind") == "eval" and x["model"] == "base"), None)
     if before is None:
@@ -126,6 +143,8 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
                disable=not sys.stderr.isatty())
     for step in bar:
         enc.lora = states["retriever"].trainable
+        if t.passage_side and step > start and step % r.refresh_every == 0:
+            fact_vectors, index = refresh(enc, fact_texts, metrics, step)
         pick = np.random.default_rng([config.seed, step]).choice(len(train_q), t.batch_size,
                                                                  replace=False)
         batch_q = [train_q[i] for i in pick]
@@ -134,8 +153,12 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
             tokenizer, [q["question"] for q in batch_q], [q["answer"] for q in batch_q],
             [[facts[i]["text"] for i in row] for row in ids], r.prompt_len, r.answer_len)
         q_tok = encoder_lib.tokenize(enc.tokenizer, [q["question"] for q in batch_q], 32)
-        batch = {**gen, "query_ids": q_tok["input_ids"], "query_mask": q_tok["attention_mask"],
-                 "passage_emb": fact_vectors[ids]}
+        batch = {**gen, "query_ids": q_tok["input_ids"], "query_mask": q_tok["attention_mask"]}
+        if t.passage_side:  # passages re-encoded by the LoRA encoder: gradients reach them
+            batch["passage_ids"] = fact_tokens["input_ids"][ids]
+            batch["passage_mask"] = fact_tokens["attention_mask"][ids]
+        else:
+            batch["passage_emb"] = fact_vectors[ids]
         states, out = rag.rag_step(states, frozen, {k: jnp.asarray(v) for k, v in batch.items()},
                                    jax.random.fold_in(rng, step), gen_cfg=gen_cfg,
                                    enc_cfg=enc.cfg, loss_cfg=loss_cfg, optimizers=(None, opt_r))
@@ -152,6 +175,8 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     mngr.close()
 
     enc.lora = states["retriever"].trainable
+    if t.passage_side:  # the final refresh: the index the trained encoder searches
+        fact_vectors, index = refresh(enc, fact_texts, metrics, t.steps)
     after = {"model": "trained", **evaluate(config, enc, index, facts, test_q, gen_params,
                                             gen_cfg, tokenizer)}
     metrics.write(kind="eval", **after)

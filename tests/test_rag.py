@@ -140,5 +140,10 @@ def test_rag_job_end_to_end(tmp_path):
     assert set(summary["before"]) == {"recall@1", "recall@4", "closed_book_em", "rag_em"}
     records = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r.get("phase") == "rag"] == [1, 2]
+    side = run_lib.run(load_config("rag_e2e", {**small, "train.passage_side": True,
+                                                "rag.refresh_every": 1}), tmp_path / "side")
+    records = [json.loads(x) for x in (tmp_path / "side/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "index_refresh"] == [1, 2]
+    assert set(side["after"]) == set(summary["after"])
     with pytest.raises(UserError, match="rag.k=50 is larger than the knowledge base"):
         run_lib.run(load_config("rag_e2e", {**small, "rag.k": 50}), tmp_path / "k")
