@@ -159,7 +159,8 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
 # Reading
 
 
-def _read_json(path: Path, what: str) -> dict:
+def read_json(path: Path, what: str) -> dict:
+    """The JSON at ``path``; a missing or malformed file is a one-line UserError."""
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -182,7 +183,7 @@ def safetensors_files(folder: Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file that holds it (sharded index or single file)."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        weight_map = _read_json(index, "sharded safetensors index").get("weight_map")
+        weight_map = read_json(index, "sharded safetensors index").get("weight_map")
         if not isinstance(weight_map, dict):
             raise UserError(f"{index}: has no 'weight_map'")
         files = {name: folder / fname for name, fname in weight_map.items()}
@@ -232,7 +233,7 @@ def load_llama(
     ``param_dtype`` defaults to the dtype in config.json; ``dtype`` (compute) to ``param_dtype``.
     """
     folder = check_model_dir(path)
-    hf = _read_json(folder / "config.json", "the model's transformers config")
+    hf = read_json(folder / "config.json", "the model's transformers config")
     model_type = hf.get("model_type")
     if model_type != "llama":
         raise UserError(f"{folder}/config.json: model_type is {model_type!r}, expected 'llama'")

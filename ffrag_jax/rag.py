@@ -15,10 +15,10 @@ current index returned. Inside one jit:
    :mod:`ffrag_jax.losses`.
 
 Generator sequences are laid out so that every answer starts at the same position: the prompt
-``<s> Context: {passage}\\nQuestion: {question}\\nAnswer:`` is left-padded to ``P`` tokens (a
-passage too long for ``P`` loses tokens from its end, never the question or the answer), then
-the answer and ``</s>`` right-padded to ``T``. Positions count real tokens only, so the left
-padding changes nothing. The answer's log-probs are then ``[B, K, T]`` for every ``k`` alike,
+``<s> Context: {passage}\\nQuestion: {question}\\nAnswer:`` (``synthetic.prompt``) is
+left-padded to ``P`` tokens (a passage too long for ``P`` loses tokens from its end, never the
+question or the answer), then the answer and ``</s>`` right-padded to ``T``. Positions count
+real tokens only, so the left padding changes nothing. The answer's log-probs are then ``[B, K, T]`` for every ``k`` alike,
 which RAG-token needs.
 """
 
@@ -33,14 +33,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ffrag_jax import losses
+from ffrag_jax import losses, synthetic
 from ffrag_jax.errors import UserError
 from ffrag_jax.models.llama import LlamaConfig, forward
 from ffrag_jax.retrieval.encoder import EncoderConfig, encode
 from ffrag_jax.train import TrainState
 
 LOSSES = ("rag_sequence", "rag_token", "lsr", "ralt")
-PROMPT = "Context: {passage}\nQuestion: {question}\nAnswer:"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +73,6 @@ def encode_generator_batch(tokenizer, questions: Sequence[str], answers: Sequenc
     with fewer than ``K`` passages must be padded by the caller (:func:`pad_passages`)."""
     if len({len(p) for p in passages}) != 1:
         raise UserError("every question needs the same number of passages (pad_passages)")
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id]
     pad = tokenizer.pad_token_id
     b, k = len(questions), len(passages[0])
@@ -89,22 +87,41 @@ def encode_generator_batch(tokenizer, questions: Sequence[str], answers: Sequenc
                             f"{answer_len} (rag answer_len)")
         targets[i, : len(ans)] = ans
         answer_mask[i, : len(ans)] = 1
-        head, tail = PROMPT.split("{passage}")
-        q_tail = tokenizer(tail.format(question=question), add_special_tokens=False)[
-            "input_ids"]
-        head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
-        room = prompt_len - len(bos) - len(head_ids) - len(q_tail)
-        if room < 0:
-            raise UserError(f"question {i} does not fit prompt_len={prompt_len} even without a "
-                            "passage")
         for j, passage in enumerate(passages[i]):
-            p_ids = tokenizer(passage, add_special_tokens=False)["input_ids"][:room]
-            prompt = bos + head_ids + p_ids + q_tail
+            prompt = prompt_ids(tokenizer, passage, question, prompt_len, where=f"question {i}")
             ids[i, j, prompt_len - len(prompt) : prompt_len] = prompt
             mask[i, j, prompt_len - len(prompt) : prompt_len] = 1
             ids[i, j, prompt_len : prompt_len + len(ans)] = ans
             mask[i, j, prompt_len : prompt_len + len(ans)] = 1
     return {"gen_ids": ids, "gen_mask": mask, "targets": targets, "answer_mask": answer_mask}
+
+
+def prompt_ids(tokenizer, passage: str, question: str, budget: int, *, where: str = "question"
+               ) -> list[int]:
+    """``<s>`` + the prompt tokenized as one string (exactly as at generation time and in
+    pretraining: tokenizing its pieces apart would change the tokens at their seams), at most
+    ``budget`` tokens. A passage that does not fit loses tokens from its end."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+
+    def encode(text: str) -> list[int]:
+        full = synthetic.prompt({"context": text, "question": question})  # the one template
+        return bos + tokenizer(full, add_special_tokens=False)["input_ids"]
+
+    ids = encode(passage)
+    if len(ids) <= budget:
+        return ids
+    offsets = tokenizer(passage, add_special_tokens=False,
+                        return_offsets_mapping=True)["offset_mapping"]
+    # Cut the passage at a token boundary; re-tokenizing can merge differently at the cut, so
+    # step back a token until the whole prompt fits.
+    for keep in range(len(offsets) - (len(ids) - budget), 0, -1):
+        ids = encode(passage[: offsets[keep - 1][1]])
+        if len(ids) <= budget:
+            return ids
+    ids = encode("")
+    if len(ids) > budget:
+        raise UserError(f"{where} does not fit prompt_len={budget} even without a passage")
+    return ids
 
 
 def pad_passages(passages: Sequence[Sequence[str]], k: int) -> tuple[list[list[str]],

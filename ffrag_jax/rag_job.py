@@ -56,8 +56,10 @@ def knowledge(config: ConfigDict) -> tuple[list[dict], list[dict], list[dict]]:
 
 
 def retrieve(enc: TextEncoder, index, questions: list[dict], k: int) -> np.ndarray:
-    """Top-``k`` fact ids ``[N, k]`` of the questions with the encoder's current LoRA."""
-    return index.search(enc.embed([q["question"] for q in questions]), k)[1]
+    """Top-``k`` fact ids ``[N, k]`` of the questions with the encoder's current LoRA (one
+    batch of at most 64: a training batch is not padded to more)."""
+    vectors = enc.embed([q["question"] for q in questions], batch_size=min(len(questions), 64))
+    return index.search(vectors, k)[1]
 
 
 def evaluate(config, enc, index, facts, questions, gen_params, gen_cfg, tokenizer) -> dict:

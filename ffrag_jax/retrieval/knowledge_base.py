@@ -33,7 +33,9 @@ RRF_K = 60  # reciprocal rank fusion constant (Cormack et al., 2009)
 FORMAT = 1
 
 
-def _bm25_tokens(texts: Sequence[str]) -> list[list[str]]:
+def bm25_tokens(texts: Sequence[str]) -> list[list[str]]:
+    """BM25 terms of ``texts`` (lower case, English stopwords out), as every BM25 index here
+    is built and queried."""
     import bm25s
 
     return bm25s.tokenize(list(texts), stopwords="en", return_ids=False, show_progress=False)
@@ -92,7 +94,7 @@ class KnowledgeBase:
                                    progress=progress)
         dense = index_lib.build(embeddings, metric, index_kind)
         bm25 = bm25s.BM25()
-        bm25.index(_bm25_tokens([c["text"] for c in chunks]), show_progress=False)
+        bm25.index(bm25_tokens([c["text"] for c in chunks]), show_progress=False)
         manifest = {
             "format": FORMAT,
             "name": name,
@@ -180,7 +182,7 @@ class KnowledgeBase:
             dense = [[(int(i), float(s)) for i, s in zip(row_i, row_s, strict=True) if i >= 0]
                      for row_i, row_s in zip(ids, scores, strict=True)]
         if mode in ("bm25", "hybrid"):
-            ids, scores = self.bm25.retrieve(_bm25_tokens(queries), k=depth,
+            ids, scores = self.bm25.retrieve(bm25_tokens(queries), k=depth,
                                              show_progress=False)
             # BM25 scores 0 for a chunk sharing no term with the query: not a hit.
             bm25 = [[(int(i), float(s)) for i, s in zip(row_i, row_s, strict=True) if s > 0]
