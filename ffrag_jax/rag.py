@@ -18,8 +18,8 @@ Generator sequences are laid out so that every answer starts at the same positio
 ``<s> Context: {passage}\\nQuestion: {question}\\nAnswer:`` (``synthetic.prompt``) is
 left-padded to ``P`` tokens (a passage too long for ``P`` loses tokens from its end, never the
 question or the answer), then the answer and ``</s>`` right-padded to ``T``. Positions count
-real tokens only, so the left padding changes nothing. The answer's log-probs are then ``[B, K, T]`` for every ``k`` alike,
-which RAG-token needs.
+real tokens only, so the left padding changes nothing. The answer's log-probs are then
+``[B, K, T]`` for every ``k`` alike, which RAG-token needs.
 """
 
 from __future__ import annotations

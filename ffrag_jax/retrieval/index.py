@@ -107,9 +107,11 @@ class ExactIndex:
         for start in range(0, len(queries), batch_size):
             chunk = queries[start : start + batch_size]
             real = len(chunk)
-            if real < batch_size and len(queries) > batch_size:  # one compiled shape
-                chunk = np.concatenate([chunk, np.zeros((batch_size - real, self.dim),
-                                                        np.float32)])
+            # Padded to a power of two (at most batch_size): a few compiled shapes whatever
+            # the number of queries, instead of one per count.
+            rows = min(batch_size, 1 << (real - 1).bit_length())
+            if real < rows:
+                chunk = np.concatenate([chunk, np.zeros((rows - real, self.dim), np.float32)])
             s, i = exact_top_k(jnp.asarray(chunk), self._device_vectors, kk,
                                min(_BLOCK, len(self)))
             scores.append(np.asarray(s)[:real])
