@@ -18,7 +18,7 @@ def get_config() -> ConfigDict:
     c.log_every = 10
     c.checkpoint_every = 50
     c.mesh = ConfigDict(dict(clients=1, data=-1, fsdp=1, tensor=1))
-    c.data = ConfigDict(dict(domain="geography", num_facts=2000, num_test=300, max_len=56))
+    c.data = ConfigDict(dict(domain="geography", num_entities=500, num_test=300, max_len=56))
     c.tokenizer = ConfigDict(dict(vocab_size=1536))
     c.model = _common.tiny_llama()
     c.pretrain = _common.pretrain(800)

@@ -1,10 +1,10 @@
 """Decoding with fixed shapes (compiles once per prompt length, batch size and settings).
 
-Prompts are right-padded; token ``t`` of each sequence is written at ``prompt_len + t``. The
-causal mask means later buffer positions never influence earlier logits, so no attention mask
-is needed. Each new token costs one full forward over the buffer (no KV cache yet): fine for
-the short answers of the demo and the MMLU harness (32 tokens); cached decoding comes with the
-inference CLI.
+Prompts are right-padded; token ``t`` of each sequence goes to position ``prompt_len + t``.
+Decoding keeps a key/value cache (:func:`ffrag_jax.models.llama.forward_cached`): one prefill
+pass over the padded prompts, then one single-token pass per new token. A prompt's padding
+slots are overwritten by its own generated tokens before any query can see them, so no
+padding mask is needed.
 
 Sampling follows ``transformers``' ``generate(do_sample=True)``: temperature, then top-k, then
 top-p (nucleus), then a categorical draw; :func:`filter_logits` is tested against the
@@ -18,7 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ffrag_jax.models.llama import LlamaConfig, check_length, forward
+from ffrag_jax.models.llama import LlamaConfig, check_length, forward_cached, init_cache
 
 
 def filter_logits(logits: jax.Array, temperature: float = 1.0, top_k: int = 0,
@@ -71,24 +71,30 @@ def generate(
         raise ValueError("sampling (temperature > 0) needs an rng key")
     batch, length = input_ids.shape
     check_length(cfg, length + max_new_tokens)
-    buffer = jnp.pad(input_ids, ((0, 0), (0, max_new_tokens)))
     rows = jnp.arange(batch)
 
-    def body(t, carry):
-        buffer, out = carry
-        logits = forward(params, cfg, buffer, None, lora)
-        pos = prompt_len + t - 1
-        step_logits = logits[rows, pos]
+    def pick(logits, t):
         if temperature > 0:
-            step_logits = filter_logits(step_logits, temperature, top_k, top_p)
-            token = jax.random.categorical(jax.random.fold_in(rng, t), step_logits, axis=-1)
-        else:
-            token = jnp.argmax(step_logits, axis=-1)
-        token = token.astype(buffer.dtype)
-        return buffer.at[rows, pos + 1].set(token), out.at[:, t].set(token)
+            logits = filter_logits(logits, temperature, top_k, top_p)
+            return jax.random.categorical(jax.random.fold_in(rng, t), logits, axis=-1)
+        return jnp.argmax(logits, axis=-1)
 
-    out = jnp.zeros((batch, max_new_tokens), input_ids.dtype)
-    _, out = jax.lax.fori_loop(0, max_new_tokens, body, (buffer, out))
+    # Prefill: the whole padded prompt in one pass fills slots [0, P) of the cache.
+    cache = init_cache(cfg, batch, length + max_new_tokens)
+    positions = jnp.broadcast_to(jnp.arange(length)[None], (batch, length))
+    logits, cache = forward_cached(params, cfg, input_ids, positions, cache, lora)
+    first = pick(logits[rows, prompt_len - 1], 0).astype(input_ids.dtype)
+
+    def body(t, carry):
+        # Decode: the token generated at step t - 1 sits at position prompt_len + t - 1.
+        cache, token, out = carry
+        pos = (prompt_len + t - 1)[:, None]
+        logits, cache = forward_cached(params, cfg, token[:, None], pos, cache, lora)
+        token = pick(logits[:, 0], t).astype(input_ids.dtype)
+        return cache, token, out.at[:, t].set(token)
+
+    out = jnp.zeros((batch, max_new_tokens), input_ids.dtype).at[:, 0].set(first)
+    _, _, out = jax.lax.fori_loop(1, max_new_tokens, body, (cache, first, out))
     return out
 
 

@@ -1,9 +1,11 @@
 """The centralised end-to-end RAG job (``task = "rag"``) on synthetic knowledge.
 
-1. Knowledge: ``data.num_facts`` fact sentences of a synthetic domain form the knowledge base
-   (one passage each); a question about each fact can only be answered by reading it. Entity
-   names repeat across facts with different relations ("the capital of Rinkle", "the currency
-   of Rinkle"), so the retriever has to find the right relation, not just the name.
+1. Knowledge: ``data.num_entities`` entities of a synthetic domain with one fact sentence per
+   relation form the knowledge base (one passage each, :func:`synthetic.make_knowledge`); a
+   question about each fact can only be answered by reading it. Entity names repeat across
+   relations ("the capital of Rinkle", "the currency of Rinkle") and questions are also asked
+   in users' words that overlap another relation's fact, so the retriever has to find the
+   right relation, not just the name.
 2. Generator: the tiny Llama pretrained on reading comprehension of the same domain with
    fresh facts (``base_model.pretrain``), or a local checkpoint (``model.path``).
 3. Retriever: the packaged MiniLM (or ``retriever.path``) with a LoRA on its query side; the
@@ -45,10 +47,8 @@ from ffrag_jax.retrieval.encoder import TextEncoder
 def knowledge(config: ConfigDict) -> tuple[list[dict], list[dict], list[dict]]:
     """``(facts, train questions, test questions)``; every question's fact is ``facts[i]``."""
     d = config.data
-    examples = synthetic.make_examples(d.domain, d.num_facts, config.seed + 7, distractors=0)
-    facts = [{"id": f"fact{i}", "text": e["context"]} for i, e in enumerate(examples)]
-    questions = [{"question": e["question"], "answer": e["answer"], "fact": i}
-                 for i, e in enumerate(examples)]
+    texts, questions = synthetic.make_knowledge(d.domain, d.num_entities, config.seed + 7)
+    facts = [{"id": f"fact{i}", "text": text} for i, text in enumerate(texts)]
     order = np.random.default_rng(config.seed).permutation(len(questions))
     test = [questions[i] for i in sorted(order[: d.num_test])]
     train_q = [questions[i] for i in sorted(order[d.num_test:])]
@@ -104,7 +104,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     if r.k > len(facts):
         raise UserError(f"rag.k={r.k} is larger than the knowledge base ({len(facts)} facts)")
     reading = synthetic.make_examples(config.data.domain, config.pretrain.num_examples,
-                                      config.seed, distractors=0)
+                                      config.seed, distractors=0, user_questions=True)
     tokenizer = run_tokenizer(config, workdir, (
         synthetic.prompt(e) + synthetic.response(e) for e in reading + [
             {"context": f["text"], "question": "", "answer": ""} for f in facts]))

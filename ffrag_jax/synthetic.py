@@ -116,6 +116,40 @@ DOMAINS: dict[str, dict] = {
 }
 
 
+# How users ask besides the templates above: the same meaning in other words, often words of
+# another relation's fact ("pay" next to "people in", which the language fact starts with). An
+# off-the-shelf retriever follows the overlap; a reader that sees the passage does not, so its
+# likelihood can teach the query encoder (LM-supervised retrieval, issue 5).
+USER_QUESTIONS: dict[str, dict[str, list[str]]] = {
+    "geography": {
+        "capital": ["From which city is {e} governed?"],
+        "currency": ["What do people in {e} pay with?"],
+        "language": ["Which tongue is used in {e}?"],
+        "founded": ["Since when has {e} existed?"],
+    },
+    "clinic": {
+        "drug": ["What was patient {e} given?"],
+        "doctor": ["Who prescribes for patient {e}?"],
+        "ward": ["Where is patient {e} treated?"],
+    },
+    "legal": {
+        "judge": ["Who presided over case {e}?"],
+        "court": ["Which court heard case {e}?"],
+        "decided": ["In which year was case {e} heard?"],
+    },
+    "retail": {
+        "price": ["How much is the {e}?"],
+        "supplier": ["Where does the {e} come from?"],
+        "aisle": ["Where can I find the {e}?"],
+    },
+    "sports": {
+        "coach": ["Who trains the {e}?"],
+        "stadium": ["Where are the {e} based?"],
+        "founded": ["Since when do the {e} play?"],
+    },
+}
+
+
 def _entity(rng: random.Random, kind: str) -> str:
     if kind == "country":
         return _word(rng, rng.choice([2, 3]))
@@ -156,17 +190,29 @@ def _value(rng: random.Random, kind: str) -> str:
     raise ValueError(kind)
 
 
-def make_examples(domain: str, n: int, seed: int, distractors: int = 2) -> list[dict]:
-    """``n`` examples ``{domain, context, question, answer}`` of ``domain``."""
+def _check_domain(domain: str) -> None:
     if domain not in DOMAINS:
         raise ValueError(f"unknown synthetic domain {domain!r}; domains: {', '.join(DOMAINS)}")
+
+
+def _questions(domain: str, relation: str, user_questions: bool) -> list[str]:
+    templates = DOMAINS[domain]["relations"][relation][2]
+    return templates + USER_QUESTIONS[domain][relation] if user_questions else templates
+
+
+def make_examples(domain: str, n: int, seed: int, distractors: int = 2,
+                  user_questions: bool = False) -> list[dict]:
+    """``n`` examples ``{domain, context, question, answer}`` of ``domain``; with
+    ``user_questions`` the questions are also worded as in :data:`USER_QUESTIONS`."""
+    _check_domain(domain)
     spec = DOMAINS[domain]
     relations = spec["relations"]
     rng = random.Random(f"{domain}:{seed}")
     out = []
     for _ in range(n):
         relation = rng.choice(sorted(relations))
-        kind, fact, questions = relations[relation]
+        kind, fact, _ = relations[relation]
+        questions = _questions(domain, relation, user_questions)
         entities = set()
         while len(entities) < distractors + 1:
             entities.add(_entity(rng, spec["entity"]))
@@ -188,6 +234,42 @@ def make_examples(domain: str, n: int, seed: int, distractors: int = 2) -> list[
             }
         )
     return out
+
+
+def make_knowledge(domain: str, num_entities: int, seed: int) -> tuple[list[str], list[dict]]:
+    """A consistent knowledge base: ``num_entities`` distinct entities, each with one fact per
+    relation of the domain, so no two facts answer the same question differently (a base with
+    contradicting facts makes retrieval ill-posed: no training can pick between them).
+
+    Returns ``(facts, questions)``: fact sentences, and one question per fact
+    ``{question, answer, fact}`` (``fact`` indexes ``facts``) worded by a domain template or a
+    :data:`USER_QUESTIONS` one. Entity names recur across the relations of an entity, and
+    value names can be other entities' names, so a retriever must find the relation and the
+    role, not just the name.
+    """
+    _check_domain(domain)
+    spec = DOMAINS[domain]
+    rng = random.Random(f"knowledge:{domain}:{seed}")
+    entities: list[str] = []
+    seen: set[str] = set()
+    for _ in range(100 * num_entities):
+        if len(entities) == num_entities:
+            break
+        entity = _entity(rng, spec["entity"])
+        if entity not in seen:
+            seen.add(entity)
+            entities.append(entity)
+    if len(entities) < num_entities:
+        raise ValueError(f"domain {domain!r} has fewer than {num_entities} distinct entities")
+    facts, questions = [], []
+    for entity in entities:
+        for relation, (kind, fact, _) in sorted(spec["relations"].items()):
+            answer = _value(rng, kind)
+            template = rng.choice(_questions(domain, relation, True))
+            questions.append({"question": template.format(e=entity), "answer": answer,
+                              "fact": len(facts)})
+            facts.append(fact.format(e=entity, v=answer))
+    return facts, questions
 
 
 PROMPT_TEMPLATE = "Context: {context}\nQuestion: {question}\nAnswer:"

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from ffrag_jax import hf, mmlu, text
+from ffrag_jax import hf, lora, mmlu, text
 from ffrag_jax.errors import UserError
 from ffrag_jax.generate import filter_logits, generate
+from ffrag_jax.models.llama import forward, forward_cached, init_cache
 
 MMLU_FILE = Path(__file__).parents[2] / "shared/data/mmlu-1444/mmlu_test_1444.jsonl"
 
@@ -55,6 +56,33 @@ def test_greedy_generate_matches_transformers(hf_llama_dir):
             ref = model.generate(torch.as_tensor(prompts[row : row + 1, :n]), do_sample=False,
                                  max_new_tokens=12, min_new_tokens=12, pad_token_id=0)
         np.testing.assert_array_equal(ours[row], ref[0, n:].numpy())
+
+
+def test_cached_decoding_gives_the_logits_of_a_full_forward(hf_llama_dir):
+    """Prefill of right-padded prompts, then one token at a time at ``prompt_len + t``: every
+    step's logits equal those of the uncached forward over the sequence so far (GQA, a LoRA
+    on all projections), so the padding slots never leak into the real rows."""
+    cfg, params = hf.load_llama(hf_llama_dir("gqa_untied_llama3"))
+    adapter = lora.init(jax.random.key(0), params, "q_proj,k_proj,v_proj,o_proj,gate_proj", 4, 8.0)
+    adapter = adapter.replace(weights=jax.tree.map(
+        lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape), adapter.weights))
+    rng = np.random.default_rng(2)
+    lens, width, steps = np.array([9, 3, 6]), 9, 5
+    seqs = rng.integers(3, 128, (3, width + steps)).astype(np.int32)
+    prompts = np.where(np.arange(width) < lens[:, None], seqs[:, :width], 0)
+    cache = init_cache(cfg, 3, width + steps)
+    positions = np.broadcast_to(np.arange(width), (3, width))
+    logits, cache = forward_cached(params, cfg, prompts, positions, cache, adapter)
+    rows = np.arange(3)
+    got = [np.asarray(logits[rows, lens - 1])]
+    for t in range(steps):  # teacher-forced: token t of the continuation at prompt_len + t
+        token = seqs[rows, lens + t][:, None]
+        logits, cache = forward_cached(params, cfg, token, (lens + t)[:, None], cache, adapter)
+        got.append(np.asarray(logits[:, 0]))
+    for b, n in enumerate(lens):
+        full = np.asarray(forward(params, cfg, seqs[b : b + 1, : n + steps], lora=adapter))[0]
+        want = full[n - 1 : n + steps]
+        np.testing.assert_allclose(np.stack([g[b] for g in got]), want, atol=2e-5, rtol=1e-5)
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(hf_llama_dir):

@@ -136,7 +136,7 @@ def test_rag_job_end_to_end(tmp_path):
     from ffrag_jax.launch import load_config
 
     small = {"pretrain.steps": 4, "pretrain.num_examples": 64, "pretrain.batch_size": 8,
-             "data.num_facts": 40, "data.num_test": 10, "train.steps": 2,
+             "data.num_entities": 10, "data.num_test": 10, "train.steps": 2,
              "train.batch_size": 4, "model.hidden_size": 32, "model.intermediate_size": 64,
              "model.num_layers": 2, "tokenizer.vocab_size": 400, "log_every": 1,
              "checkpoint_every": 1}

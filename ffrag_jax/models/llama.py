@@ -250,8 +250,14 @@ class _Block(nn.Module):
 
 class Attention(_Block):
     @nn.compact
-    def __call__(self, x, cos, sin, mask):
-        """x ``[B, T, D]``, cos/sin ``[B, T, head_dim]``, key-padding mask bool ``[B, T]``."""
+    def __call__(self, x, cos, sin, mask, cache=None):
+        """x ``[B, T, D]``, cos/sin ``[B, T, head_dim]``, key-padding mask bool ``[B, T]``.
+
+        With ``cache = (keys, values, slots)`` (keys/values ``[B, S, kv_heads, head_dim]``,
+        slots int ``[B, T]``) the new keys and values are written at ``slots`` and the queries
+        attend to the whole cache; ``mask`` is then ``[B, T, S]`` (which slots each query
+        sees). Returns ``(out, (keys, values))``, or ``(out, None)`` without a cache.
+        """
         cfg = self.cfg
         batch, length, _ = x.shape
         bias = cfg.attention_bias
@@ -261,6 +267,15 @@ class Attention(_Block):
         q = apply_rope(q.reshape(batch, length, cfg.num_heads, cfg.head_dim), cos, sin)
         k = apply_rope(k.reshape(batch, length, cfg.num_kv_heads, cfg.head_dim), cos, sin)
         v = v.reshape(batch, length, cfg.num_kv_heads, cfg.head_dim)
+        if cache is not None:
+            keys, values, slots = cache
+            rows = jnp.arange(batch)[:, None]
+            keys = keys.at[rows, slots].set(k.astype(keys.dtype))
+            values = values.at[rows, slots].set(v.astype(values.dtype))
+            out = jax.nn.dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype),
+                                               mask=mask[:, None], scale=cfg.head_dim**-0.5)
+            out = out.reshape(batch, length, cfg.num_heads * cfg.head_dim)
+            return self.linear(cfg.hidden_size, "o_proj", bias)(out), (keys, values)
         impl = cfg.attention
         if impl == "auto":
             impl = "ffrag" if jax.default_backend() == "cpu" else "xla"
@@ -270,7 +285,7 @@ class Attention(_Block):
             out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :],
                                                scale=cfg.head_dim**-0.5, is_causal=True)
         out = out.reshape(batch, length, cfg.num_heads * cfg.head_dim)
-        return self.linear(cfg.hidden_size, "o_proj", bias)(out)
+        return self.linear(cfg.hidden_size, "o_proj", bias)(out), None
 
 
 class MLP(_Block):
@@ -284,23 +299,31 @@ class MLP(_Block):
 
 class DecoderLayer(_Block):
     @nn.compact
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, mask, cache=None, slots=None):
+        """One layer; ``cache`` is this layer's ``(keys, values)`` (see :class:`Attention`) and
+        comes back updated as the scan's per-layer output."""
         kw = dict(
             cfg=self.cfg,
             lora_scale=self.lora_scale,
             lora_dropout=self.lora_dropout,
             deterministic=self.deterministic,
         )
-        x = x + Attention(**kw, name="self_attn")(self.norm("input_layernorm")(x), cos, sin, mask)
+        layer_cache = None if cache is None else (*cache, slots)
+        attended, cache = Attention(**kw, name="self_attn")(
+            self.norm("input_layernorm")(x), cos, sin, mask, layer_cache)
+        x = x + attended
         x = x + MLP(**kw, name="mlp")(self.norm("post_attention_layernorm")(x))
-        return x, None
+        return x, cache
 
 
 class Llama(_Block):
     """The causal LM. ``__call__`` returns float32 logits ``[B, T, vocab]``."""
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask, positions):
+    def __call__(self, input_ids, attention_mask, positions, cache=None):
+        """Without ``cache``: logits. With ``cache`` (keys/values ``[L, B, S, kv_heads, D]``,
+        see :func:`forward_cached`): ``(logits, cache)``, the tokens written at ``positions``
+        and ``attention_mask`` the ``[B, T, S]`` slot visibility."""
         cfg = self.cfg
         embed = nn.Embed(
             cfg.vocab_size,
@@ -319,11 +342,13 @@ class Llama(_Block):
         layer_cls = DecoderLayer
         if cfg.remat != "none":
             layer_cls = nn.remat(DecoderLayer, prevent_cse=False, policy=REMAT_POLICIES[cfg.remat])
+        # The cache, if any, is scanned over (one layer's slice each) and stacked back.
+        in_axes = (nn.broadcast,) * 3 + (() if cache is None else (0, nn.broadcast))
         layers = nn.scan(
             layer_cls,
             variable_axes={"params": 0, "lora": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=in_axes,
             length=cfg.num_layers,
         )(
             cfg=cfg,
@@ -332,7 +357,8 @@ class Llama(_Block):
             deterministic=self.deterministic,
             name="layers",
         )
-        x, _ = layers(x, cos, sin, mask)
+        extra = () if cache is None else (cache, positions)
+        x, cache = layers(x, cos, sin, mask, *extra)
         x = self.norm("norm")(x)
         if cfg.tie_word_embeddings:
             logits = embed.attend(x)
@@ -343,7 +369,8 @@ class Llama(_Block):
                 param_dtype=jnp.dtype(cfg.param_dtype),
                 name="lm_head",
             )(x)
-        return logits.astype(jnp.float32)
+        logits = logits.astype(jnp.float32)
+        return logits if cache is None else (logits, cache)
 
 
 def check_length(cfg: LlamaConfig, length: int) -> None:
@@ -396,3 +423,39 @@ def forward(
     )
     rngs = None if dropout_rng is None else {"dropout": dropout_rng}
     return model.apply(variables, input_ids, attention_mask, positions, rngs=rngs)
+
+
+def init_cache(cfg: LlamaConfig, batch: int, length: int) -> tuple[jax.Array, jax.Array]:
+    """An empty key/value cache ``(keys, values)``, each ``[layers, B, length, kv_heads,
+    head_dim]`` in the compute dtype."""
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
+    return zeros, zeros
+
+
+def forward_cached(
+    params: dict,
+    cfg: LlamaConfig,
+    input_ids: jax.Array,
+    positions: jax.Array,
+    cache: tuple[jax.Array, jax.Array],
+    lora=None,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Logits ``[B, T, vocab]`` of ``input_ids`` ``[B, T]`` at ``positions`` ``[B, T]`` with
+    their keys and values written into ``cache`` at those slots (slot = position), and the
+    updated cache.
+
+    A query at position ``p`` sees the slots ``<= p``: this is the causal mask of
+    :func:`forward` as long as every slot below ``p`` holds the token at that position, which
+    is what prefill-then-decode of right-padded prompts gives (a prompt's padding slots are
+    overwritten by its generated tokens before any query can see them).
+    """
+    slots = jnp.arange(cache[0].shape[2])
+    visible = slots[None, None, :] <= positions[:, :, None]
+    variables = {"params": params}
+    lora_scale = 1.0
+    if lora is not None:
+        variables["lora"] = lora.weights
+        lora_scale = lora.scale
+    model = Llama(cfg, lora_scale=lora_scale)
+    return model.apply(variables, input_ids, visible, positions, cache)
