@@ -1,6 +1,7 @@
 """Knowledge bases: reading and chunking documents, dense/BM25/hybrid search, multi-source
 search with quotas, save/load round trip, encoder mismatch, bad input."""
 
+import dataclasses
 import json
 
 import jax
@@ -99,6 +100,15 @@ def test_search_modes_round_trip_and_encoder_mismatch(tmp_path, encoder):
                         encoder.sha256, lora=adapter)
     with pytest.raises(UserError, match=r"built with encoder .* not .*LoRA.*rebuild it"):
         KnowledgeBase.load(tmp_path / "kb", tuned)
+    # A query-side LoRA leaves the chunks' vectors valid: the base loads with the plain
+    # encoder and searches with the tuned one.
+    tuned = dataclasses.replace(tuned, lora=adapter.replace(weights=jax.tree.map(
+        lambda x: x + 0.3 * jax.random.normal(jax.random.key(1), x.shape), adapter.weights)))
+    queried = KnowledgeBase.load(tmp_path / "kb", encoder, query_encoder=tuned)
+    scores, _ = queried.dense.search(tuned.embed(queries[:1]), len(CASES))
+    got = queried.search(queries[:1], len(CASES), "dense")[0]
+    np.testing.assert_allclose([h["score"] for h in got], scores[0], rtol=1e-6)
+    assert not np.allclose(scores[0], [h["score"] for h in everything])
     with pytest.raises(UserError, match="search mode 'semantic'"):
         kb.search(queries, 2, "semantic")
     with pytest.raises(UserError, match="k must be a positive integer"):

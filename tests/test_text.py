@@ -23,6 +23,23 @@ def test_synthetic_data_is_deterministic_and_answerable():
         assert len(e["context"].split(". ")) >= 3  # answer sentence + 2 distractors
 
 
+@pytest.mark.parametrize("domain", sorted(synthetic.DOMAINS))
+def test_synthetic_knowledge_is_consistent(domain):
+    """One fact per (entity, relation): no two facts answer a question differently, and every
+    question's answer is in its own fact."""
+    facts, questions = synthetic.make_knowledge(domain, 200, seed=1)
+    relations = synthetic.DOMAINS[domain]["relations"]
+    assert len(facts) == len(questions) == 200 * len(relations) == len(set(facts))
+    assert (facts, questions) == synthetic.make_knowledge(domain, 200, seed=1)
+    for q in questions:
+        assert q["answer"] in facts[q["fact"]]
+    templates = {t for r in relations.values() for t in r[2]}
+    wordings = {t for ts in synthetic.USER_QUESTIONS[domain].values() for t in ts}
+    assert wordings and not wordings & templates
+    with pytest.raises(ValueError, match="unknown synthetic domain"):
+        synthetic.make_knowledge("physics", 3, 0)
+
+
 def test_encode_pairs_masks_and_truncation(tokenizer):
     enc = text.encode_pairs(tokenizer, ["Question: hi?\nAnswer:", "x " * 200], [" Yes", " No"],
                             32)

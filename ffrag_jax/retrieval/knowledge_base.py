@@ -69,12 +69,18 @@ def reciprocal_rank_fusion(rankings: Sequence[Sequence[int]], k: int, rrf_k: int
 
 
 class KnowledgeBase:
-    """Chunks of a corpus, their embeddings, a dense index and a BM25 index."""
+    """Chunks of a corpus, their embeddings, a dense index and a BM25 index.
+
+    ``encoder`` embedded the chunks; ``query_encoder`` embeds the questions and is the same
+    encoder unless only the query side was trained (a query LoRA: the chunks' vectors, and so
+    the base, stay valid).
+    """
 
     def __init__(self, name: str, chunks: list[dict], embeddings: np.ndarray, dense, bm25,
-                 manifest: dict, encoder: TextEncoder):
+                 manifest: dict, encoder: TextEncoder, query_encoder: TextEncoder | None = None):
         self.name, self.chunks, self.embeddings = name, chunks, embeddings
         self.dense, self.bm25, self.manifest, self.encoder = dense, bm25, manifest, encoder
+        self.query_encoder = encoder if query_encoder is None else query_encoder
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -128,9 +134,10 @@ class KnowledgeBase:
         return folder
 
     @classmethod
-    def load(cls, folder: str | os.PathLike, encoder: TextEncoder) -> KnowledgeBase:
+    def load(cls, folder: str | os.PathLike, encoder: TextEncoder,
+             query_encoder: TextEncoder | None = None) -> KnowledgeBase:
         """The base saved in ``folder``; refuses an ``encoder`` other than the one it was
-        built with."""
+        built with (``query_encoder``, if given, must share its dimension)."""
         import bm25s
 
         folder = Path(folder)
@@ -146,6 +153,10 @@ class KnowledgeBase:
             raise UserError(f"knowledge base {folder} was built with encoder "
                             f"{_describe(built_with)}, not {_describe(given)}; rebuild it with "
                             "this encoder")
+        if query_encoder is not None and query_encoder.cfg.embedding_dim != built_with["dim"]:
+            raise UserError(f"query encoder {_describe(query_encoder.identity)} embeds in "
+                            f"{query_encoder.cfg.embedding_dim} dimensions; knowledge base "
+                            f"{folder} holds {built_with['dim']}-dimensional vectors")
         with (folder / "chunks.jsonl").open() as f:
             chunks = [json.loads(line) for line in f]
         if _corpus_sha256(chunks) != manifest["corpus_sha256"]:
@@ -154,7 +165,8 @@ class KnowledgeBase:
         embeddings = np.load(folder / "embeddings.npy")
         dense = index_lib.load(folder / "index")
         bm25 = bm25s.BM25.load(str(folder / "bm25"), show_progress=False)
-        return cls(manifest["name"], chunks, embeddings, dense, bm25, manifest, encoder)
+        return cls(manifest["name"], chunks, embeddings, dense, bm25, manifest, encoder,
+                   query_encoder)
 
     # ----------------------------------------------------------------------------------------
 
@@ -177,7 +189,7 @@ class KnowledgeBase:
         dense = bm25 = None
         if mode in ("dense", "hybrid"):
             if query_embeddings is None:
-                query_embeddings = self.encoder.embed(queries)
+                query_embeddings = self.query_encoder.embed(queries)
             scores, ids = self.dense.search(query_embeddings, depth)
             dense = [[(int(i), float(s)) for i, s in zip(row_i, row_s, strict=True) if i >= 0]
                      for row_i, row_s in zip(ids, scores, strict=True)]
@@ -207,7 +219,7 @@ def search_sources(bases: Sequence[KnowledgeBase], queries: Sequence[str],
     authoritative base): per query, the top ``quotas[kb.name]`` hits of each base, each hit
     naming its base (``kb``), ordered by base in the order given, then by rank.
 
-    Bases embedded by the same encoder share the query embeddings (computed once).
+    Bases with the same query encoder share the query embeddings (computed once).
     """
     names = [kb.name for kb in bases]
     if len(set(names)) != len(names):
@@ -222,9 +234,9 @@ def search_sources(bases: Sequence[KnowledgeBase], queries: Sequence[str],
         quota = quotas.get(kb.name, 0)
         if quota <= 0:
             continue
-        key = json.dumps(kb.encoder.identity, sort_keys=True)
+        key = json.dumps(kb.query_encoder.identity, sort_keys=True)
         if mode != "bm25" and key not in embedded:
-            embedded[key] = kb.encoder.embed(queries)
+            embedded[key] = kb.query_encoder.embed(queries)
         hits = kb.search(queries, quota, mode,
                          query_embeddings=embedded.get(key) if mode != "bm25" else None)
         for row, more in zip(out, hits, strict=True):
