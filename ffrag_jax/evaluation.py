@@ -1,9 +1,10 @@
-"""Answer evaluation: SQuAD-style normalised exact match over generated answers."""
+"""Answer evaluation: SQuAD-style normalised exact match and token F1 over generated answers."""
 
 from __future__ import annotations
 
 import re
 import string
+from collections import Counter
 from collections.abc import Sequence
 
 import jax
@@ -27,6 +28,21 @@ def normalize_answer(text: str) -> str:
 def exact_match(prediction: str, answers: str | Sequence[str]) -> float:
     answers = [answers] if isinstance(answers, str) else answers
     return float(any(normalize_answer(prediction) == normalize_answer(a) for a in answers))
+
+
+def f1(prediction: str, answers: str | Sequence[str]) -> float:
+    """SQuAD v1.1 token F1: the harmonic mean of precision and recall of the normalised
+    prediction's tokens against an answer's (multiset overlap), best over the answers."""
+    answers = [answers] if isinstance(answers, str) else answers
+    predicted = normalize_answer(prediction).split()
+    best = 0.0
+    for answer in answers:
+        gold = normalize_answer(answer).split()
+        common = sum((Counter(predicted) & Counter(gold)).values())
+        if common:
+            precision, recall = common / len(predicted), common / len(gold)
+            best = max(best, 2 * precision * recall / (precision + recall))
+    return best
 
 
 def generate_answers(
@@ -83,3 +99,23 @@ def exact_match_score(predictions: Sequence[str], answers: Sequence[str | Sequen
     if not predictions:
         return 0.0
     return float(np.mean([exact_match(p, a) for p, a in zip(predictions, answers, strict=True)]))
+
+
+def f1_score(predictions: Sequence[str], answers: Sequence[str | Sequence[str]]) -> float:
+    """Mean token F1 in [0, 1]."""
+    if not predictions:
+        return 0.0
+    return float(np.mean([f1(p, a) for p, a in zip(predictions, answers, strict=True)]))
+
+
+def answer_in_context_rate(contexts: Sequence[str], answers: Sequence[str | Sequence[str]]
+                           ) -> float:
+    """Share of questions whose context holds an answer (normalised substring): the ceiling a
+    reader can reach with that context."""
+    if not contexts:
+        return 0.0
+    hits = []
+    for context, ans in zip(contexts, answers, strict=True):
+        ans = [ans] if isinstance(ans, str) else ans
+        hits.append(any(normalize_answer(a) in normalize_answer(context) for a in ans))
+    return float(np.mean(hits))

@@ -83,19 +83,21 @@ def plot_training_loss(records: list[dict], path: str | Path, title: str = "") -
     plt.close(fig)
 
 
-def plot_client_rounds(records: list[dict], path: str | Path, title: str = "") -> None:
-    """Per client against round: held-out loss, and exact match when it was evaluated (a
-    second panel; round 0 is the base model). Solid lines for the global model, dashed for each
-    client's fused (personalised) model."""
+def plot_client_rounds(records: list[dict], path: str | Path, title: str = "",
+                       panels: list[tuple[str, str, str]] | None = None) -> None:
+    """Per client against round, one panel per ``(record kind, field, axis label)``; by
+    default held-out loss, and exact match when it was evaluated (round 0 is the base model).
+    Solid lines for the global model, dashed for each client's fused (personalised) model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    panels = [("eval", "loss", "held-out loss (nats/token)")]
-    if any(r.get("kind") == "exact_match" for r in records):
-        panels.append(("exact_match", "exact_match", "held-out exact match"))
+    if panels is None:
+        panels = [("eval", "loss", "held-out loss (nats/token)")]
+        if any(r.get("kind") == "exact_match" for r in records):
+            panels.append(("exact_match", "exact_match", "held-out exact match"))
     fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.2), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (kind, field, label) in zip(axes[0], panels, strict=True):

@@ -34,7 +34,7 @@ from absl import logging
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from ffrag_jax import checkpoint, evaluation, lora, rag, synthetic, train
+from ffrag_jax import checkpoint, evaluation, lora, rag, rag_eval, synthetic, train
 from ffrag_jax.base_model import model_config, pretrain, run_tokenizer
 from ffrag_jax.errors import UserError
 from ffrag_jax.metrics import MetricsLog, plot_training_loss, read_jsonl
@@ -63,24 +63,21 @@ def retrieve(enc: TextEncoder, index, questions: list[dict], k: int) -> np.ndarr
 
 
 def evaluate(config, enc, index, facts, questions, gen_params, gen_cfg, tokenizer) -> dict:
-    """Retrieval recall and closed-book / RAG exact match on ``questions``."""
-    k = config.rag.k
-    ids = retrieve(enc, index, questions, k)
+    """Retrieval recall, answer-in-context rate (of the top passage), and closed-book / RAG
+    exact match and F1 on ``questions``."""
+    ids = retrieve(enc, index, questions, config.rag.k)
     gold = np.asarray([q["fact"] for q in questions])
+    texts = [q["question"] for q in questions]
     answers = [q["answer"] for q in questions]
-    prompt = lambda context, q: synthetic.prompt({"context": context, "question": q["question"]})
-    common = dict(max_prompt_len=config.rag.prompt_len, max_new_tokens=config.eval.max_new_tokens,
+    top = [facts[i]["text"] for i in ids[:, 0]]
+    common = dict(prompt_len=config.rag.prompt_len, max_new_tokens=config.eval.max_new_tokens,
                   batch_size=config.eval.batch_size)
-    closed = evaluation.generate_answers(gen_params, gen_cfg, tokenizer,
-                                         [prompt("", q) for q in questions], **common)
-    with_rag = evaluation.generate_answers(
-        gen_params, gen_cfg, tokenizer,
-        [prompt(facts[i]["text"], q) for i, q in zip(ids[:, 0], questions, strict=True)],
-        **common)
-    return {"recall@1": float(np.mean(ids[:, 0] == gold)),
-            f"recall@{k}": float(np.mean((ids == gold[:, None]).any(1))),
-            "closed_book_em": evaluation.exact_match_score(closed, answers),
-            "rag_em": evaluation.exact_match_score(with_rag, answers),
+    closed = rag_eval.answer(gen_params, gen_cfg, tokenizer, texts, [""] * len(texts), **common)
+    with_rag = rag_eval.answer(gen_params, gen_cfg, tokenizer, texts, top, **common)
+    return {**rag_eval.retrieval_metrics(ids, gold),
+            "answer_in_context": evaluation.answer_in_context_rate(top, answers),
+            **rag_eval.answer_metrics(closed, answers, "closed_book"),
+            **rag_eval.answer_metrics(with_rag, answers, "rag"),
             "questions": len(questions)}
 
 

@@ -21,7 +21,7 @@ from ml_collections import ConfigDict
 from ffrag_jax import sharding
 from ffrag_jax.errors import UserError
 
-TASKS = ("lora", "federated", "retriever", "rag")
+TASKS = ("lora", "federated", "retriever", "rag", "ffrag")
 
 
 def _first_difference(old: dict, new: dict, prefix: str = "") -> str | None:
@@ -92,4 +92,8 @@ def run(config: ConfigDict, workdir: str | Path, *, overwrite: bool = False) -> 
         from ffrag_jax import rag_job
 
         return rag_job.run(config, workdir, mesh)
+    if config.task == "ffrag":
+        from ffrag_jax import ffrag_job
+
+        return ffrag_job.run(config, workdir, mesh)
     raise AssertionError(config.task)

@@ -1,0 +1,322 @@
+"""Federated FF-RAG (``task = "ffrag"``): every client trains a personal generator LoRA and a
+personal query-encoder LoRA with the end-to-end RAG loss on its private questions, retrieving
+from its private case base and the shared authoritative base; the server stacks both
+(FLoRA, exact) into the next round's global adapters (FF-LoRA: a client's model is the base +
+global + its personal adapters, fused additively).
+
+Knowledge (:func:`client_knowledge`): client ``k`` owns a synthetic domain. Its private case
+base holds one fact per relation of ``data.private_entities`` entities; the shared base holds
+``data.shared_entities`` entities of every client's domain. A client's questions ask about its
+private facts and its domain's shared facts; they are split into training and held-out
+questions. Nothing is answerable closed-book: every fact is drawn fresh.
+
+A round, for each client in turn (``fl.local_steps`` steps of :func:`ffrag_jax.rag.rag_step`):
+the base generator and the query encoder get the global adapters merged in; per step the
+client's current query encoder (merged global + personal LoRA) retrieves ``rag.k_private``
+passages from the case base and ``rag.k_shared`` from the shared base (host side, exact
+index; the passages' vectors are fixed: query-side training needs no index refresh), and the
+step updates both personal LoRAs with ``rag.losses``. Then the server stacks the personal
+adapters, weighted by training questions, into the global ones.
+
+Evaluated on every client's held-out questions, before training (``base``) and after every
+round (``global``: base + global adapters; ``fused``: + the client's personal ones): recall@1
+of the merged candidates, answer-in-context rate of the top passage, RAG exact match and F1
+with the top passage, and closed-book exact match (no passage). Rounds are checkpointed and
+a killed run resumes at the last finished round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from ml_collections import ConfigDict
+from tqdm import tqdm
+
+from ffrag_jax import checkpoint, evaluation, federated, lora, rag, rag_eval, synthetic, train
+from ffrag_jax.base_model import model_config, pretrain, run_tokenizer
+from ffrag_jax.errors import UserError
+from ffrag_jax.metrics import MetricsLog, plot_client_rounds, plot_training_loss, read_jsonl
+from ffrag_jax.models.llama import init_params
+from ffrag_jax.retrieval import encoder as encoder_lib
+from ffrag_jax.retrieval import index as index_lib
+from ffrag_jax.retrieval.encoder import TextEncoder
+
+
+@dataclasses.dataclass
+class Client:
+    """One client's knowledge. Question dicts are ``{question, answer, fact}`` where ``fact``
+    indexes ``passages`` = the private facts followed by the shared base's."""
+
+    name: str
+    domain: str
+    private: list[str]
+    train: list[dict]
+    test: list[dict]
+
+
+def client_knowledge(config: ConfigDict) -> tuple[list[str], list[Client]]:
+    """``(shared facts, clients)``; deterministic in ``config.seed``."""
+    d, fl = config.data, config.fl
+    domains = [x.strip() for x in d.domains.split(",") if x.strip()]
+    if len(domains) < fl.num_clients:
+        raise UserError(f"data.domains names {len(domains)} domains for fl.num_clients="
+                        f"{fl.num_clients} clients (one domain each)")
+    domains = domains[: fl.num_clients]
+    shared: list[str] = []
+    shared_questions: dict[str, list[dict]] = {}
+    for domain in sorted(set(domains)):
+        facts, questions = synthetic.make_knowledge(domain, d.shared_entities,
+                                                    config.seed + 1000)
+        shared_questions[domain] = [{**q, "shared": len(shared) + q["fact"]} for q in questions]
+        shared.extend(facts)
+    clients = []
+    for k, domain in enumerate(domains):
+        private, questions = synthetic.make_knowledge(domain, d.private_entities,
+                                                      config.seed + 1 + k)
+        questions = questions + [
+            {"question": q["question"], "answer": q["answer"], "fact": len(private) + q["shared"]}
+            for q in shared_questions[domain]]
+        order = np.random.default_rng([config.seed, k]).permutation(len(questions))
+        held = max(int(round(d.held_out * len(questions))), 1)
+        clients.append(Client(f"{k}:{domain}", domain, private,
+                              [questions[i] for i in sorted(order[held:])],
+                              [questions[i] for i in sorted(order[:held])]))
+    return shared, clients
+
+
+class Sources:
+    """A client's two indexes, searched with quotas: its case base and the shared base.
+    Passage ids index ``texts`` = private facts + shared facts; -1 pads a base smaller than
+    its quota."""
+
+    def __init__(self, private_vectors: np.ndarray, shared_vectors: np.ndarray,
+                 private_texts: list[str], shared_texts: list[str], quotas: tuple[int, int]):
+        self.private = index_lib.ExactIndex(private_vectors, "dot")
+        self.shared = index_lib.ExactIndex(shared_vectors, "dot")
+        self.offset = len(private_texts)
+        self.texts = private_texts + shared_texts
+        self.vectors = np.concatenate([private_vectors, shared_vectors])
+        self.quotas = quotas
+
+    @property
+    def k(self) -> int:
+        return sum(self.quotas)
+
+    def search(self, query_vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores, ids)`` ``[N, k]``: each base's top hits, then every row sorted by score
+        (padding last)."""
+        kp, ks = self.quotas
+        sp, ip = self.private.search(query_vectors, kp)
+        ss, is_ = self.shared.search(query_vectors, ks)
+        ids = np.concatenate([ip, np.where(is_ >= 0, is_ + self.offset, -1)], axis=1)
+        scores = np.where(ids >= 0, np.concatenate([sp, ss], axis=1), -np.inf)
+        order = np.argsort(-scores, axis=1, kind="stable")
+        return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+
+
+def _query_encoder(enc: TextEncoder, global_ret, personal) -> TextEncoder:
+    """The client's query encoder: base weights + merged global adapter, personal LoRA on."""
+    params = enc.params if global_ret is None else lora.merge(enc.params, global_ret)
+    return dataclasses.replace(enc, params=params, lora=personal)
+
+
+def _gen_params(params: dict, global_gen) -> dict:
+    return params if global_gen is None else lora.merge(params, global_gen)
+
+
+def evaluate_client(config, client: Client, sources: Sources, query_enc: TextEncoder,
+                    gen_params: dict, gen_lora, gen_cfg, tokenizer, *, closed_book: bool
+                    ) -> dict:
+    """Retrieval and answer metrics on the client's held-out questions."""
+    qs = client.test
+    texts = [q["question"] for q in qs]
+    answers = [q["answer"] for q in qs]
+    _, ids = sources.search(query_enc.embed(texts))
+    top = [sources.texts[i] if i >= 0 else "" for i in ids[:, 0]]
+    common = dict(prompt_len=config.rag.prompt_len, max_new_tokens=config.eval.max_new_tokens,
+                  batch_size=config.eval.batch_size, lora=gen_lora)
+    out = {**rag_eval.retrieval_metrics(ids, np.asarray([q["fact"] for q in qs])),
+           "answer_in_context": evaluation.answer_in_context_rate(top, answers),
+           **rag_eval.answer_metrics(
+               rag_eval.answer(gen_params, gen_cfg, tokenizer, texts, top, **common),
+               answers, "rag")}
+    if closed_book:
+        out.update(rag_eval.answer_metrics(
+            rag_eval.answer(gen_params, gen_cfg, tokenizer, texts, [""] * len(texts), **common),
+            answers, "closed_book"))
+    return out
+
+
+def _batch(config, tokenizer, enc, sources: Sources, questions: list[dict], ids: np.ndarray
+           ) -> dict:
+    """The arrays of one :func:`rag.rag_step` for ``questions`` and their candidates ``ids``."""
+    r = config.rag
+    passages, valid = rag.pad_passages(
+        [[sources.texts[i] for i in row if i >= 0] for row in ids], sources.k)
+    gen = rag.encode_generator_batch(tokenizer, [q["question"] for q in questions],
+                                     [q["answer"] for q in questions], passages,
+                                     r.prompt_len, r.answer_len)
+    q_tok = encoder_lib.tokenize(enc.tokenizer, [q["question"] for q in questions], 32)
+    emb = np.where((ids >= 0)[..., None], sources.vectors[np.maximum(ids, 0)], 0.0)
+    return {**gen, "query_ids": q_tok["input_ids"], "query_mask": q_tok["attention_mask"],
+            "passage_emb": emb.astype(np.float32), "passage_valid": valid}
+
+
+def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
+    started = time.perf_counter()
+    r, fl = config.rag, config.fl
+    if fl.rounds <= 0:
+        raise UserError(f"fl.rounds must be positive, got {fl.rounds}")
+    if len(fl.ranks) != fl.num_clients:
+        raise UserError(f"fl.ranks has {len(fl.ranks)} entries for fl.num_clients="
+                        f"{fl.num_clients}")
+    if min(r.k_private, r.k_shared) < 0 or r.k_private + r.k_shared == 0:
+        raise UserError(f"rag.k_private={r.k_private} and rag.k_shared={r.k_shared}: "
+                        "quotas must be >= 0 and retrieve at least one passage")
+    metrics = MetricsLog(workdir / "metrics.jsonl")
+    shared, clients = client_knowledge(config)
+    reading = synthetic.make_examples(config.pretrain.domain, config.pretrain.num_examples,
+                                      config.seed, distractors=0, user_questions=True)
+    tokenizer = run_tokenizer(config, workdir, (
+        [synthetic.prompt(e) + synthetic.response(e) for e in reading]
+        + shared + [f for c in clients for f in c.private]
+        + [q["question"] + " " + q["answer"] for c in clients for q in c.train]))
+    gen_cfg, params = model_config(config, tokenizer)
+    rng = jax.random.key(config.seed)
+    if params is None:
+        params = (pretrain(config, gen_cfg, tokenizer, reading, init_rng=rng,
+                           rng=jax.random.fold_in(rng, 1), max_len=config.data.max_len,
+                           mesh=mesh, ckpt_dir=workdir / "checkpoints", metrics=metrics)
+                  if config.pretrain.steps > 0 else init_params(rng, gen_cfg))
+
+    enc = TextEncoder.load(config.retriever.path)
+    shared_vectors = enc.embed(shared)
+    sources = []
+    for c in clients:
+        s = Sources(enc.embed(c.private), shared_vectors, c.private, shared,
+                    (r.k_private, r.k_shared))
+        if len(s.private) < r.k_private or len(s.shared) < r.k_shared:
+            logging.warning("client %s: a base holds fewer passages than its quota; the "
+                            "missing candidates are masked out", c.name)
+        sources.append(s)
+    logging.info("%d clients; shared base %d facts; private %s; training questions %s",
+                  len(clients), len(shared), [len(c.private) for c in clients],
+                  [len(c.train) for c in clients])
+
+    records = read_jsonl(metrics.path)
+    if not any(x.get("kind") == "eval" and x.get("round") == 0 for x in records):
+        for c, s in zip(clients, sources, strict=True):
+            m = evaluate_client(config, c, s, enc, params, None, gen_cfg, tokenizer,
+                                closed_book=True)
+            metrics.write(kind="eval", round=0, client=c.name, model="base", **m)
+            logging.info("round 0 %s base: %s", c.name, _short(m))
+
+    # Personal adapters (persist across rounds) and the global ones (None before round 1).
+    gen_personal = [lora.init(jax.random.fold_in(rng, 10 + k), params, fl.targets, rank,
+                              fl.alpha_ratio * rank) for k, rank in enumerate(fl.ranks)]
+    ret_personal = [lora.init(jax.random.fold_in(rng, 100 + k), enc.params,
+                              fl.retriever_targets, fl.retriever_rank,
+                              fl.alpha_ratio * fl.retriever_rank)
+                    for k in range(len(clients))]
+    weights = federated.client_weights([len(c.train) for c in clients])
+    state = {"gen": gen_personal, "ret": ret_personal,
+             "global_gen": federated.stack(gen_personal, weights),
+             "global_ret": federated.stack(ret_personal, weights)}
+    mngr = checkpoint.manager(workdir / "checkpoints" / "ffrag", max_to_keep=1)
+    done, state = checkpoint.restore_latest(mngr, state)
+    if done:
+        metrics.drop_records_after("round", done)
+        logging.info("resuming after round %d", done)
+    loss_cfg = rag.RagLossConfig(weights=tuple((k, float(v)) for k, v in r.losses.items()),
+                                 score_scale=r.score_scale, tau_lm=r.tau_lm)
+    opt_gen = train.make_optimizer(fl.lr, fl.local_steps, warmup_steps=0)
+    opt_ret = train.make_optimizer(fl.retriever_lr, fl.local_steps, warmup_steps=0)
+
+    for rnd in range(done + 1, fl.rounds + 1):
+        global_gen = state["global_gen"] if rnd > 1 else None
+        global_ret = state["global_ret"] if rnd > 1 else None
+        round_gen = _gen_params(params, global_gen)
+        round_query = _query_encoder(enc, global_ret, None).params
+        new_gen, new_ret = [], []
+        for k, (c, s) in enumerate(zip(clients, sources, strict=True)):
+            states = {"generator": train.init_train_state(state["gen"][k], opt_gen),
+                      "retriever": train.init_train_state(state["ret"][k], opt_ret)}
+            frozen = {"generator": round_gen, "retriever": round_query}
+            bar = tqdm(range(fl.local_steps), desc=f"round {rnd} {c.name}",
+                       disable=not sys.stderr.isatty())
+            for step in bar:
+                pick = np.random.default_rng([config.seed, rnd, k, step]).choice(
+                    len(c.train), min(fl.batch_size, len(c.train)), replace=False)
+                batch_q = [c.train[i] for i in pick]
+                query_enc = dataclasses.replace(enc, params=round_query,
+                                                lora=states["retriever"].trainable)
+                _, ids = s.search(query_enc.embed([q["question"] for q in batch_q],
+                                                  batch_size=len(batch_q)))
+                batch = _batch(config, tokenizer, enc, s, batch_q, ids)
+                states, out = rag.rag_step(
+                    states, frozen, {n: jnp.asarray(v) for n, v in batch.items()},
+                    jax.random.fold_in(rng, rnd * 100_000 + k * 1000 + step), gen_cfg=gen_cfg,
+                    enc_cfg=enc.cfg, loss_cfg=loss_cfg, optimizers=(opt_gen, opt_ret))
+                if (step + 1) % config.log_every == 0 or step + 1 == fl.local_steps:
+                    out = {n: float(v) for n, v in jax.device_get(out).items()}
+                    metrics.write(kind="train", phase="ffrag", round=rnd, client=c.name,
+                                  step=step + 1, **out)
+                    bar.set_postfix(loss=f"{out['loss']:.3f}")
+                    logging.info("round %d %s step %d/%d loss %.4f", rnd, c.name, step + 1,
+                                 fl.local_steps, out["loss"])
+            new_gen.append(states["generator"].trainable)
+            new_ret.append(states["retriever"].trainable)
+        state = {"gen": new_gen, "ret": new_ret,
+                 "global_gen": federated.stack(new_gen, weights),
+                 "global_ret": federated.stack(new_ret, weights)}
+        gen_global = _gen_params(params, state["global_gen"])
+        for k, (c, s) in enumerate(zip(clients, sources, strict=True)):
+            for model, gen_lora, ret_lora in (("global", None, None),
+                                              ("fused", new_gen[k], new_ret[k])):
+                m = evaluate_client(config, c, s, _query_encoder(enc, state["global_ret"],
+                                                                 ret_lora),
+                                    gen_global, gen_lora, gen_cfg, tokenizer,
+                                    closed_book=rnd == fl.rounds and model == "fused")
+                metrics.write(kind="eval", round=rnd, client=c.name, model=model, **m)
+                logging.info("round %d %s %s: %s", rnd, c.name, model, _short(m))
+        checkpoint.save(mngr, rnd, state)
+        mngr.wait_until_finished()  # a round is minutes of work: keep it before going on
+    mngr.close()
+
+    records = read_jsonl(metrics.path)
+    plot_client_rounds(records, workdir / "rounds.png", "ffrag_jax FF-RAG: held-out questions",
+                       panels=[("eval", "recall@1", "retrieval recall@1"),
+                               ("eval", "rag_em", "RAG exact match")])
+    plot_training_loss(records, workdir / "loss.png", title="ffrag_jax FF-RAG")
+    summary = summarize(records, fl.rounds)
+    summary["wall_time_s"] = round(time.perf_counter() - started, 1)
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _short(m: dict) -> str:
+    keys = ("recall@1", "answer_in_context", "rag_em", "rag_f1", "closed_book_em")
+    return " ".join(f"{k} {m[k]:.3f}" for k in keys if k in m)
+
+
+def summarize(records: list[dict], rounds: int) -> dict:
+    """Mean over clients of each model's metrics: ``base`` (round 0), and ``global`` and
+    ``fused`` after the last round; the closed-book scores of the base and the final fused
+    models."""
+    evals = [x for x in records if x.get("kind") == "eval"]
+
+    def mean(model: str, rnd: int) -> dict:
+        rows = [x for x in evals if x["model"] == model and x["round"] == rnd]
+        keys = [k for k in rows[0] if isinstance(rows[0][k], float) and k != "time"]
+        return {k: round(float(np.mean([x[k] for x in rows])), 4) for k in keys}
+
+    return {"rounds": rounds, "base": mean("base", 0), "global": mean("global", rounds),
+            "fused": mean("fused", rounds)}

@@ -1,0 +1,45 @@
+"""Evaluation of a retriever + reader on questions with known gold passages: retrieval recall,
+answer-in-context rate, closed-book and RAG exact match and F1.
+
+Shared by the centralised RAG job, the federated FF-RAG job and the inference CLI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ffrag_jax import evaluation, synthetic
+from ffrag_jax.models.llama import LlamaConfig
+
+
+def rag_prompts(questions: Sequence[str], contexts: Sequence[str]) -> list[str]:
+    """The reader's prompts: one context (possibly empty: closed book) per question."""
+    return [synthetic.prompt({"context": c, "question": q})
+            for q, c in zip(questions, contexts, strict=True)]
+
+
+def answer(gen_params: dict, gen_cfg: LlamaConfig, tokenizer, questions: Sequence[str],
+           contexts: Sequence[str], *, lora=None, prompt_len: int, max_new_tokens: int,
+           batch_size: int, **sampling) -> list[str]:
+    """Greedy (or sampled, see :func:`evaluation.generate_answers`) answers to ``questions``
+    reading ``contexts``."""
+    return evaluation.generate_answers(gen_params, gen_cfg, tokenizer,
+                                       rag_prompts(questions, contexts), lora=lora,
+                                       max_prompt_len=prompt_len, max_new_tokens=max_new_tokens,
+                                       batch_size=batch_size, **sampling)
+
+
+def retrieval_metrics(ids: np.ndarray, gold: np.ndarray) -> dict:
+    """``recall@1`` and ``recall@K`` of retrieved ids ``[N, K]`` (-1: none) against the gold
+    passage ids ``[N]``."""
+    k = ids.shape[1]
+    return {"recall@1": float(np.mean(ids[:, 0] == gold)),
+            f"recall@{k}": float(np.mean((ids == gold[:, None]).any(1)))}
+
+
+def answer_metrics(predictions: Sequence[str], answers: Sequence[str], prefix: str) -> dict:
+    """``{prefix}_em`` and ``{prefix}_f1`` (SQuAD normalisation)."""
+    return {f"{prefix}_em": evaluation.exact_match_score(predictions, answers),
+            f"{prefix}_f1": evaluation.f1_score(predictions, answers)}
