@@ -40,7 +40,17 @@ from absl import logging
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from ffrag_jax import checkpoint, evaluation, federated, lora, rag, rag_eval, synthetic, train
+from ffrag_jax import (
+    checkpoint,
+    evaluation,
+    federated,
+    inference,
+    lora,
+    rag,
+    rag_eval,
+    synthetic,
+    train,
+)
 from ffrag_jax.base_model import model_config, pretrain, run_tokenizer
 from ffrag_jax.errors import UserError
 from ffrag_jax.metrics import MetricsLog, plot_client_rounds, plot_training_loss, read_jsonl
@@ -189,6 +199,8 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         [synthetic.prompt(e) + synthetic.response(e) for e in reading]
         + shared + [f for c in clients for f in c.private]
         + [q["question"] + " " + q["answer"] for c in clients for q in c.train]))
+    for c in clients:
+        c.train = rag.drop_long_answers(tokenizer, c.train, r.answer_len, f"client {c.name}")
     gen_cfg, params = model_config(config, tokenizer)
     rng = jax.random.key(config.seed)
     if params is None:
@@ -197,6 +209,12 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
                            mesh=mesh, ckpt_dir=workdir / "checkpoints", metrics=metrics)
                   if config.pretrain.steps > 0 else init_params(rng, gen_cfg))
 
+    # Clients train one after another on one device: everything is committed to it, with a
+    # plain single-device sharding (params left on the pretraining mesh would give the step's
+    # outputs the mesh's sharding type, and the next step a recompile; a restored checkpoint
+    # would sit on another device set).
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    params = jax.device_put(params, device)
     enc = TextEncoder.load(config.retriever.path)
     shared_vectors = enc.embed(shared)
     sources = []
@@ -230,8 +248,8 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     state = {"gen": gen_personal, "ret": ret_personal,
              "global_gen": federated.stack(gen_personal, weights),
              "global_ret": federated.stack(ret_personal, weights)}
-    mngr = checkpoint.manager(workdir / "checkpoints" / "ffrag", max_to_keep=1)
-    done, state = checkpoint.restore_latest(mngr, state)
+    mngr = checkpoint.manager(workdir / "checkpoints" / "ffrag", max_to_keep=2)
+    done, state = checkpoint.restore_latest(mngr, jax.device_put(state, device))
     if done:
         metrics.drop_records_after("round", done)
         logging.info("resuming after round %d", done)
@@ -247,9 +265,12 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         round_query = _query_encoder(enc, global_ret, None).params
         new_gen, new_ret = [], []
         for k, (c, s) in enumerate(zip(clients, sources, strict=True)):
-            states = {"generator": train.init_train_state(state["gen"][k], opt_gen),
-                      "retriever": train.init_train_state(state["ret"][k], opt_ret)}
-            frozen = {"generator": round_gen, "retriever": round_query}
+            # All committed to the one device: the step's outputs are, so its inputs must be
+            # too, or the second step (and every round's first) compiles again.
+            states = jax.device_put(
+                {"generator": train.init_train_state(state["gen"][k], opt_gen),
+                 "retriever": train.init_train_state(state["ret"][k], opt_ret)}, device)
+            frozen = jax.device_put({"generator": round_gen, "retriever": round_query}, device)
             bar = tqdm(range(fl.local_steps), desc=f"round {rnd} {c.name}",
                        disable=not sys.stderr.isatty())
             for step in bar:
@@ -291,6 +312,16 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         mngr.wait_until_finished()  # a round is minutes of work: keep it before going on
     mngr.close()
 
+    export = inference.export_system(
+        workdir / "export", gen_cfg=gen_cfg, gen_params=_gen_params(params, state["global_gen"]),
+        tokenizer=tokenizer, encoder=enc, retriever_path=config.retriever.path,
+        global_retriever=state["global_ret"],
+        bases={"shared": shared, **{f"cases_{k}": c.private for k, c in enumerate(clients)}},
+        quotas={"private": r.k_private, "shared": r.k_shared}, prompt_len=r.prompt_len,
+        clients=[{"name": c.name, "base": f"cases_{k}", "generator": state["gen"][k],
+                  "retriever": state["ret"][k]} for k, c in enumerate(clients)])
+    logging.info("exported the system to %s (python -m ffrag_jax.ask --workdir %s ...)",
+                 export, workdir)
     records = read_jsonl(metrics.path)
     plot_client_rounds(records, workdir / "rounds.png", "ffrag_jax FF-RAG: held-out questions",
                        panels=[("eval", "recall@1", "retrieval recall@1"),

@@ -316,3 +316,33 @@ def load_peft_adapter(path: str | os.PathLike, cfg: LlamaConfig) -> LoRA:
         dropout=float(conf.get("lora_dropout", 0.0)),
         use_rslora=bool(conf.get("use_rslora", False)),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Native format: any LoRA tree (the retriever's too, which has no PEFT mapping here)
+
+
+def save_weights(path: str | os.PathLike, lora: LoRA) -> None:
+    """One safetensors file: the weights under their '/'-joined tree paths, the scale,
+    dropout and rsLoRA flag in its metadata (:func:`load_weights` reads it back)."""
+    from safetensors.numpy import save_file
+
+    flat = traverse_util.flatten_dict(jax.device_get(lora.weights), sep="/")
+    meta = {"scale": repr(float(lora.scale)), "dropout": repr(float(lora.dropout)),
+            "use_rslora": str(bool(lora.use_rslora))}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, str(path), metadata=meta)
+
+
+def load_weights(path: str | os.PathLike) -> LoRA:
+    """The LoRA that :func:`save_weights` wrote to ``path``."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such LoRA weights file")
+    with safe_open(str(path), framework="numpy") as f:
+        meta = f.metadata() or {}
+        flat = {k: jnp.asarray(f.get_tensor(k)) for k in f.keys()}  # noqa: SIM118
+    if "scale" not in meta:
+        raise UserError(f"{path}: not a ffrag_jax LoRA file (no scale in its metadata)")
+    return LoRA(traverse_util.unflatten_dict(flat, sep="/"), scale=float(meta["scale"]),
+                dropout=float(meta.get("dropout", 0.0)),
+                use_rslora=meta.get("use_rslora") == "True")

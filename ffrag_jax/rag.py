@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 
 from ffrag_jax import losses, synthetic
 from ffrag_jax.errors import UserError
@@ -73,7 +74,6 @@ def encode_generator_batch(tokenizer, questions: Sequence[str], answers: Sequenc
     with fewer than ``K`` passages must be padded by the caller (:func:`pad_passages`)."""
     if len({len(p) for p in passages}) != 1:
         raise UserError("every question needs the same number of passages (pad_passages)")
-    eos = [tokenizer.eos_token_id]
     pad = tokenizer.pad_token_id
     b, k = len(questions), len(passages[0])
     ids = np.full((b, k, prompt_len + answer_len), pad, np.int32)
@@ -81,7 +81,7 @@ def encode_generator_batch(tokenizer, questions: Sequence[str], answers: Sequenc
     targets = np.full((b, answer_len), pad, np.int32)
     answer_mask = np.zeros((b, answer_len), np.int32)
     for i, (question, answer) in enumerate(zip(questions, answers, strict=True)):
-        ans = tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"] + eos
+        ans = answer_ids(tokenizer, answer)
         if len(ans) > answer_len:
             raise UserError(f"answer {i} has {len(ans)} tokens (EOS included); the budget is "
                             f"{answer_len} (rag answer_len)")
@@ -94,6 +94,27 @@ def encode_generator_batch(tokenizer, questions: Sequence[str], answers: Sequenc
             ids[i, j, prompt_len : prompt_len + len(ans)] = ans
             mask[i, j, prompt_len : prompt_len + len(ans)] = 1
     return {"gen_ids": ids, "gen_mask": mask, "targets": targets, "answer_mask": answer_mask}
+
+
+def answer_ids(tokenizer, answer: str) -> list[int]:
+    """The answer's target tokens: `` answer`` (as it follows ``Answer:``) and EOS."""
+    return tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"] + [
+        tokenizer.eos_token_id]
+
+
+def drop_long_answers(tokenizer, questions: Sequence[dict], answer_len: int, where: str
+                      ) -> list[dict]:
+    """``questions`` (dicts with an ``answer``) without those whose answer does not fit
+    ``answer_len`` tokens, EOS included: an answer is never cut (its loss would teach a wrong
+    answer), so they are left out of training, with a warning. None left is an error."""
+    kept = [q for q in questions if len(answer_ids(tokenizer, q["answer"])) <= answer_len]
+    if len(kept) < len(questions):
+        logging.warning("%s: %d of %d questions have answers longer than rag.answer_len=%d "
+                        "tokens (EOS included); they are left out of training", where,
+                        len(questions) - len(kept), len(questions), answer_len)
+    if questions and not kept:
+        raise UserError(f"{where}: no answer fits rag.answer_len={answer_len} tokens")
+    return kept
 
 
 def prompt_ids(tokenizer, passage: str, question: str, budget: int, *, where: str = "question"

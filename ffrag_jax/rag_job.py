@@ -34,7 +34,7 @@ from absl import logging
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from ffrag_jax import checkpoint, evaluation, lora, rag, rag_eval, synthetic, train
+from ffrag_jax import checkpoint, evaluation, inference, lora, rag, rag_eval, synthetic, train
 from ffrag_jax.base_model import model_config, pretrain, run_tokenizer
 from ffrag_jax.errors import UserError
 from ffrag_jax.metrics import MetricsLog, plot_training_loss, read_jsonl
@@ -105,6 +105,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     tokenizer = run_tokenizer(config, workdir, (
         synthetic.prompt(e) + synthetic.response(e) for e in reading + [
             {"context": f["text"], "question": "", "answer": ""} for f in facts]))
+    train_q = rag.drop_long_answers(tokenizer, train_q, r.answer_len, "training questions")
     gen_cfg, gen_params = model_config(config, tokenizer)
     rng = jax.random.key(config.seed)
     if gen_params is None:
@@ -180,6 +181,11 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
                                             gen_cfg, tokenizer)}
     metrics.write(kind="eval", **after)
     logging.info("after: %s", after)
+    inference.export_system(
+        workdir / "export", gen_cfg=gen_cfg, gen_params=gen_params, tokenizer=tokenizer,
+        encoder=enc, retriever_path=config.retriever.path, global_retriever=enc.lora,
+        bases={"facts": fact_texts}, quotas={"facts": r.k}, prompt_len=r.prompt_len,
+        retriever_sides="both" if t.passage_side else "query")
     plot_training_loss(read_jsonl(metrics.path), workdir / "loss.png",
                        title="ffrag_jax RAG: LM-supervised retrieval")
     keys = [k for k in before if k not in ("model", "questions")]

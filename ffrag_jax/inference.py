@@ -1,0 +1,164 @@
+"""A trained RAG system as a folder, and question answering with it.
+
+The RAG jobs end by writing ``WORKDIR/export`` (:func:`export_system`)::
+
+    system.json                     format, retriever folder, prompt budget, quotas, clients
+    generator/                      HF Llama folder (global adapter merged) + tokenizer
+    retriever_lora.safetensors      the global query-encoder LoRA (absent: none trained)
+    knowledge/<base>/               knowledge bases (retrieval.knowledge_base), embedded by
+                                    the plain retriever: the LoRAs are on the query side only
+    clients/<k>/generator/          a client's personal generator adapter (PEFT)
+    clients/<k>/retriever_lora.safetensors
+
+:func:`load_system` reads it back as a :class:`RagSystem` (the global model and the shared
+bases, or one client's fused model with its private base too), and :meth:`RagSystem.ask`
+retrieves from every base with its quota, puts the best passage in the prompt (the readers
+here are trained with one) and generates with a KV cache, greedy or top-p sampled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+from absl import logging
+
+from ffrag_jax import hf, lora, rag_eval
+from ffrag_jax.errors import UserError
+from ffrag_jax.lora import LoRA
+from ffrag_jax.models.llama import LlamaConfig
+from ffrag_jax.retrieval.encoder import TextEncoder, params_sha256
+from ffrag_jax.retrieval.knowledge_base import KnowledgeBase, search_sources
+
+FORMAT = 1
+
+
+@dataclasses.dataclass
+class RagSystem:
+    """A reader, its query encoder and the knowledge bases it searches with ``quotas``."""
+
+    gen_cfg: LlamaConfig
+    gen_params: dict
+    gen_lora: LoRA | None
+    tokenizer: object
+    bases: list[KnowledgeBase]
+    quotas: dict[str, int]
+    prompt_len: int
+
+    def ask(self, questions: Sequence[str], *, mode: str = "dense", max_new_tokens: int = 16,
+            temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+            batch_size: int = 32) -> list[dict]:
+        """Per question ``{"question", "answer", "context", "sources"}``: ``sources`` are the
+        hits of every base (best first, each naming its base), ``context`` the passage the
+        reader saw ("" when nothing was retrieved: the question is answered closed-book,
+        with a warning)."""
+        questions = list(questions)
+        if not questions:
+            return []
+        hits = search_sources(self.bases, questions, self.quotas, mode)
+        hits = [sorted(row, key=lambda h: -h["score"]) for row in hits]
+        contexts = []
+        for question, row in zip(questions, hits, strict=True):
+            if not row:
+                logging.warning("no passage retrieved for %r: answering closed-book", question)
+            contexts.append(row[0]["text"] if row else "")
+        rng = jax.random.key(seed) if temperature > 0 else None
+        answers = rag_eval.answer(self.gen_params, self.gen_cfg, self.tokenizer, questions,
+                                  contexts, lora=self.gen_lora, prompt_len=self.prompt_len,
+                                  max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                  rng=rng, temperature=temperature, top_p=top_p, top_k=top_k)
+        return [{"question": q, "answer": a, "context": c, "sources": row}
+                for q, a, c, row in zip(questions, answers, contexts, hits, strict=True)]
+
+
+def export_system(folder: Path, *, gen_cfg: LlamaConfig, gen_params: dict, tokenizer,
+                  encoder: TextEncoder, retriever_path: str | None,
+                  global_retriever: LoRA | None, bases: dict[str, list[str]],
+                  quotas: dict[str, int], prompt_len: int, clients: Sequence[dict] = (),
+                  retriever_sides: str = "query") -> Path:
+    """Writes the system folder (see the module docstring). ``bases`` maps a base name to its
+    passages; ``clients`` are ``{"name", "base", "generator": LoRA, "retriever": LoRA}``
+    (``base``: the name of the client's private base, searched with ``quotas["private"]``).
+    ``retriever_sides="both"``: the global retriever LoRA was trained on passages too, so the
+    bases are embedded with it (merged); ``"query"``: by the plain ``encoder``."""
+    folder = Path(folder)
+    if retriever_sides not in ("query", "both"):
+        raise ValueError(f"retriever_sides must be 'query' or 'both', got {retriever_sides!r}")
+    encoder = dataclasses.replace(encoder, lora=None)
+    if retriever_sides == "both" and global_retriever is not None:
+        encoder = _merged(encoder, global_retriever)
+    hf.save_llama(folder / "generator", gen_cfg, jax.device_get(gen_params), tokenizer=tokenizer,
+                  overwrite=True)
+    if global_retriever is not None:
+        lora.save_weights(folder / "retriever_lora.safetensors", global_retriever)
+    for name, passages in bases.items():
+        docs = [{"id": f"{name}-{i}", "text": t, "source": name} for i, t in enumerate(passages)]
+        KnowledgeBase.build(name, docs, encoder, index_kind="exact").save(
+            folder / "knowledge" / name, overwrite=True)
+    for k, client in enumerate(clients):
+        where = folder / "clients" / str(k)
+        lora.save_peft_adapter(where / "generator", client["generator"], gen_cfg,
+                               base_model_name_or_path=str(folder / "generator"),
+                               overwrite=True)
+        lora.save_weights(where / "retriever_lora.safetensors", client["retriever"])
+    system = {"format": FORMAT, "retriever": retriever_path, "retriever_sides": retriever_sides,
+              "prompt_len": prompt_len,
+              "quotas": quotas, "clients": [{"name": c["name"], "base": c["base"]}
+                                            for c in clients]}
+    (folder / "system.json").write_text(json.dumps(system, indent=2))
+    return folder
+
+
+def _merged(encoder: TextEncoder, adapter: LoRA) -> TextEncoder:
+    """The encoder with ``adapter`` merged into its weights (its identity follows)."""
+    params = lora.merge(encoder.params, adapter)
+    return dataclasses.replace(encoder, params=params, sha256=params_sha256(params), lora=None)
+
+
+def load_system(folder: str | Path, client: int | None = None) -> RagSystem:
+    """The system in ``folder`` (a workdir or its ``export``): the global model over the
+    shared bases, or with ``client`` that client's fused model over its base and the shared
+    ones."""
+    folder = Path(folder)
+    if not (folder / "system.json").exists() and (folder / "export" / "system.json").exists():
+        folder = folder / "export"
+    if not (folder / "system.json").exists():
+        raise UserError(f"{folder}: no system.json (not a RAG run's workdir or export); run a "
+                        "RAG job (--config ffrag or rag_e2e) first")
+    system = json.loads((folder / "system.json").read_text())
+    if system.get("format") != FORMAT:
+        raise UserError(f"{folder}/system.json: format {system.get('format')!r}, this "
+                        f"ffrag_jax reads {FORMAT}")
+    clients = system["clients"]
+    if client is not None and not 0 <= client < len(clients):
+        names = ", ".join(f"{k} ({c['name']})" for k, c in enumerate(clients)) or "none"
+        raise UserError(f"--client {client}: this system's clients are {names}")
+    gen_cfg, gen_params = hf.load_llama(folder / "generator")
+    tokenizer = hf.load_tokenizer(folder / "generator")
+    encoder = TextEncoder.load(system["retriever"])
+    query = encoder
+    global_retriever = folder / "retriever_lora.safetensors"
+    if global_retriever.exists():
+        query = _merged(encoder, lora.load_weights(global_retriever))
+        if system.get("retriever_sides") == "both":
+            encoder = query
+    quotas = dict(system["quotas"])
+    private = {c["base"] for c in clients}
+    gen_lora = None
+    names = [p.name for p in sorted((folder / "knowledge").iterdir()) if p.name not in private]
+    if client is not None:
+        where = folder / "clients" / str(client)
+        gen_lora = lora.load_peft_adapter(where / "generator", gen_cfg)
+        query = dataclasses.replace(query, lora=lora.load_weights(
+            where / "retriever_lora.safetensors"))
+        base = clients[client]["base"]
+        names.insert(0, base)
+        quotas[base] = quotas.pop("private")
+    quotas.pop("private", None)
+    bases = [KnowledgeBase.load(folder / "knowledge" / n, encoder, query_encoder=query)
+             for n in names]
+    return RagSystem(gen_cfg, gen_params, gen_lora, tokenizer, bases, quotas,
+                     system["prompt_len"])

@@ -1,0 +1,147 @@
+"""Federated FF-RAG end to end (shrunk), its resume, the exported system and the ask CLI,
+and the answer metrics."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from ffrag_jax import evaluation
+from ffrag_jax.errors import UserError
+
+SMALL = {"pretrain.steps": 4, "pretrain.num_examples": 64, "pretrain.batch_size": 8,
+         "data.domains": "clinic,legal", "data.private_entities": 4, "data.shared_entities": 1,
+         "fl.num_clients": 2, "fl.ranks": (4, 2), "fl.rounds": 2, "fl.local_steps": 2,
+         "fl.batch_size": 4, "fl.retriever_rank": 2,
+         # 1 shared entity x 3 relations x 2 domains = 6 shared facts < the quota of 8: the
+         # missing candidates are padded and masked, not an error
+         "rag.k_private": 2, "rag.k_shared": 8,
+         "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_layers": 2,
+         "tokenizer.vocab_size": 400, "log_every": 1, "eval.batch_size": 8}
+
+
+@pytest.fixture(scope="module")
+def ffrag_run(tmp_path_factory):
+    from ffrag_jax import run as run_lib
+    from ffrag_jax.launch import load_config
+
+    workdir = tmp_path_factory.mktemp("ffrag") / "run"
+    summary = run_lib.run(load_config("ffrag", SMALL), workdir)
+    return workdir, summary
+
+
+def _records(workdir):
+    return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ffrag_job_rounds_metrics_and_export(ffrag_run):
+    workdir, summary = ffrag_run
+    assert summary["rounds"] == 2
+    assert set(summary["base"]) == {"recall@1", "recall@10", "answer_in_context", "rag_em",
+                                    "rag_f1", "closed_book_em", "closed_book_f1"}
+    assert "closed_book_em" in summary["fused"] and "closed_book_em" not in summary["global"]
+    records = _records(workdir)
+    evals = sorted((r["round"], r["client"], r["model"]) for r in records if r["kind"] == "eval")
+    assert evals == sorted([(0, c, "base") for c in ("0:clinic", "1:legal")] + [
+        (n, c, m) for n in (1, 2) for c in ("0:clinic", "1:legal") for m in ("global", "fused")])
+    steps = [(r["round"], r["client"], r["step"]) for r in records if r.get("phase") == "ffrag"]
+    assert len(steps) == 2 * 2 * 2 and all(np.isfinite(r["loss"]) for r in records
+                                             if r.get("phase") == "ffrag")
+    for name in ("rounds.png", "loss.png", "export/system.json", "export/generator/config.json",
+                 "export/clients/1/generator/adapter_config.json",
+                 "export/clients/0/retriever_lora.safetensors",
+                 "export/knowledge/shared/manifest.json"):
+        assert (workdir / name).exists(), name
+
+
+def test_ffrag_resumes_after_the_last_finished_round(ffrag_run, tmp_path):
+    """A run killed after round 1 (round 2's checkpoint and the summary gone) redoes round 2
+    only, logs it once, and ends where the uninterrupted run ended."""
+    from ffrag_jax import run as run_lib
+    from ffrag_jax.launch import load_config
+
+    workdir, summary = ffrag_run
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    shutil.rmtree(copy / "checkpoints/ffrag/2")
+    (copy / "summary.json").unlink()
+    shutil.rmtree(copy / "export")
+    again = run_lib.run(load_config("ffrag", SMALL), copy)
+    for model in ("base", "global", "fused"):
+        for key, value in summary[model].items():
+            assert again[model][key] == pytest.approx(value, abs=1e-9), (model, key)
+    evals = [(r["round"], r["client"], r["model"]) for r in _records(copy) if r["kind"] == "eval"]
+    assert len(evals) == len(set(evals)) == 2 + 2 * 2 * 2
+
+
+def test_ask_cli_answers_with_sources(ffrag_run, tmp_path, capsys):
+    from ffrag_jax import ask
+
+    workdir, _ = ffrag_run
+    assert ask.main(["--workdir", str(workdir), "--client", "0",
+                     "Which drug was prescribed to patient Ab Cd?"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Q: Which drug was prescribed to patient Ab Cd?\nA: ")
+    assert "[cases_0]" in out and "[shared]" in out
+
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question": "Who heard case Bo-12?"}) + "\n\n"
+                         + json.dumps({"question": "Who treats patient Ab Cd?"}) + "\n")
+    answers = tmp_path / "a.jsonl"
+    assert ask.main(["--workdir", str(workdir / "export"), "--questions", str(questions),
+                     "--output", str(answers), "--temperature", "0.8", "--top-p", "0.9"]) == 0
+    rows = [json.loads(x) for x in answers.read_text().splitlines()]
+    assert [r["question"] for r in rows] == ["Who heard case Bo-12?", "Who treats patient Ab Cd?"]
+    for r in rows:  # the global model searches the shared base only, with its quota (8 > 6)
+        assert {h["kb"] for h in r["sources"]} == {"shared"} and len(r["sources"]) == 6
+        assert r["context"] == r["sources"][0]["text"]
+
+    # Nothing retrieved (BM25 finds no shared term): answered closed-book, no sources.
+    assert ask.main(["--workdir", str(workdir), "--mode", "bm25", "--questions",
+                     str(questions)]) == 0
+    capsys.readouterr()
+    assert ask.main(["--workdir", str(workdir), "--mode", "bm25", "zzzq xxqv"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Q: zzzq xxqv\nA: ") and "[" not in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--client", "5", "q"], "--client 5: this system's clients are 0 (0:clinic), 1 (1:legal)"),
+    ([], "no question"),
+    (["--questions", "missing.jsonl"], "--questions missing.jsonl: no such file"),
+    (["--top-p", "0", "q"], "--top-p in (0, 1]"),
+])
+def test_ask_bad_input_is_one_line(ffrag_run, capsys, argv, message):
+    from ffrag_jax import ask
+
+    workdir, _ = ffrag_run
+    assert ask.main(["--workdir", str(workdir), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_ask_refuses_a_folder_without_a_system(tmp_path, capsys):
+    from ffrag_jax import ask
+
+    assert ask.main(["--workdir", str(tmp_path), "q"]) == 2
+    assert "no system.json" in capsys.readouterr().err
+    bad = tmp_path / "q.jsonl"
+    bad.write_text('{"question": "fine"}\n[1, 2]\n')
+    with pytest.raises(UserError, match=r"q.jsonl:2: expected an object"):
+        ask.read_questions(str(bad))
+
+
+def test_exact_match_f1_and_answer_in_context():
+    # SQuAD v1.1 normalisation: case, punctuation and articles do not count.
+    assert evaluation.exact_match("The Eiffel Tower!", "eiffel tower") == 1.0
+    # pred {eiffel, tower, in, paris} vs gold {eiffel, tower}: P 1/2, R 1, F1 2/3.
+    assert evaluation.f1("the Eiffel Tower in Paris", "Eiffel Tower") == pytest.approx(2 / 3)
+    assert evaluation.f1("Paris", ["Eiffel Tower", "Paris"]) == 1.0  # best over the answers
+    assert evaluation.f1("", "Paris") == 0.0 and evaluation.f1("Rome", "Paris") == 0.0
+    # Tokens count as a multiset: 2 of the 3 predicted tokens are matched (P = R = 2/3).
+    assert evaluation.f1("x x y", "x y y") == pytest.approx(2 / 3)
+    assert evaluation.f1_score(["Paris", "Rome"], ["Paris", "Paris"]) == 0.5
+    assert evaluation.answer_in_context_rate(
+        ["The capital is Paris.", "Nothing here.", ""], ["paris", "Rome", "x"]) == pytest.approx(
+            1 / 3)
