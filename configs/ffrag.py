@@ -34,6 +34,7 @@ def get_config() -> ConfigDict:
     c.rag = ConfigDict(dict(
         k_private=2, k_shared=2,  # candidates per question from each base
         prompt_len=48, answer_len=8,
+        query_len=24,  # query-encoder tokens in training (the questions have <= 18)
         losses={"rag_sequence": 1.0, "lsr": 1.0},
         score_scale=20.0, tau_lm=1.0,
     ))

@@ -26,6 +26,7 @@ def get_config() -> ConfigDict:
     c.rag = ConfigDict(dict(
         k=4,  # passages per question
         prompt_len=48, answer_len=8,
+        query_len=24,  # query-encoder tokens in training (the questions have <= 18)
         losses={"lsr": 1.0},  # any of rag_sequence, rag_token, lsr, ralt with weights
         score_scale=20.0, tau_lm=1.0,
         passage_len=32,  # encoder tokens per fact (passage-side training)

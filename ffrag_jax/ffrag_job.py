@@ -174,7 +174,7 @@ def _batch(config, tokenizer, enc, sources: Sources, questions: list[dict], ids:
     gen = rag.encode_generator_batch(tokenizer, [q["question"] for q in questions],
                                      [q["answer"] for q in questions], passages,
                                      r.prompt_len, r.answer_len)
-    q_tok = encoder_lib.tokenize(enc.tokenizer, [q["question"] for q in questions], 32)
+    q_tok = encoder_lib.tokenize(enc.tokenizer, [q["question"] for q in questions], r.query_len)
     emb = np.where((ids >= 0)[..., None], sources.vectors[np.maximum(ids, 0)], 0.0)
     return {**gen, "query_ids": q_tok["input_ids"], "query_mask": q_tok["attention_mask"],
             "passage_emb": emb.astype(np.float32), "passage_valid": valid}

@@ -152,7 +152,8 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         gen = rag.encode_generator_batch(
             tokenizer, [q["question"] for q in batch_q], [q["answer"] for q in batch_q],
             [[facts[i]["text"] for i in row] for row in ids], r.prompt_len, r.answer_len)
-        q_tok = encoder_lib.tokenize(enc.tokenizer, [q["question"] for q in batch_q], 32)
+        q_tok = encoder_lib.tokenize(enc.tokenizer, [q["question"] for q in batch_q],
+                                     r.query_len)
         batch = {**gen, "query_ids": q_tok["input_ids"], "query_mask": q_tok["attention_mask"]}
         if t.passage_side:  # passages re-encoded by the LoRA encoder: gradients reach them
             batch["passage_ids"] = fact_tokens["input_ids"][ids]

@@ -27,7 +27,7 @@ def ffrag_run(tmp_path_factory):
     from ffrag_jax.launch import load_config
 
     workdir = tmp_path_factory.mktemp("ffrag") / "run"
-    summary = run_lib.run(load_config("ffrag", SMALL), workdir)
+    summary = run_lib.run(load_config("demo", SMALL), workdir)  # the README's first command
     return workdir, summary
 
 
@@ -67,7 +67,7 @@ def test_ffrag_resumes_after_the_last_finished_round(ffrag_run, tmp_path):
     shutil.rmtree(copy / "checkpoints/ffrag/2")
     (copy / "summary.json").unlink()
     shutil.rmtree(copy / "export")
-    again = run_lib.run(load_config("ffrag", SMALL), copy)
+    again = run_lib.run(load_config("demo", SMALL), copy)
     for model in ("base", "global", "fused"):
         for key, value in summary[model].items():
             assert again[model][key] == pytest.approx(value, abs=1e-9), (model, key)

@@ -221,12 +221,12 @@ TINY_DEMO = {
 }
 
 
-def test_federated_demo_via_launcher(tmp_path):
-    """The README's first command (shrunk): pretraining, FF-LoRA rounds over four synthetic
-    domains, exact match of the base, global and fused models, exports."""
+def test_federated_lora_demo_via_launcher(tmp_path):
+    """The FF-LoRA demo (shrunk): pretraining, FF-LoRA rounds over four synthetic domains,
+    exact match of the base, global and fused models, exports."""
     workdir = tmp_path / "demo"
     overrides = [f"--config.{k}={v}" for k, v in TINY_DEMO.items()]
-    result = _launch("--config", "demo", "--workdir", str(workdir), *overrides)
+    result = _launch("--config", "fflora", "--workdir", str(workdir), *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r.get("phase") == "pretrain"] == [2, 4]

@@ -65,6 +65,11 @@ def test_truncation_comes_from_the_passage_and_bad_answers_are_refused(setup):
     assert tok.decode(out["targets"][0][out["answer_mask"][0] == 1]).strip() == "B4</s>"
     with pytest.raises(UserError, match="answer 0 has .* tokens .* budget is 2"):
         rag.encode_generator_batch(tok, ["q"], ["a much longer answer"], [["p"]], 40, 2)
+    # A job leaves questions whose answer does not fit out of training (never cuts them).
+    questions = [{"answer": "B4"}, {"answer": "a much longer answer"}, {"answer": "B4."}]
+    assert rag.drop_long_answers(tok, questions, 4, "test") == [questions[0], questions[2]]
+    with pytest.raises(UserError, match="test: no answer fits rag.answer_len=1"):
+        rag.drop_long_answers(tok, questions, 1, "test")
     padded, valid = rag.pad_passages([["a", "b", "c"], [], ["d"]], 2)
     assert padded == [["a", "b"], ["", ""], ["d", ""]]
     assert valid.tolist() == [[True, True], [True, False], [True, False]]
@@ -142,7 +147,9 @@ def test_rag_job_end_to_end(tmp_path):
              "checkpoint_every": 1}
     summary = run_lib.run(load_config("rag_e2e", small), tmp_path / "run")
     assert summary["test_questions"] == 10 and summary["train_questions"] == 30
-    assert set(summary["before"]) == {"recall@1", "recall@4", "closed_book_em", "rag_em"}
+    assert set(summary["before"]) == {"recall@1", "recall@4", "answer_in_context",
+                                      "closed_book_em", "closed_book_f1", "rag_em", "rag_f1"}
+    assert (tmp_path / "run/export/system.json").exists()
     records = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r.get("phase") == "rag"] == [1, 2]
     side = run_lib.run(load_config("rag_e2e", {**small, "train.passage_side": True,

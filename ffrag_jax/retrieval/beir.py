@@ -56,7 +56,7 @@ def load_beir(folder: str | Path, split: str = "test"
 
 def load_squad(path: str | Path) -> tuple[list[dict], list[dict]]:
     """``(paragraphs {"id", "text", "article"}, questions {"id", "text", "paragraph",
-    "article"})`` of a SQuAD v1.1 JSON file."""
+    "article", "answers"})`` of a SQuAD v1.1 JSON file (``answers``: the gold answer texts)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"SQuAD file not found: {path}")
@@ -68,7 +68,8 @@ def load_squad(path: str | Path) -> tuple[list[dict], list[dict]]:
                                "source": "squad"})
             for qa in para["qas"]:
                 questions.append({"id": qa["id"], "text": qa["question"], "paragraph": pid,
-                                  "article": article["title"]})
+                                  "article": article["title"],
+                                  "answers": [a["text"] for a in qa.get("answers", [])]})
     return paragraphs, questions
 
 
