@@ -1,10 +1,12 @@
 """Launch an ffrag_jax experiment.
 
-  python -m ffrag_jax.launch --config demo [--workdir DIR] [--config.lora.rank=16 ...]
+  python -m ffrag_jax.launch --config demo [--workdir DIR] [--config.fl.rounds=5 ...]
 
 --config NAME loads configs/NAME.py (or a path to any config .py file) and calls its
-get_config(). Any config value can be overridden with a dotted flag, for example
---config.lora.steps=50 or --config.model.path=/models/llama-3.2-1b. Outputs (metrics.jsonl,
+get_config(): demo (federated FF-RAG), ffrag, rag_e2e, fflora, heter, homo, lora, retriever.
+Any config value can be overridden with a dotted flag, for example --config.fl.rounds=5 or
+--config.model.path=/models/llama-3.2-1b. A trained RAG run answers questions with
+python -m ffrag_jax.ask --workdir DIR "question". Outputs (metrics.jsonl,
 loss.png, checkpoints/, export/, summary.json) go to --workdir, runs/<config>-<time> by
 default. Running again in the workdir of an unfinished run resumes it; a finished run is only
 replaced with --overwrite.
