@@ -39,6 +39,7 @@ def get_config() -> ConfigDict:
         score_scale=20.0, tau_lm=1.0,
     ))
     c.fl = ConfigDict(dict(
+        strategy="ff",  # ff: personal + stacked global adapters; stack: FLoRA, merged
         num_clients=4, rounds=3, ranks=(8, 8, 4, 4), alpha_ratio=2.0,
         targets="all-linear",  # generator LoRA
         retriever_rank=8, retriever_targets="query,value",  # query-encoder LoRA

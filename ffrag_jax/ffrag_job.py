@@ -59,6 +59,8 @@ from ffrag_jax.retrieval import encoder as encoder_lib
 from ffrag_jax.retrieval import index as index_lib
 from ffrag_jax.retrieval.encoder import TextEncoder
 
+STRATEGIES = ("ff", "stack")
+
 
 @dataclasses.dataclass
 class Client:
@@ -142,6 +144,15 @@ def _gen_params(params: dict, global_gen) -> dict:
     return params if global_gen is None else lora.merge(params, global_gen)
 
 
+def _global_models(enc: TextEncoder, params: dict, state: dict) -> tuple[dict, TextEncoder]:
+    """``(generator params, query encoder)`` of the global model after a round: base +
+    the global adapters (``ff``), or the merged bases (``stack``)."""
+    if "gen_base" in state:
+        return state["gen_base"], dataclasses.replace(enc, params=state["query_base"])
+    return (_gen_params(params, state["global_gen"]),
+            _query_encoder(enc, state["global_ret"], None))
+
+
 def evaluate_client(config, client: Client, sources: Sources, query_enc: TextEncoder,
                     gen_params: dict, gen_lora, gen_cfg, tokenizer, *, closed_book: bool
                     ) -> dict:
@@ -185,6 +196,9 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     r, fl = config.rag, config.fl
     if fl.rounds <= 0:
         raise UserError(f"fl.rounds must be positive, got {fl.rounds}")
+    if fl.strategy not in STRATEGIES:
+        raise UserError(f"fl.strategy={fl.strategy!r}; the FF-RAG job runs "
+                        f"{' or '.join(STRATEGIES)}")
     if len(fl.ranks) != fl.num_clients:
         raise UserError(f"fl.ranks has {len(fl.ranks)} entries for fl.num_clients="
                         f"{fl.num_clients}")
@@ -238,16 +252,24 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
             logging.info("round 0 %s base: %s", c.name, _short(m))
 
     # Personal adapters (persist across rounds) and the global ones (None before round 1).
-    gen_personal = [lora.init(jax.random.fold_in(rng, 10 + k), params, fl.targets, rank,
-                              fl.alpha_ratio * rank) for k, rank in enumerate(fl.ranks)]
-    ret_personal = [lora.init(jax.random.fold_in(rng, 100 + k), enc.params,
-                              fl.retriever_targets, fl.retriever_rank,
-                              fl.alpha_ratio * fl.retriever_rank)
-                    for k in range(len(clients))]
+    def new_adapters(offset: int) -> tuple[list, list]:
+        """Fresh generator and query-encoder adapters for every client."""
+        gen = [lora.init(jax.random.fold_in(rng, offset + 10 + k), params, fl.targets, rank,
+                         fl.alpha_ratio * rank) for k, rank in enumerate(fl.ranks)]
+        ret = [lora.init(jax.random.fold_in(rng, offset + 100 + k), enc.params,
+                         fl.retriever_targets, fl.retriever_rank,
+                         fl.alpha_ratio * fl.retriever_rank) for k in range(len(clients))]
+        return gen, ret
+
+    gen_personal, ret_personal = new_adapters(0)
     weights = federated.client_weights([len(c.train) for c in clients])
-    state = {"gen": gen_personal, "ret": ret_personal,
-             "global_gen": federated.stack(gen_personal, weights),
-             "global_ret": federated.stack(ret_personal, weights)}
+    personalised = fl.strategy == "ff"
+    if personalised:
+        state = {"gen": gen_personal, "ret": ret_personal,
+                 "global_gen": federated.stack(gen_personal, weights),
+                 "global_ret": federated.stack(ret_personal, weights)}
+    else:  # stack: each round's stacked adapters are merged into the bases
+        state = {"gen_base": params, "query_base": enc.params}
     mngr = checkpoint.manager(workdir / "checkpoints" / "ffrag", max_to_keep=2)
     done, state = checkpoint.restore_latest(mngr, jax.device_put(state, device))
     if done:
@@ -259,17 +281,22 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     opt_ret = train.make_optimizer(fl.retriever_lr, fl.local_steps, warmup_steps=0)
 
     for rnd in range(done + 1, fl.rounds + 1):
-        global_gen = state["global_gen"] if rnd > 1 else None
-        global_ret = state["global_ret"] if rnd > 1 else None
-        round_gen = _gen_params(params, global_gen)
-        round_query = _query_encoder(enc, global_ret, None).params
+        if personalised:
+            global_gen = state["global_gen"] if rnd > 1 else None
+            global_ret = state["global_ret"] if rnd > 1 else None
+            round_gen = _gen_params(params, global_gen)
+            round_query = _query_encoder(enc, global_ret, None).params
+            starts = list(zip(state["gen"], state["ret"], strict=True))
+        else:  # fresh adapters every round on the merged bases (FLoRA)
+            round_gen, round_query = state["gen_base"], state["query_base"]
+            starts = list(zip(*new_adapters(1000 * rnd), strict=True))
         new_gen, new_ret = [], []
         for k, (c, s) in enumerate(zip(clients, sources, strict=True)):
             # All committed to the one device: the step's outputs are, so its inputs must be
             # too, or the second step (and every round's first) compiles again.
             states = jax.device_put(
-                {"generator": train.init_train_state(state["gen"][k], opt_gen),
-                 "retriever": train.init_train_state(state["ret"][k], opt_ret)}, device)
+                {"generator": train.init_train_state(starts[k][0], opt_gen),
+                 "retriever": train.init_train_state(starts[k][1], opt_ret)}, device)
             frozen = jax.device_put({"generator": round_gen, "retriever": round_query}, device)
             bar = tqdm(range(fl.local_steps), desc=f"round {rnd} {c.name}",
                        disable=not sys.stderr.isatty())
@@ -295,31 +322,42 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
                                  fl.local_steps, out["loss"])
             new_gen.append(states["generator"].trainable)
             new_ret.append(states["retriever"].trainable)
-        state = {"gen": new_gen, "ret": new_ret,
-                 "global_gen": federated.stack(new_gen, weights),
-                 "global_ret": federated.stack(new_ret, weights)}
-        gen_global = _gen_params(params, state["global_gen"])
+        if personalised:
+            state = {"gen": new_gen, "ret": new_ret,
+                     "global_gen": federated.stack(new_gen, weights),
+                     "global_ret": federated.stack(new_ret, weights)}
+        else:
+            state = jax.device_put(
+                {"gen_base": lora.merge(round_gen, federated.stack(new_gen, weights)),
+                 "query_base": lora.merge(round_query, federated.stack(new_ret, weights))},
+                device)
+        gen_global, query_global = _global_models(enc, params, state)
         for k, (c, s) in enumerate(zip(clients, sources, strict=True)):
-            for model, gen_lora, ret_lora in (("global", None, None),
-                                              ("fused", new_gen[k], new_ret[k])):
-                m = evaluate_client(config, c, s, _query_encoder(enc, state["global_ret"],
-                                                                 ret_lora),
+            models = [("global", None, None)]
+            if personalised:
+                models.append(("fused", new_gen[k], new_ret[k]))
+            for model, gen_lora, ret_lora in models:
+                m = evaluate_client(config, c, s, dataclasses.replace(query_global,
+                                                                      lora=ret_lora),
                                     gen_global, gen_lora, gen_cfg, tokenizer,
-                                    closed_book=rnd == fl.rounds and model == "fused")
+                                    closed_book=rnd == fl.rounds and model == models[-1][0])
                 metrics.write(kind="eval", round=rnd, client=c.name, model=model, **m)
                 logging.info("round %d %s %s: %s", rnd, c.name, model, _short(m))
         checkpoint.save(mngr, rnd, state)
         mngr.wait_until_finished()  # a round is minutes of work: keep it before going on
     mngr.close()
 
+    gen_global, query_global = _global_models(enc, params, state)
     export = inference.export_system(
-        workdir / "export", gen_cfg=gen_cfg, gen_params=_gen_params(params, state["global_gen"]),
-        tokenizer=tokenizer, encoder=enc, retriever_path=config.retriever.path,
-        global_retriever=state["global_ret"],
+        workdir / "export", gen_cfg=gen_cfg, gen_params=gen_global, tokenizer=tokenizer,
+        encoder=enc, retriever_path=config.retriever.path,
+        global_retriever=state["global_ret"] if personalised else None,
+        query_params=None if personalised else query_global.params,
         bases={"shared": shared, **{f"cases_{k}": c.private for k, c in enumerate(clients)}},
         quotas={"private": r.k_private, "shared": r.k_shared}, prompt_len=r.prompt_len,
         clients=[{"name": c.name, "base": f"cases_{k}", "generator": state["gen"][k],
-                  "retriever": state["ret"][k]} for k, c in enumerate(clients)])
+                  "retriever": state["ret"][k]} for k, c in enumerate(clients)]
+        if personalised else [])
     logging.info("exported the system to %s (python -m ffrag_jax.ask --workdir %s ...)",
                  export, workdir)
     records = read_jsonl(metrics.path)
@@ -349,5 +387,7 @@ def summarize(records: list[dict], rounds: int) -> dict:
         keys = [k for k in rows[0] if isinstance(rows[0][k], float) and k != "time"]
         return {k: round(float(np.mean([x[k] for x in rows])), 4) for k in keys}
 
-    return {"rounds": rounds, "base": mean("base", 0), "global": mean("global", rounds),
-            "fused": mean("fused", rounds)}
+    out = {"rounds": rounds, "base": mean("base", 0), "global": mean("global", rounds)}
+    if any(x["model"] == "fused" for x in evals):
+        out["fused"] = mean("fused", rounds)
+    return out

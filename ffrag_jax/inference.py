@@ -5,6 +5,7 @@ The RAG jobs end by writing ``WORKDIR/export`` (:func:`export_system`)::
     system.json                     format, retriever folder, prompt budget, quotas, clients
     generator/                      HF Llama folder (global adapter merged) + tokenizer
     retriever_lora.safetensors      the global query-encoder LoRA (absent: none trained)
+    query_encoder/                  or the whole query encoder (``stack``: adapters merged)
     knowledge/<base>/               knowledge bases (retrieval.knowledge_base), embedded by
                                     the plain retriever: the LoRAs are on the query side only
     clients/<k>/generator/          a client's personal generator adapter (PEFT)
@@ -30,7 +31,8 @@ from ffrag_jax import hf, lora, rag_eval
 from ffrag_jax.errors import UserError
 from ffrag_jax.lora import LoRA
 from ffrag_jax.models.llama import LlamaConfig
-from ffrag_jax.retrieval.encoder import TextEncoder, params_sha256
+from ffrag_jax.retrieval import encoder as encoder_lib
+from ffrag_jax.retrieval.encoder import TextEncoder, default_encoder_path, params_sha256
 from ffrag_jax.retrieval.knowledge_base import KnowledgeBase, search_sources
 
 FORMAT = 1
@@ -78,12 +80,14 @@ def export_system(folder: Path, *, gen_cfg: LlamaConfig, gen_params: dict, token
                   encoder: TextEncoder, retriever_path: str | None,
                   global_retriever: LoRA | None, bases: dict[str, list[str]],
                   quotas: dict[str, int], prompt_len: int, clients: Sequence[dict] = (),
-                  retriever_sides: str = "query") -> Path:
+                  retriever_sides: str = "query", query_params: dict | None = None) -> Path:
     """Writes the system folder (see the module docstring). ``bases`` maps a base name to its
     passages; ``clients`` are ``{"name", "base", "generator": LoRA, "retriever": LoRA}``
     (``base``: the name of the client's private base, searched with ``quotas["private"]``).
     ``retriever_sides="both"``: the global retriever LoRA was trained on passages too, so the
-    bases are embedded with it (merged); ``"query"``: by the plain ``encoder``."""
+    bases are embedded with it (merged); ``"query"``: by the plain ``encoder``.
+    ``query_params``: full query-encoder weights instead of a LoRA (the ``stack`` strategy
+    merges every round's adapters into them), saved as a sentence-transformers folder."""
     folder = Path(folder)
     if retriever_sides not in ("query", "both"):
         raise ValueError(f"retriever_sides must be 'query' or 'both', got {retriever_sides!r}")
@@ -94,6 +98,10 @@ def export_system(folder: Path, *, gen_cfg: LlamaConfig, gen_params: dict, token
                   overwrite=True)
     if global_retriever is not None:
         lora.save_weights(folder / "retriever_lora.safetensors", global_retriever)
+    if query_params is not None:
+        source = default_encoder_path() if retriever_path is None else retriever_path
+        encoder_lib.save(folder / "query_encoder", encoder.cfg, jax.device_get(query_params),
+                         source, overwrite=True)
     for name, passages in bases.items():
         docs = [{"id": f"{name}-{i}", "text": t, "source": name} for i, t in enumerate(passages)]
         KnowledgeBase.build(name, docs, encoder, index_kind="exact").save(
@@ -141,7 +149,9 @@ def load_system(folder: str | Path, client: int | None = None) -> RagSystem:
     encoder = TextEncoder.load(system["retriever"])
     query = encoder
     global_retriever = folder / "retriever_lora.safetensors"
-    if global_retriever.exists():
+    if (folder / "query_encoder").is_dir():
+        query = TextEncoder.load(folder / "query_encoder")
+    elif global_retriever.exists():
         query = _merged(encoder, lora.load_weights(global_retriever))
         if system.get("retriever_sides") == "both":
             encoder = query

@@ -17,14 +17,17 @@
    updates the LoRAs with the configured losses (default: LSR alone, generator frozen).
    With ``train.passage_side`` the candidate passages are re-encoded by the LoRA encoder in
    the step, and the knowledge base is re-embedded and re-indexed every ``rag.refresh_every``
-   steps (and at the end); until then training searches the stale index.
+   steps in a background thread (and at the end); training searches the stale index until
+   the new one is ready.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -139,12 +142,19 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     loss_cfg = rag.RagLossConfig(weights=tuple((k, float(v)) for k, v in r.losses.items()),
                                  score_scale=r.score_scale, tau_lm=r.tau_lm)
     frozen = {"generator": gen_params, "retriever": enc.params}
+    background, pending = ThreadPoolExecutor(max_workers=1), None
     bar = tqdm(range(start, t.steps), desc="rag", initial=start, total=t.steps,
                disable=not sys.stderr.isatty())
     for step in bar:
         enc.lora = states["retriever"].trainable
-        if t.passage_side and step > start and step % r.refresh_every == 0:
-            fact_vectors, index = refresh(enc, fact_texts, metrics, step)
+        if t.passage_side and step > start and step % r.refresh_every == 0 and not pending:
+            # Rebuilt in the background from a snapshot of the LoRA (the step donates the
+            # live one); training searches the stale index until the new one is ready.
+            snapshot = dataclasses.replace(enc, lora=jax.tree.map(jnp.copy, enc.lora))
+            pending = background.submit(refresh, snapshot, fact_texts, metrics, step)
+        if pending and pending.done():
+            fact_vectors, index = pending.result()
+            pending = None
         pick = np.random.default_rng([config.seed, step]).choice(len(train_q), t.batch_size,
                                                                  replace=False)
         batch_q = [train_q[i] for i in pick]
@@ -175,6 +185,9 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     mngr.wait_until_finished()
     mngr.close()
 
+    if pending:
+        pending.result()  # a rebuild still running: let it finish (and log) before the last
+    background.shutdown()
     enc.lora = states["retriever"].trainable
     if t.passage_side:  # the final refresh: the index the trained encoder searches
         fact_vectors, index = refresh(enc, fact_texts, metrics, t.steps)

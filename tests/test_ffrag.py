@@ -75,6 +75,25 @@ def test_ffrag_resumes_after_the_last_finished_round(ffrag_run, tmp_path):
     assert len(evals) == len(set(evals)) == 2 + 2 * 2 * 2
 
 
+def test_ffrag_stack_strategy_merges_the_rounds_into_the_bases(tmp_path):
+    """FLoRA without personalisation: fresh adapters every round, merged into the generator
+    and the query encoder; only the global model is evaluated; ask answers with the merged
+    query encoder."""
+    from ffrag_jax import ask
+    from ffrag_jax import run as run_lib
+    from ffrag_jax.launch import load_config
+
+    summary = run_lib.run(load_config("demo", {**SMALL, "fl.strategy": "stack",
+                                                "fl.rounds": 1}), tmp_path / "run")
+    assert set(summary) == {"rounds", "base", "global"}
+    assert "closed_book_em" in summary["global"]
+    assert (tmp_path / "run/export/query_encoder/modules.json").exists()
+    assert not (tmp_path / "run/export/clients").exists()
+    assert ask.main(["--workdir", str(tmp_path / "run"), "Who heard case Bo-12?"]) == 0
+    with pytest.raises(UserError, match="fl.strategy='fedavg'; the FF-RAG job runs ff or stack"):
+        run_lib.run(load_config("demo", {**SMALL, "fl.strategy": "fedavg"}), tmp_path / "bad")
+
+
 def test_ask_cli_answers_with_sources(ffrag_run, tmp_path, capsys):
     from ffrag_jax import ask
 
