@@ -85,7 +85,7 @@ def test_ffrag_stack_strategy_merges_the_rounds_into_the_bases(tmp_path):
 
     summary = run_lib.run(load_config("demo", {**SMALL, "fl.strategy": "stack",
                                                 "fl.rounds": 1}), tmp_path / "run")
-    assert set(summary) == {"rounds", "base", "global"}
+    assert set(summary) == {"rounds", "base", "global", "wall_time_s"}
     assert "closed_book_em" in summary["global"]
     assert (tmp_path / "run/export/query_encoder/modules.json").exists()
     assert not (tmp_path / "run/export/clients").exists()
