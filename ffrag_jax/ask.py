@@ -25,7 +25,7 @@ from ffrag_jax.errors import UserError
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m ffrag_jax.ask",
                                 description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 2)[2],
+                                epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("questions_text", nargs="*", metavar="QUESTION", help="questions to ask")
     p.add_argument("--workdir", required=True, help="a RAG run's workdir or export folder")
