@@ -13,8 +13,8 @@ questions. Nothing is answerable closed-book: every fact is drawn fresh.
 A round, for each client in turn (``fl.local_steps`` steps of :func:`ffrag_jax.rag.rag_step`):
 the base generator and the query encoder get the global adapters merged in; per step the
 client's current query encoder (merged global + personal LoRA) retrieves ``rag.k_private``
-passages from the case base and ``rag.k_shared`` from the shared base (host side, exact
-index; the passages' vectors are fixed: query-side training needs no index refresh), and the
+passages from the case base and ``rag.k_shared`` from the shared base (host side; exact or
+ScaNN by size; the passages' vectors are fixed: query-side training needs no refresh), and the
 step updates both personal LoRAs with ``rag.losses``. Then the server stacks the personal
 adapters, weighted by training questions, into the global ones.
 
@@ -105,14 +105,15 @@ def client_knowledge(config: ConfigDict) -> tuple[list[str], list[Client]]:
 
 
 class Sources:
-    """A client's two indexes, searched with quotas: its case base and the shared base.
-    Passage ids index ``texts`` = private facts + shared facts; -1 pads a base smaller than
-    its quota."""
+    """A client's two indexes, searched with quotas: its case base and the shared base (exact
+    below :data:`index.EXACT_BELOW` vectors, ScaNN above). Passage ids index ``texts`` =
+    private facts + shared facts; -1 pads a base smaller than its quota."""
 
     def __init__(self, private_vectors: np.ndarray, shared_vectors: np.ndarray,
-                 private_texts: list[str], shared_texts: list[str], quotas: tuple[int, int]):
-        self.private = index_lib.ExactIndex(private_vectors, "dot")
-        self.shared = index_lib.ExactIndex(shared_vectors, "dot")
+                 private_texts: list[str], shared_texts: list[str], quotas: tuple[int, int],
+                 kind: str = "auto"):
+        self.private = index_lib.build(private_vectors, "dot", kind)
+        self.shared = index_lib.build(shared_vectors, "dot", kind)
         self.offset = len(private_texts)
         self.texts = private_texts + shared_texts
         self.vectors = np.concatenate([private_vectors, shared_vectors])

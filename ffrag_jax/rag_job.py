@@ -13,8 +13,9 @@
 4. Before and after training, on held-out questions: retrieval recall@1/@k, closed-book exact
    match (empty context), and RAG exact match (the top-1 passage in the prompt).
 5. Training: per step, the current query encoder retrieves the top ``rag.k`` passages of a
-   batch of training questions (host side, exact index), and :func:`ffrag_jax.rag.rag_step`
-   updates the LoRAs with the configured losses (default: LSR alone, generator frozen).
+   batch of training questions (host side; exact or ScaNN by size), and
+   :func:`ffrag_jax.rag.rag_step` updates the LoRAs with the configured losses (default: LSR
+   alone, generator frozen).
    With ``train.passage_side`` the candidate passages are re-encoded by the LoRA encoder in
    the step, and the knowledge base is re-embedded and re-indexed every ``rag.refresh_every``
    steps in a background thread (and at the end); training searches the stale index until
@@ -89,7 +90,7 @@ def refresh(enc: TextEncoder, texts: list[str], metrics: MetricsLog, step: int):
     (passage-side training changes the corpus vectors); the time is logged."""
     started = time.perf_counter()
     vectors = enc.embed(texts)
-    index = index_lib.ExactIndex(vectors, "dot")
+    index = index_lib.build(vectors, "dot", "auto")
     seconds = time.perf_counter() - started
     metrics.write(kind="index_refresh", step=step, seconds=round(seconds, 2), count=len(texts))
     logging.info("index refreshed at step %d in %.1f s", step, seconds)
@@ -121,7 +122,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     enc = TextEncoder.load(config.retriever.path)
     fact_texts = [f["text"] for f in facts]
     fact_vectors = enc.embed(fact_texts)
-    index = index_lib.ExactIndex(fact_vectors, "dot")
+    index = index_lib.build(fact_vectors, "dot", "auto")
     fact_tokens = encoder_lib.tokenize(enc.tokenizer, fact_texts, r.passage_len)
     records = read_jsonl(metrics.path) if metrics.path.exists() else []
     before = next((x for x in records if x.get("kind") == "eval" and x["model"] == "base"), None)
