@@ -1,4 +1,5 @@
-"""Writes small samples of the synthetic demo domains to data/synthetic/*.jsonl.
+"""Writes small samples of the synthetic demo domains to data/synthetic/*.jsonl, and of the
+FF-RAG demo's knowledge (facts and their questions) to data/synthetic/knowledge_*.jsonl.
 
 The demo generates its data at run time with the same function (ffrag_jax.synthetic), so
 these files are for reading, not needed to run anything:
@@ -24,6 +25,10 @@ def main():
         synthetic.write_jsonl(
             path, synthetic.make_examples(domain, args.n, args.seed, args.distractors)
         )
+        print(f"wrote {path}")
+        facts, questions = synthetic.make_knowledge(domain, max(args.n // 4, 1), args.seed)
+        path = out / f"knowledge_{domain}.jsonl"
+        synthetic.write_jsonl(path, [{**q, "fact_text": facts[q["fact"]]} for q in questions])
         print(f"wrote {path}")
 
 
