@@ -218,6 +218,12 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         c.train = rag.drop_long_answers(tokenizer, c.train, r.answer_len, f"client {c.name}")
     gen_cfg, params = model_config(config, tokenizer)
     rng = jax.random.key(config.seed)
+    enc = TextEncoder.load(config.retriever.path)
+    # Bad adapter settings fail here, not after minutes of pretraining (shapes only).
+    shapes = jax.eval_shape(lambda: init_params(rng, gen_cfg)) if params is None else params
+    for rank in sorted(set(fl.ranks)):
+        lora.init(rng, shapes, fl.targets, rank, fl.alpha_ratio * rank)
+    lora.init(rng, enc.params, fl.retriever_targets, fl.retriever_rank, fl.retriever_rank)
     if params is None:
         params = (pretrain(config, gen_cfg, tokenizer, reading, init_rng=rng,
                            rng=jax.random.fold_in(rng, 1), max_len=config.data.max_len,
@@ -230,7 +236,6 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     # would sit on another device set).
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     params = jax.device_put(params, device)
-    enc = TextEncoder.load(config.retriever.path)
     shared_vectors = enc.embed(shared)
     sources = []
     for c in clients:

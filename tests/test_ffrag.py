@@ -92,6 +92,13 @@ def test_ffrag_stack_strategy_merges_the_rounds_into_the_bases(tmp_path):
     assert ask.main(["--workdir", str(tmp_path / "run"), "Who heard case Bo-12?"]) == 0
     with pytest.raises(UserError, match="fl.strategy='fedavg'; the FF-RAG job runs ff or stack"):
         run_lib.run(load_config("demo", {**SMALL, "fl.strategy": "fedavg"}), tmp_path / "bad")
+    # Bad adapter settings are refused before pretraining: nothing is trained or checkpointed.
+    with pytest.raises(UserError, match="LoRA target 'qproj' matches no module"):
+        run_lib.run(load_config("demo", {**SMALL, "fl.targets": "qproj"}), tmp_path / "bad2")
+    with pytest.raises(UserError, match="LoRA target 'keys' matches no module"):
+        run_lib.run(load_config("demo", {**SMALL, "fl.retriever_targets": "keys"}),
+                    tmp_path / "bad3")
+    assert not (tmp_path / "bad2/checkpoints").exists()
 
 
 def test_ask_cli_answers_with_sources(ffrag_run, tmp_path, capsys):
