@@ -44,6 +44,9 @@ def get_config() -> ConfigDict:
         targets="all-linear",  # generator LoRA
         retriever_rank=8, retriever_targets="query,value",  # query-encoder LoRA
         local_steps=30, batch_size=16, lr=3e-3, retriever_lr=1e-3,
+        # True: each round's batches are retrieved up front (the round-start encoder) and all
+        # clients train in one vmapped program; False: clients in turn, retrieval per step.
+        vmap_clients=False,
     ))
     c.eval = ConfigDict(dict(max_new_tokens=8, batch_size=50))
     return c

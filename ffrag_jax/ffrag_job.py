@@ -177,6 +177,20 @@ def evaluate_client(config, client: Client, sources: Sources, query_enc: TextEnc
     return out
 
 
+def _client_batch(config, tokenizer, query_enc: TextEncoder, sources: Sources, client: Client,
+                  seed: tuple[int, int, int]) -> dict:
+    """The arrays of one step: ``fl.batch_size`` of the client's training questions (a pure
+    function of ``seed`` = (round, client, step); drawn with replacement only when the client
+    has fewer), retrieved for by ``query_enc``."""
+    n = len(client.train)
+    pick = np.random.default_rng([config.seed, *seed]).choice(
+        n, config.fl.batch_size, replace=n < config.fl.batch_size)
+    questions = [client.train[i] for i in pick]
+    _, ids = sources.search(query_enc.embed([q["question"] for q in questions],
+                                            batch_size=len(questions)))
+    return _batch(config, tokenizer, query_enc, sources, questions, ids)
+
+
 def _batch(config, tokenizer, enc, sources: Sources, questions: list[dict], ids: np.ndarray
            ) -> dict:
     """The arrays of one :func:`rag.rag_step` for ``questions`` and their candidates ``ids``."""
@@ -296,38 +310,68 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         else:  # fresh adapters every round on the merged bases (FLoRA)
             round_gen, round_query = state["gen_base"], state["query_base"]
             starts = list(zip(*new_adapters(1000 * rnd), strict=True))
-        new_gen, new_ret = [], []
-        for k, (c, s) in enumerate(zip(clients, sources, strict=True)):
-            # All committed to the one device: the step's outputs are, so its inputs must be
-            # too, or the second step (and every round's first) compiles again.
-            states = jax.device_put(
-                {"generator": train.init_train_state(starts[k][0], opt_gen),
-                 "retriever": train.init_train_state(starts[k][1], opt_ret)}, device)
-            frozen = jax.device_put({"generator": round_gen, "retriever": round_query}, device)
-            bar = tqdm(range(fl.local_steps), desc=f"round {rnd} {c.name}",
-                       disable=not sys.stderr.isatty())
-            for step in bar:
-                pick = np.random.default_rng([config.seed, rnd, k, step]).choice(
-                    len(c.train), min(fl.batch_size, len(c.train)), replace=False)
-                batch_q = [c.train[i] for i in pick]
-                query_enc = dataclasses.replace(enc, params=round_query,
-                                                lora=states["retriever"].trainable)
-                _, ids = s.search(query_enc.embed([q["question"] for q in batch_q],
-                                                  batch_size=len(batch_q)))
-                batch = _batch(config, tokenizer, enc, s, batch_q, ids)
-                states, out = rag.rag_step(
-                    states, frozen, {n: jnp.asarray(v) for n, v in batch.items()},
-                    jax.random.fold_in(rng, rnd * 100_000 + k * 1000 + step), gen_cfg=gen_cfg,
-                    enc_cfg=enc.cfg, loss_cfg=loss_cfg, optimizers=(opt_gen, opt_ret))
-                if (step + 1) % config.log_every == 0 or step + 1 == fl.local_steps:
-                    out = {n: float(v) for n, v in jax.device_get(out).items()}
-                    metrics.write(kind="train", phase="ffrag", round=rnd, client=c.name,
-                                  step=step + 1, **out)
-                    bar.set_postfix(loss=f"{out['loss']:.3f}")
-                    logging.info("round %d %s step %d/%d loss %.4f", rnd, c.name, step + 1,
-                                 fl.local_steps, out["loss"])
-            new_gen.append(states["generator"].trainable)
-            new_ret.append(states["retriever"].trainable)
+        frozen = jax.device_put({"generator": round_gen, "retriever": round_query}, device)
+        static = dict(gen_cfg=gen_cfg, enc_cfg=enc.cfg, loss_cfg=loss_cfg,
+                      optimizers=(opt_gen, opt_ret))
+        step_rngs = [[jax.random.fold_in(rng, rnd * 100_000 + k * 1000 + step)
+                      for step in range(fl.local_steps)] for k in range(len(clients))]
+        logged = [step for step in range(1, fl.local_steps + 1)
+                  if step % config.log_every == 0 or step == fl.local_steps]
+
+        def log(k: int, step: int, out: dict, rnd: int = rnd) -> None:
+            out = {n: float(v) for n, v in out.items()}
+            metrics.write(kind="train", phase="ffrag", round=rnd, client=clients[k].name,
+                          step=step, **out)
+            logging.info("round %d %s step %d/%d loss %.4f", rnd, clients[k].name, step,
+                         fl.local_steps, out["loss"])
+
+        if fl.vmap_clients:
+            # Every client's batches first, retrieved by its round-start query encoder (stale
+            # within the round), then all clients' local training as one vmapped program.
+            per_client = []
+            for k, (c, s) in enumerate(zip(clients, sources, strict=True)):
+                query_enc = dataclasses.replace(enc, params=round_query, lora=starts[k][1])
+                steps = [_client_batch(config, tokenizer, query_enc, s, c, (rnd, k, step))
+                         for step in range(fl.local_steps)]
+                per_client.append(jax.tree.map(lambda *xs: np.stack(xs), *steps))
+            batches = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *per_client)
+            max_rank = max(fl.ranks)
+            states = jax.device_put(jax.tree.map(lambda *xs: jnp.stack(xs), *[
+                {"generator": train.init_train_state(federated.pad_rank(g, max_rank), opt_gen),
+                 "retriever": train.init_train_state(r, opt_ret)} for g, r in starts]), device)
+            rngs = jnp.stack([jnp.stack(keys) for keys in step_rngs])
+            states, out = rag.update_clients(states, frozen, batches, rngs, **static)
+            out = jax.device_get(out)
+            for k in range(len(clients)):
+                for step in logged:
+                    log(k, step, {n: v[k, step - 1] for n, v in out.items()})
+            new_gen = [federated.unpad_rank(jax.tree.map(lambda x, k=k: x[k],
+                                                         states["generator"].trainable), rank)
+                       for k, rank in enumerate(fl.ranks)]
+            new_ret = [jax.tree.map(lambda x, k=k: x[k], states["retriever"].trainable)
+                       for k in range(len(clients))]
+        else:
+            new_gen, new_ret = [], []
+            for k, (c, s) in enumerate(zip(clients, sources, strict=True)):
+                # All committed to the one device: the step's outputs are, so its inputs must
+                # be too, or the second step (and every round's first) compiles again.
+                states = jax.device_put(
+                    {"generator": train.init_train_state(starts[k][0], opt_gen),
+                     "retriever": train.init_train_state(starts[k][1], opt_ret)}, device)
+                bar = tqdm(range(fl.local_steps), desc=f"round {rnd} {c.name}",
+                           disable=not sys.stderr.isatty())
+                for step in bar:
+                    query_enc = dataclasses.replace(enc, params=round_query,
+                                                    lora=states["retriever"].trainable)
+                    batch = _client_batch(config, tokenizer, query_enc, s, c, (rnd, k, step))
+                    states, out = rag.rag_step(
+                        states, frozen, {n: jnp.asarray(v) for n, v in batch.items()},
+                        step_rngs[k][step], **static)
+                    if step + 1 in logged:
+                        log(k, step + 1, jax.device_get(out))
+                        bar.set_postfix(loss=f"{float(out['loss']):.3f}")
+                new_gen.append(states["generator"].trainable)
+                new_ret.append(states["retriever"].trainable)
         if personalised:
             state = {"gen": new_gen, "ret": new_ret,
                      "global_gen": federated.stack(new_gen, weights),

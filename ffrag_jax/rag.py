@@ -252,15 +252,13 @@ def rag_loss(trainable: dict, frozen: dict, batch: dict, rng: jax.Array | None, 
     return total, metrics
 
 
-@functools.partial(jax.jit, static_argnames=("gen_cfg", "enc_cfg", "loss_cfg", "optimizers"),
-                   donate_argnums=(0,))
-def rag_step(states: dict, frozen: dict, batch: dict, rng: jax.Array, *, gen_cfg: LlamaConfig,
-             enc_cfg: EncoderConfig, loss_cfg: RagLossConfig, optimizers: tuple
-             ) -> tuple[dict, dict]:
-    """One update of both LoRAs with their own optimizers. ``states`` ``{"generator":
-    TrainState | None, "retriever": TrainState | None}`` (donated); ``optimizers`` the
-    ``(generator, retriever)`` optax transformations (None for a tree not trained). Returns
-    the new states and ``{loss, <parts>, grad_norm_<tree>}``."""
+def update(states: dict, frozen: dict, batch: dict, rng: jax.Array, *, gen_cfg: LlamaConfig,
+           enc_cfg: EncoderConfig, loss_cfg: RagLossConfig, optimizers: tuple
+           ) -> tuple[dict, dict]:
+    """One update of both LoRAs with their own optimizers (pure; :func:`rag_step` is its
+    jitted form). ``states`` ``{"generator": TrainState | None, "retriever": TrainState |
+    None}``; ``optimizers`` the ``(generator, retriever)`` optax transformations (None for a
+    tree not trained). Returns the new states and ``{loss, <parts>, grad_norm_<tree>}``."""
     trainable = {name: None if s is None else s.trainable for name, s in states.items()}
 
     def loss_fn(trees):
@@ -279,3 +277,32 @@ def rag_step(states: dict, frozen: dict, batch: dict, rng: jax.Array, *, gen_cfg
                                                                           updates), opt_state)
         metrics[f"grad_norm_{name}"] = optax.global_norm(grads[name])
     return new_states, {"loss": loss, **metrics}
+
+
+rag_step = jax.jit(update, static_argnames=("gen_cfg", "enc_cfg", "loss_cfg", "optimizers"),
+                   donate_argnums=(0,))
+rag_step.__doc__ = "The jitted :func:`update` (``states`` donated)."
+
+
+def client_update(states: dict, frozen: dict, batches: dict, rngs: jax.Array, **static
+                  ) -> tuple[dict, dict]:
+    """A client's local training as one pure function: :func:`update` scanned over the steps
+    of ``batches`` (every leaf ``[S, ...]``) with ``rngs`` ``[S]``. Returns the final states
+    and the per-step metrics ``[S]``. The batches are made before the scan, so retrieval for
+    all of them uses the encoder of the round's start (a stale index within the round)."""
+    def step(carry, xs):
+        batch, rng = xs
+        return update(carry, frozen, batch, rng, **static)
+
+    return jax.lax.scan(step, states, (batches, rngs))
+
+
+@functools.partial(jax.jit, static_argnames=("gen_cfg", "enc_cfg", "loss_cfg", "optimizers"))
+def update_clients(states: dict, frozen: dict, batches: dict, rngs: jax.Array, **static
+                   ) -> tuple[dict, dict]:
+    """:func:`client_update` of ``C`` clients at once, vmapped: ``states`` leaves ``[C, ...]``
+    (heterogeneous LoRA ranks zero-padded to one: padded rank components get zero gradients,
+    so they stay exactly zero), ``batches`` ``[C, S, ...]``, ``rngs`` ``[C, S]``; ``frozen``
+    is shared. Returns ``([C, ...] states, [C, S] metrics)``."""
+    return jax.vmap(lambda st, b, r: client_update(st, frozen, b, r, **static))(
+        states, batches, rngs)

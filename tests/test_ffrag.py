@@ -78,13 +78,14 @@ def test_ffrag_resumes_after_the_last_finished_round(ffrag_run, tmp_path):
 def test_ffrag_stack_strategy_merges_the_rounds_into_the_bases(tmp_path):
     """FLoRA without personalisation: fresh adapters every round, merged into the generator
     and the query encoder; only the global model is evaluated; ask answers with the merged
-    query encoder."""
+    query encoder. The clients train in one vmapped program (ranks 4 and 2, padded)."""
     from ffrag_jax import ask
     from ffrag_jax import run as run_lib
     from ffrag_jax.launch import load_config
 
     summary = run_lib.run(load_config("demo", {**SMALL, "fl.strategy": "stack",
-                                                "fl.rounds": 1}), tmp_path / "run")
+                                                "fl.rounds": 1, "fl.vmap_clients": True}),
+                          tmp_path / "run")
     assert set(summary) == {"rounds", "base", "global", "wall_time_s"}
     assert "closed_book_em" in summary["global"]
     assert (tmp_path / "run/export/query_encoder/modules.json").exists()
