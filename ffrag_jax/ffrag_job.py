@@ -42,12 +42,12 @@ from tqdm import tqdm
 
 from ffrag_jax import (
     checkpoint,
-    evaluation,
     federated,
     inference,
     lora,
     rag,
     rag_eval,
+    sharding,
     synthetic,
     train,
 )
@@ -55,7 +55,6 @@ from ffrag_jax.base_model import model_config, pretrain, run_tokenizer
 from ffrag_jax.errors import UserError
 from ffrag_jax.metrics import MetricsLog, plot_client_rounds, plot_training_loss, read_jsonl
 from ffrag_jax.models.llama import init_params
-from ffrag_jax.retrieval import encoder as encoder_lib
 from ffrag_jax.retrieval import index as index_lib
 from ffrag_jax.retrieval.encoder import TextEncoder
 
@@ -110,10 +109,9 @@ class Sources:
     private facts + shared facts; -1 pads a base smaller than its quota."""
 
     def __init__(self, private_vectors: np.ndarray, shared_vectors: np.ndarray,
-                 private_texts: list[str], shared_texts: list[str], quotas: tuple[int, int],
-                 kind: str = "auto"):
-        self.private = index_lib.build(private_vectors, "dot", kind)
-        self.shared = index_lib.build(shared_vectors, "dot", kind)
+                 private_texts: list[str], shared_texts: list[str], quotas: tuple[int, int]):
+        self.private = index_lib.build(private_vectors, "dot")
+        self.shared = index_lib.build(shared_vectors, "dot")
         self.offset = len(private_texts)
         self.texts = private_texts + shared_texts
         self.vectors = np.concatenate([private_vectors, shared_vectors])
@@ -157,24 +155,14 @@ def _global_models(enc: TextEncoder, params: dict, state: dict) -> tuple[dict, T
 def evaluate_client(config, client: Client, sources: Sources, query_enc: TextEncoder,
                     gen_params: dict, gen_lora, gen_cfg, tokenizer, *, closed_book: bool
                     ) -> dict:
-    """Retrieval and answer metrics on the client's held-out questions."""
-    qs = client.test
-    texts = [q["question"] for q in qs]
-    answers = [q["answer"] for q in qs]
-    _, ids = sources.search(query_enc.embed(texts))
-    top = [sources.texts[i] if i >= 0 else "" for i in ids[:, 0]]
-    common = dict(prompt_len=config.rag.prompt_len, max_new_tokens=config.eval.max_new_tokens,
-                  batch_size=config.eval.batch_size, lora=gen_lora)
-    out = {**rag_eval.retrieval_metrics(ids, np.asarray([q["fact"] for q in qs])),
-           "answer_in_context": evaluation.answer_in_context_rate(top, answers),
-           **rag_eval.answer_metrics(
-               rag_eval.answer(gen_params, gen_cfg, tokenizer, texts, top, **common),
-               answers, "rag")}
-    if closed_book:
-        out.update(rag_eval.answer_metrics(
-            rag_eval.answer(gen_params, gen_cfg, tokenizer, texts, [""] * len(texts), **common),
-            answers, "closed_book"))
-    return out
+    """Retrieval and answer metrics on the client's held-out questions
+    (:func:`rag_eval.evaluate`)."""
+    _, ids = sources.search(query_enc.embed([q["question"] for q in client.test]))
+    return rag_eval.evaluate(gen_params, gen_cfg, tokenizer, client.test, ids, sources.texts,
+                             closed_book=closed_book, lora=gen_lora,
+                             prompt_len=config.rag.prompt_len,
+                             max_new_tokens=config.eval.max_new_tokens,
+                             batch_size=config.eval.batch_size)
 
 
 def _client_batch(config, tokenizer, query_enc: TextEncoder, sources: Sources, client: Client,
@@ -197,13 +185,11 @@ def _batch(config, tokenizer, enc, sources: Sources, questions: list[dict], ids:
     r = config.rag
     passages, valid = rag.pad_passages(
         [[sources.texts[i] for i in row if i >= 0] for row in ids], sources.k)
-    gen = rag.encode_generator_batch(tokenizer, [q["question"] for q in questions],
-                                     [q["answer"] for q in questions], passages,
-                                     r.prompt_len, r.answer_len)
-    q_tok = encoder_lib.tokenize(enc.tokenizer, [q["question"] for q in questions], r.query_len)
+    batch = rag.question_batch(tokenizer, enc.tokenizer, questions, passages,
+                               prompt_len=r.prompt_len, answer_len=r.answer_len,
+                               query_len=r.query_len)
     emb = np.where((ids >= 0)[..., None], sources.vectors[np.maximum(ids, 0)], 0.0)
-    return {**gen, "query_ids": q_tok["input_ids"], "query_mask": q_tok["attention_mask"],
-            "passage_emb": emb.astype(np.float32), "passage_valid": valid}
+    return {**batch, "passage_emb": emb.astype(np.float32), "passage_valid": valid}
 
 
 def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
@@ -244,12 +230,9 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
                            mesh=mesh, ckpt_dir=workdir / "checkpoints", metrics=metrics)
                   if config.pretrain.steps > 0 else init_params(rng, gen_cfg))
 
-    # Clients train one after another on one device: everything is committed to it, with a
-    # plain single-device sharding (params left on the pretraining mesh would give the step's
-    # outputs the mesh's sharding type, and the next step a recompile; a restored checkpoint
-    # would sit on another device set).
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    params = jax.device_put(params, device)
+    # Clients train on one device: everything the step sees is committed to it, or it compiles
+    # again (see sharding.on_one_device); a restored checkpoint is put there too.
+    params = sharding.on_one_device(params)
     shared_vectors = enc.embed(shared)
     sources = []
     for c in clients:
@@ -291,7 +274,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     else:  # stack: each round's stacked adapters are merged into the bases
         state = {"gen_base": params, "query_base": enc.params}
     mngr = checkpoint.manager(workdir / "checkpoints" / "ffrag", max_to_keep=2)
-    done, state = checkpoint.restore_latest(mngr, jax.device_put(state, device))
+    done, state = checkpoint.restore_latest(mngr, sharding.on_one_device(state))
     if done:
         metrics.drop_records_after("round", done)
         logging.info("resuming after round %d", done)
@@ -310,7 +293,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         else:  # fresh adapters every round on the merged bases (FLoRA)
             round_gen, round_query = state["gen_base"], state["query_base"]
             starts = list(zip(*new_adapters(1000 * rnd), strict=True))
-        frozen = jax.device_put({"generator": round_gen, "retriever": round_query}, device)
+        frozen = sharding.on_one_device({"generator": round_gen, "retriever": round_query})
         static = dict(gen_cfg=gen_cfg, enc_cfg=enc.cfg, loss_cfg=loss_cfg,
                       optimizers=(opt_gen, opt_ret))
         step_rngs = [[jax.random.fold_in(rng, rnd * 100_000 + k * 1000 + step)
@@ -336,9 +319,9 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
                 per_client.append(jax.tree.map(lambda *xs: np.stack(xs), *steps))
             batches = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *per_client)
             max_rank = max(fl.ranks)
-            states = jax.device_put(jax.tree.map(lambda *xs: jnp.stack(xs), *[
+            states = sharding.on_one_device(jax.tree.map(lambda *xs: jnp.stack(xs), *[
                 {"generator": train.init_train_state(federated.pad_rank(g, max_rank), opt_gen),
-                 "retriever": train.init_train_state(r, opt_ret)} for g, r in starts]), device)
+                 "retriever": train.init_train_state(r, opt_ret)} for g, r in starts]))
             rngs = jnp.stack([jnp.stack(keys) for keys in step_rngs])
             states, out = rag.update_clients(states, frozen, batches, rngs, **static)
             out = jax.device_get(out)
@@ -353,11 +336,9 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         else:
             new_gen, new_ret = [], []
             for k, (c, s) in enumerate(zip(clients, sources, strict=True)):
-                # All committed to the one device: the step's outputs are, so its inputs must
-                # be too, or the second step (and every round's first) compiles again.
-                states = jax.device_put(
+                states = sharding.on_one_device(
                     {"generator": train.init_train_state(starts[k][0], opt_gen),
-                     "retriever": train.init_train_state(starts[k][1], opt_ret)}, device)
+                     "retriever": train.init_train_state(starts[k][1], opt_ret)})
                 bar = tqdm(range(fl.local_steps), desc=f"round {rnd} {c.name}",
                            disable=not sys.stderr.isatty())
                 for step in bar:
@@ -377,10 +358,9 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
                      "global_gen": federated.stack(new_gen, weights),
                      "global_ret": federated.stack(new_ret, weights)}
         else:
-            state = jax.device_put(
+            state = sharding.on_one_device(
                 {"gen_base": lora.merge(round_gen, federated.stack(new_gen, weights)),
-                 "query_base": lora.merge(round_query, federated.stack(new_ret, weights))},
-                device)
+                 "query_base": lora.merge(round_query, federated.stack(new_ret, weights))})
         gen_global, query_global = _global_models(enc, params, state)
         for k, (c, s) in enumerate(zip(clients, sources, strict=True)):
             models = [("global", None, None)]

@@ -38,6 +38,7 @@ from ffrag_jax import losses, synthetic
 from ffrag_jax.errors import UserError
 from ffrag_jax.models.llama import LlamaConfig, forward
 from ffrag_jax.retrieval.encoder import EncoderConfig, encode
+from ffrag_jax.retrieval.encoder import tokenize as encode_tokenize
 from ffrag_jax.train import TrainState
 
 LOSSES = ("rag_sequence", "rag_token", "lsr", "ralt")
@@ -63,6 +64,20 @@ class RagLossConfig:
         unknown = [name for name, _ in self.weights if name not in LOSSES]
         if unknown:
             raise UserError(f"unknown RAG loss {unknown[0]!r}; losses: {', '.join(LOSSES)}")
+
+
+def question_batch(tokenizer, query_tokenizer, questions: Sequence[dict],
+                   passages: Sequence[Sequence[str]], *, prompt_len: int, answer_len: int,
+                   query_len: int) -> dict[str, np.ndarray]:
+    """The question-side arrays of one step for ``questions`` (``{question, answer}``) and
+    their ``K`` passages each: the generator arrays (:func:`encode_generator_batch`) and the
+    query encoder's ``query_ids``/``query_mask`` ``[B, query_len]``. The caller adds the
+    passage side (``passage_emb``, or ``passage_ids``/``passage_mask``)."""
+    texts = [q["question"] for q in questions]
+    gen = encode_generator_batch(tokenizer, texts, [q["answer"] for q in questions], passages,
+                                 prompt_len, answer_len)
+    q_tok = encode_tokenize(query_tokenizer, texts, query_len)
+    return {**gen, "query_ids": q_tok["input_ids"], "query_mask": q_tok["attention_mask"]}
 
 
 def encode_generator_batch(tokenizer, questions: Sequence[str], answers: Sequence[str],

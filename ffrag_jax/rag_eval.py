@@ -43,3 +43,26 @@ def answer_metrics(predictions: Sequence[str], answers: Sequence[str], prefix: s
     """``{prefix}_em`` and ``{prefix}_f1`` (SQuAD normalisation)."""
     return {f"{prefix}_em": evaluation.exact_match_score(predictions, answers),
             f"{prefix}_f1": evaluation.f1_score(predictions, answers)}
+
+
+def evaluate(gen_params: dict, gen_cfg: LlamaConfig, tokenizer, questions: Sequence[dict],
+             ids: np.ndarray, passages: Sequence[str], *, closed_book: bool, lora=None,
+             prompt_len: int, max_new_tokens: int, batch_size: int) -> dict:
+    """Metrics of ``questions`` (``{question, answer, fact}``, ``fact`` indexing
+    ``passages``) whose retrieved passage ids are ``ids`` ``[N, K]`` (best first, -1: none):
+    recall, the answer-in-context rate of the top passage, RAG exact match and F1 with the top
+    passage in the prompt, and with ``closed_book`` the same without a passage."""
+    texts = [q["question"] for q in questions]
+    answers = [q["answer"] for q in questions]
+    top = [passages[i] if i >= 0 else "" for i in ids[:, 0]]
+    common = dict(lora=lora, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
+                  batch_size=batch_size)
+    out = {**retrieval_metrics(ids, np.asarray([q["fact"] for q in questions])),
+           "answer_in_context": evaluation.answer_in_context_rate(top, answers),
+           **answer_metrics(answer(gen_params, gen_cfg, tokenizer, texts, top, **common),
+                            answers, "rag")}
+    if closed_book:
+        out.update(answer_metrics(
+            answer(gen_params, gen_cfg, tokenizer, texts, [""] * len(texts), **common),
+            answers, "closed_book"))
+    return {**out, "questions": len(questions)}

@@ -38,7 +38,7 @@ from absl import logging
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from ffrag_jax import checkpoint, evaluation, inference, lora, rag, rag_eval, synthetic, train
+from ffrag_jax import checkpoint, inference, lora, rag, rag_eval, sharding, synthetic, train
 from ffrag_jax.base_model import model_config, pretrain, run_tokenizer
 from ffrag_jax.errors import UserError
 from ffrag_jax.metrics import MetricsLog, plot_training_loss, read_jsonl
@@ -68,21 +68,11 @@ def retrieve(enc: TextEncoder, index, questions: list[dict], k: int) -> np.ndarr
 
 def evaluate(config, enc, index, facts, questions, gen_params, gen_cfg, tokenizer) -> dict:
     """Retrieval recall, answer-in-context rate (of the top passage), and closed-book / RAG
-    exact match and F1 on ``questions``."""
-    ids = retrieve(enc, index, questions, config.rag.k)
-    gold = np.asarray([q["fact"] for q in questions])
-    texts = [q["question"] for q in questions]
-    answers = [q["answer"] for q in questions]
-    top = [facts[i]["text"] for i in ids[:, 0]]
-    common = dict(prompt_len=config.rag.prompt_len, max_new_tokens=config.eval.max_new_tokens,
-                  batch_size=config.eval.batch_size)
-    closed = rag_eval.answer(gen_params, gen_cfg, tokenizer, texts, [""] * len(texts), **common)
-    with_rag = rag_eval.answer(gen_params, gen_cfg, tokenizer, texts, top, **common)
-    return {**rag_eval.retrieval_metrics(ids, gold),
-            "answer_in_context": evaluation.answer_in_context_rate(top, answers),
-            **rag_eval.answer_metrics(closed, answers, "closed_book"),
-            **rag_eval.answer_metrics(with_rag, answers, "rag"),
-            "questions": len(questions)}
+    exact match and F1 on ``questions`` (:func:`rag_eval.evaluate`)."""
+    return rag_eval.evaluate(
+        gen_params, gen_cfg, tokenizer, questions, retrieve(enc, index, questions, config.rag.k),
+        [f["text"] for f in facts], closed_book=True, prompt_len=config.rag.prompt_len,
+        max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size)
 
 
 def refresh(enc: TextEncoder, texts: list[str], metrics: MetricsLog, step: int):
@@ -142,7 +132,8 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         metrics.drop_train_records_after("rag", start)
     loss_cfg = rag.RagLossConfig(weights=tuple((k, float(v)) for k, v in r.losses.items()),
                                  score_scale=r.score_scale, tau_lm=r.tau_lm)
-    frozen = {"generator": gen_params, "retriever": enc.params}
+    states = sharding.on_one_device(states)  # so the step compiles once (see the helper)
+    frozen = sharding.on_one_device({"generator": gen_params, "retriever": enc.params})
     background, pending = ThreadPoolExecutor(max_workers=1), None
     bar = tqdm(range(start, t.steps), desc="rag", initial=start, total=t.steps,
                disable=not sys.stderr.isatty())
@@ -160,12 +151,9 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
                                                                  replace=False)
         batch_q = [train_q[i] for i in pick]
         ids = retrieve(enc, index, batch_q, r.k)
-        gen = rag.encode_generator_batch(
-            tokenizer, [q["question"] for q in batch_q], [q["answer"] for q in batch_q],
-            [[facts[i]["text"] for i in row] for row in ids], r.prompt_len, r.answer_len)
-        q_tok = encoder_lib.tokenize(enc.tokenizer, [q["question"] for q in batch_q],
-                                     r.query_len)
-        batch = {**gen, "query_ids": q_tok["input_ids"], "query_mask": q_tok["attention_mask"]}
+        batch = rag.question_batch(
+            tokenizer, enc.tokenizer, batch_q, [[facts[i]["text"] for i in row] for row in ids],
+            prompt_len=r.prompt_len, answer_len=r.answer_len, query_len=r.query_len)
         if t.passage_side:  # passages re-encoded by the LoRA encoder: gradients reach them
             batch["passage_ids"] = fact_tokens["input_ids"][ids]
             batch["passage_mask"] = fact_tokens["attention_mask"][ids]

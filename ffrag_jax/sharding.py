@@ -112,6 +112,15 @@ def batch_sharding(mesh: Mesh, ndim: int, batch_dim: int = 0) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(*spec))
 
 
+def on_one_device(tree):
+    """``tree`` committed to the first local device with a plain single-device sharding.
+
+    For the RAG jobs' host-driven loops: a jitted step whose inputs mix uncommitted arrays,
+    mesh shardings and single-device ones compiles again once its outputs (committed) come
+    back as inputs; everything committed one way compiles once."""
+    return jax.device_put(tree, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
