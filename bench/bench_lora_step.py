@@ -2,8 +2,9 @@
 
 Same random Llama (built with transformers, loaded into JAX with ffrag_jax.hf.load_llama), same
 batch, same LoRA (q_proj, v_proj by default), same optimizer (AdamW, grad clip 1.0, linear
-decay). Reports tokens/s and model FLOP/s as a fraction of the machine's measured float32
-matmul FLOP/s, and writes bench/results/lora_step_<backend>.{json,md}.
+decay), timed in interleaved rounds (JAX, torch, torch, JAX, ...) so that a drift in the
+machine's speed cannot favour either. Reports tokens/s and model FLOP/s as a fraction of the
+machine's measured float32 matmul FLOP/s, and writes bench/results/lora_step_<backend>.{json,md}.
 
     python bench/bench_lora_step.py                 # defaults sized for a 2-core CPU
     python bench/bench_lora_step.py --batch 16 --seq 512 1024 --hidden 512 --layers 8
@@ -19,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -45,7 +47,10 @@ def parse_args():
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--targets", default="q_proj,v_proj")
-    p.add_argument("--steps", type=int, default=10, help="timed steps after 2 warm-up steps")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="rounds of --steps steps per implementation, interleaved; the median "
+                        "round is reported")
     p.add_argument("--remat", default="dots_attn",
                    help="ffrag_jax remat policy: none, dots, dots_attn, full")
     p.add_argument("--attention", default="auto", help="ffrag_jax attention: auto, ffrag, xla")
@@ -89,7 +94,8 @@ def step_flops(args, cfg, lora_params: int) -> float:
     return 2 * forward + 2 * tokens * lora_params
 
 
-def bench_jax(args, folder, ids):
+def jax_step(args, folder, ids):
+    """``(cfg, lora param count, run(n) -> seconds for n steps, loss(), compile+warm-up s)``."""
     from ffrag_jax import hf, lora, sharding, train
 
     cfg, params = hf.load_llama(folder)
@@ -98,24 +104,26 @@ def bench_jax(args, folder, ids):
                         dropout=0.05)
     optimizer = train.make_optimizer(1e-4, 1000)
     mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
-    state = train.init_train_state(adapter, optimizer)
-    step = train.jit_train_step(cfg, optimizer, "lora", mesh, state, params)
+    step = train.jit_train_step(cfg, optimizer, "lora", mesh,
+                                train.init_train_state(adapter, optimizer), params)
     batch = {"input_ids": jnp.asarray(ids)[None], "attention_mask": jnp.ones_like(ids)[None],
              "loss_mask": jnp.ones_like(ids)[None]}
-    compile_start = time.perf_counter()
-    for i in range(2):
-        state, m = step(state, params, batch, jax.random.key(i))
-    jax.block_until_ready(m)
-    warmup = time.perf_counter() - compile_start
-    t = time.perf_counter()
-    for i in range(args.steps):
-        state, m = step(state, params, batch, jax.random.key(i))
-    jax.block_until_ready(m)
-    seconds = (time.perf_counter() - t) / args.steps
-    return cfg, adapter.num_params(), seconds, float(m["loss"]), warmup
+    box = {"state": train.init_train_state(adapter, optimizer), "i": 0, "loss": None}
+
+    def run(n: int) -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            box["state"], metrics = step(box["state"], params, batch, jax.random.key(box["i"]))
+            box["i"] += 1
+        box["loss"] = float(jax.block_until_ready(metrics)["loss"])  # waits for the last step
+        return time.perf_counter() - start
+
+    warmup = run(2)
+    return cfg, adapter.num_params(), run, lambda: box["loss"], warmup
 
 
-def bench_torch(args, folder, ids):
+def torch_step(args, folder, ids):
+    """``(run(n) -> seconds for n steps, loss())`` for the same model, LoRA and optimizer."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
@@ -129,22 +137,34 @@ def bench_torch(args, folder, ids):
     opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / 1000))
     x = torch.as_tensor(np.asarray(ids), dtype=torch.long)
+    box = {"loss": None}
 
-    def one_step():
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+    def run(n: int) -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        box["loss"] = float(loss)
+        return time.perf_counter() - start
 
-    for _ in range(2):
-        one_step()
-    t = time.perf_counter()
-    for _ in range(args.steps):
-        loss = one_step()
-    return (time.perf_counter() - t) / args.steps, float(loss)
+    run(2)
+    return run, lambda: box["loss"]
+
+
+def timed_rounds(runs: dict, rounds: int, steps: int) -> dict[str, list[float]]:
+    """Seconds per step of each implementation in ``rounds`` rounds of ``steps`` steps,
+    alternating which goes first, so that drift in the machine's speed (a shared VM's
+    neighbours, clocks) falls on both alike instead of on whichever ran second."""
+    times = {name: [] for name in runs}
+    names = list(runs)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            times[name].append(runs[name](steps) / steps)
+    return times
 
 
 def run_size(args, seq: int, folder: str, xla_peak: float, torch_peak: float) -> list[dict]:
@@ -152,31 +172,27 @@ def run_size(args, seq: int, folder: str, xla_peak: float, torch_peak: float) ->
 
     args = argparse.Namespace(**{**vars(args), "seq": seq})
     ids = np.random.default_rng(0).integers(0, args.vocab, (args.batch, seq), np.int32)
-    cfg, lora_params, jax_s, jax_loss, jax_warmup = bench_jax(args, folder, ids)
+    cfg, lora_params, jax_run, jax_loss, jax_warmup = jax_step(args, folder, ids)
+    runs = {"jax": jax_run}
+    if not args.skip_torch:
+        torch_run, torch_loss = torch_step(args, folder, ids)
+        runs["torch"] = torch_run
+    times = timed_rounds(runs, args.rounds, args.steps)
     flops = step_flops(args, cfg, lora_params)
     tokens = args.batch * seq
-    rows = [{
-        "seq": seq,
-        "impl": f"ffrag_jax (jax {jax.__version__}, jit, remat={args.remat}, "
-                f"attention={args.attention})",
-        "s_per_step": jax_s,
-        "tokens_per_s": tokens / jax_s,
-        "model_flops_per_s": flops / jax_s,
-        "fraction_of_matmul_peak": flops / jax_s / xla_peak,
-        "loss_after": jax_loss,
-        "compile_and_warmup_s": jax_warmup,
-    }]
-    if not args.skip_torch:
-        torch_s, torch_loss = bench_torch(args, folder, ids)
-        rows.append({
-            "seq": seq,
-            "impl": f"PyTorch {torch.__version__} + peft (eager, sdpa)",
-            "s_per_step": torch_s,
-            "tokens_per_s": tokens / torch_s,
-            "model_flops_per_s": flops / torch_s,
-            "fraction_of_matmul_peak": flops / torch_s / torch_peak,
-            "loss_after": torch_loss,
-        })
+
+    def row(impl, seconds, peak, loss):
+        s = statistics.median(seconds)
+        return {"seq": seq, "impl": impl, "s_per_step": s, "s_per_step_rounds": seconds,
+                "tokens_per_s": tokens / s, "model_flops_per_s": flops / s,
+                "fraction_of_matmul_peak": flops / s / peak, "loss_after": loss}
+
+    rows = [row(f"ffrag_jax (jax {jax.__version__}, jit, remat={args.remat}, "
+                f"attention={args.attention})", times["jax"], xla_peak, jax_loss())]
+    rows[0]["compile_and_warmup_s"] = jax_warmup
+    if "torch" in times:
+        rows.append(row(f"PyTorch {torch.__version__} + peft (eager, sdpa)", times["torch"],
+                        torch_peak, torch_loss()))
     return rows
 
 
@@ -218,7 +234,9 @@ def main():
         f"Batch {args.batch}, hidden {args.hidden}, {args.layers} layers, {args.heads} heads "
         f"({args.kv_heads} kv), vocab {args.vocab}, LoRA r={args.rank} on {args.targets}, "
         f"AdamW + clip. Measured fp32 matmul peak (2048^3): XLA {xla_peak / 1e9:.1f} GFLOP/s, "
-        f"torch {torch_peak / 1e9:.1f} GFLOP/s.",
+        f"torch {torch_peak / 1e9:.1f} GFLOP/s. Both run in this one process, in "
+        f"{args.rounds} interleaved rounds of {args.steps} steps each (after 2 warm-up steps); "
+        "s/step is the median round.",
         "",
         "| seq | implementation | s/step | tokens/s | model GFLOP/s | of matmul peak |",
         "|---:|---|---:|---:|---:|---:|",

@@ -19,7 +19,8 @@ from flax import struct
 
 from ffrag_jax import lora as lora_lib
 from ffrag_jax import sharding
-from ffrag_jax.models.llama import LlamaConfig, forward
+from ffrag_jax.models.llama import LlamaConfig, forward_hidden, lm_head_kernel
+from ffrag_jax.models.lm_head import linear_cross_entropy
 
 Batch = dict[str, jax.Array]
 MODES = ("lora", "lora_chain", "full")
@@ -88,12 +89,17 @@ def causal_lm_loss(
     ``attention_mask[t]`` are 1. A ``loss_mask`` that is 1 on the answer only gives
     response-only training.
     """
-    logits = forward(params, cfg, batch["input_ids"], batch["attention_mask"], lora,
-                     dropout_rng=dropout_rng)
-    targets = batch["input_ids"][:, 1:]
-    weights = (batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]).astype(jnp.float32)
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], targets)
-    return jnp.sum(nll * weights), jnp.sum(weights)
+    hidden = forward_hidden(params, cfg, batch["input_ids"], batch["attention_mask"], lora,
+                            dropout_rng=dropout_rng)
+    # Position t is scored against token t + 1: the targets are shifted, and the last position
+    # gets weight 0. The [B, T, vocab] logits are never materialised (see lm_head).
+    targets = jnp.roll(batch["input_ids"], -1, axis=1)
+    scored = batch["loss_mask"] * batch["attention_mask"]
+    weights = jnp.roll(scored, -1, axis=1).at[:, -1].set(0).astype(jnp.float32)
+    nll_sum = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]),
+                                   lm_head_kernel(params, cfg), targets.reshape(-1),
+                                   weights.reshape(-1))
+    return nll_sum, jnp.sum(weights)
 
 
 def split_trainable(trainable, frozen, mode: str):

@@ -27,7 +27,14 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 _MASKED = -1e30  # finite, so fully masked (padding) rows give a uniform softmax, not NaN
-DEFAULT_BLOCK = 64  # query positions per block: 64 * G rows x T keys of f32 fit a 512 KB L2
+DEFAULT_BLOCK = 32  # query positions per block (32 * G score rows)
+# How many (batch row, KV head) pairs one step of the loop over them takes (vmapped, so its
+# matmuls are batched): as many as keep a step's f32 score block within half of a core's L2.
+# When the score blocks of *all* pairs fit in _LOOP_FREE_BYTES there is no loop at all: at short
+# lengths the loop's per-step cost is larger than what the cache saves (2-core CPU, T=128: 4.9
+# ms vs 8.5 ms per layer forward+backward; bench/results/attention_cpu.md).
+_STEP_SCORE_BYTES = 256 << 10
+_LOOP_FREE_BYTES = 1 << 20
 
 
 def _query_blocks(length: int, block: int) -> list[tuple[int, int]]:
@@ -52,12 +59,12 @@ def _block_scores(q_rows, k, kv_mask, scale, start, end, groups, causal):
     return jnp.where(visible, s, _MASKED)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _attend(q, k, v, kv_mask, scale, groups, block, causal):
-    return _attend_fwd(q, k, v, kv_mask, scale, groups, block, causal)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _attend(q, k, v, kv_mask, scale, groups, block, causal, pairs_per_step):
+    return _attend_fwd(q, k, v, kv_mask, scale, groups, block, causal, pairs_per_step)[0]
 
 
-def _attend_fwd(q, k, v, kv_mask, scale, groups, block, causal):
+def _attend_fwd(q, k, v, kv_mask, scale, groups, block, causal, pairs_per_step):
     """q ``[BK, T*G, H]``, k/v ``[BK, T, H]``, kv_mask ``[BK, T]`` -> out ``[BK, T*G, H]``."""
     length = k.shape[1]
 
@@ -75,14 +82,14 @@ def _attend_fwd(q, k, v, kv_mask, scale, groups, block, causal):
             lses.append((row_max + jnp.log(row_sum))[:, 0])
         return jnp.concatenate(outs), jnp.concatenate(lses)
 
-    out, lse = jax.lax.map(one_head, (q, k, v, kv_mask))
+    out, lse = jax.lax.map(one_head, (q, k, v, kv_mask), batch_size=pairs_per_step)
     # Named so a remat policy can keep them ("dots_attn") instead of redoing this forward.
     out = checkpoint_name(out, "attn_out")
     lse = checkpoint_name(lse, "attn_lse")
     return out, (q, k, v, kv_mask, out, lse)
 
 
-def _attend_bwd(scale, groups, block, causal, residuals, d_out):
+def _attend_bwd(scale, groups, block, causal, pairs_per_step, residuals, d_out):
     q, k, v, kv_mask, out, lse = residuals
     length = k.shape[1]
 
@@ -106,20 +113,30 @@ def _attend_bwd(scale, groups, block, causal, residuals, d_out):
             dk = dk.at[:keys].add(jnp.dot(ds.T, q_rows, preferred_element_type=jnp.float32))
         return jnp.concatenate(dqs), dk.astype(k1.dtype), dv.astype(v1.dtype)
 
-    dq, dk, dv = jax.lax.map(one_head, (q, k, v, kv_mask, out, lse, d_out))
+    dq, dk, dv = jax.lax.map(one_head, (q, k, v, kv_mask, out, lse, d_out),
+                              batch_size=pairs_per_step)
     return dq, dk, dv, None
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
-def causal_attention(q, k, v, kv_mask, scale: float, block: int = DEFAULT_BLOCK):
+def _pairs_per_step(pairs: int, rows: int, keys: int) -> int:
+    """(batch row, KV head) pairs per loop step for score blocks of ``rows x keys``."""
+    pair_bytes = rows * keys * 4
+    if pairs * pair_bytes <= _LOOP_FREE_BYTES:
+        return pairs
+    return max(1, min(pairs, _STEP_SCORE_BYTES // pair_bytes))
+
+
+def causal_attention(q, k, v, kv_mask, scale: float, block: int = DEFAULT_BLOCK,
+                     pairs_per_step: int | None = None):
     """:func:`attention` with the causal mask (the Llama's)."""
-    return attention(q, k, v, kv_mask, scale, block, causal=True)
+    return attention(q, k, v, kv_mask, scale, block, causal=True, pairs_per_step=pairs_per_step)
 
 
 def attention(q, k, v, kv_mask, scale: float, block: int = DEFAULT_BLOCK, *,
-              causal: bool = True):
+              causal: bool = True, pairs_per_step: int | None = None):
     """Blocked attention. ``q`` ``[B, T, N, H]``, ``k``/``v`` ``[B, T, K, H]`` (``N`` a
     multiple of ``K``), ``kv_mask`` bool ``[B, T]`` (False: padding key). Returns
     ``[B, T, N, H]``. ``causal=False`` lets every query see every real key (encoders).
@@ -136,6 +153,10 @@ def attention(q, k, v, kv_mask, scale: float, block: int = DEFAULT_BLOCK, *,
     k_rows = k.transpose(0, 2, 1, 3).reshape(batch * kv_heads, length, dim)
     v_rows = v.transpose(0, 2, 1, 3).reshape(batch * kv_heads, length, dim)
     mask_rows = jnp.repeat(kv_mask, kv_heads, axis=0)
-    out = _attend(q_rows, k_rows, v_rows, mask_rows, scale, groups, min(block, length), causal)
+    block = min(block, length)
+    if pairs_per_step is None:
+        pairs_per_step = _pairs_per_step(batch * kv_heads, block * groups, length)
+    out = _attend(q_rows, k_rows, v_rows, mask_rows, scale, groups, block, causal,
+                  pairs_per_step)
     out = out.reshape(batch, kv_heads, length, groups, dim).transpose(0, 2, 1, 3, 4)
     return out.reshape(batch, length, heads, dim)

@@ -320,10 +320,11 @@ class Llama(_Block):
     """The causal LM. ``__call__`` returns float32 logits ``[B, T, vocab]``."""
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask, positions, cache=None):
+    def __call__(self, input_ids, attention_mask, positions, cache=None, return_hidden=False):
         """Without ``cache``: logits. With ``cache`` (keys/values ``[L, B, S, kv_heads, D]``,
         see :func:`forward_cached`): ``(logits, cache)``, the tokens written at ``positions``
-        and ``attention_mask`` the ``[B, T, S]`` slot visibility."""
+        and ``attention_mask`` the ``[B, T, S]`` slot visibility. ``return_hidden``: the final
+        normed hidden states ``[B, T, D]`` (compute dtype) instead of the logits."""
         cfg = self.cfg
         embed = nn.Embed(
             cfg.vocab_size,
@@ -360,6 +361,8 @@ class Llama(_Block):
         extra = () if cache is None else (cache, positions)
         x, cache = layers(x, cos, sin, mask, *extra)
         x = self.norm("norm")(x)
+        if return_hidden:
+            return x
         if cfg.tie_word_embeddings:
             logits = embed.attend(x)
         else:
@@ -404,6 +407,35 @@ def forward(
     position ids are given. ``lora`` is a :class:`ffrag_jax.lora.LoRA` or None; LoRA dropout is
     active only when ``dropout_rng`` is given.
     """
+    return _apply(params, cfg, input_ids, attention_mask, lora, positions, dropout_rng, False)
+
+
+def forward_hidden(
+    params: dict,
+    cfg: LlamaConfig,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    lora=None,
+    *,
+    positions: jax.Array | None = None,
+    dropout_rng: jax.Array | None = None,
+) -> jax.Array:
+    """:func:`forward` without the LM head: the final normed hidden states ``[B, T, D]`` in
+    the compute dtype. ``hidden @ lm_head_kernel(params, cfg)`` are the logits."""
+    return _apply(params, cfg, input_ids, attention_mask, lora, positions, dropout_rng, True)
+
+
+def lm_head_kernel(params: dict, cfg: LlamaConfig) -> jax.Array:
+    """The LM head as a ``[D, vocab]`` matrix in the compute dtype (the transposed
+    embedding when they are tied)."""
+    if cfg.tie_word_embeddings:
+        kernel = params["embed_tokens"]["embedding"].T
+    else:
+        kernel = params["lm_head"]["kernel"]
+    return kernel.astype(jnp.dtype(cfg.dtype))
+
+
+def _apply(params, cfg, input_ids, attention_mask, lora, positions, dropout_rng, return_hidden):
     batch, length = input_ids.shape
     check_length(cfg, length)
     if attention_mask is None:
@@ -422,7 +454,8 @@ def forward(
         deterministic=dropout_rng is None,
     )
     rngs = None if dropout_rng is None else {"dropout": dropout_rng}
-    return model.apply(variables, input_ids, attention_mask, positions, rngs=rngs)
+    return model.apply(variables, input_ids, attention_mask, positions,
+                       return_hidden=return_hidden, rngs=rngs)
 
 
 def init_cache(cfg: LlamaConfig, batch: int, length: int) -> tuple[jax.Array, jax.Array]:
