@@ -55,6 +55,7 @@ def parse_args():
                    help="ffrag_jax remat policy: none, dots, dots_attn, full")
     p.add_argument("--attention", default="auto", help="ffrag_jax attention: auto, ffrag, xla")
     p.add_argument("--skip-torch", action="store_true")
+    p.add_argument("--tag", default="", help="suffix of the result files (lora_step_cpu_TAG)")
     return p.parse_args()
 
 
@@ -210,11 +211,13 @@ def main():
     LlamaForCausalLM(hf_cfg).save_pretrained(folder)
     xla_peak, torch_peak = matmul_flops_per_s()
     rows = [row for seq in args.seq for row in run_size(args, seq, folder, xla_peak, torch_peak)]
-    speedups = {}
+    speedups, rounds_won = {}, {}
     for seq in args.seq:
         pair = [r for r in rows if r["seq"] == seq]
         if len(pair) == 2:
             speedups[seq] = pair[1]["s_per_step"] / pair[0]["s_per_step"]
+            jax_rounds, torch_rounds = (r["s_per_step_rounds"] for r in pair)
+            rounds_won[seq] = sum(j < t for j, t in zip(jax_rounds, torch_rounds, strict=True))
     backend = jax.default_backend()
     result = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
@@ -224,10 +227,12 @@ def main():
         "matmul_peak_flops_per_s": {"xla": xla_peak, "torch": torch_peak},
         "rows": rows,
         "speedup_jax_over_torch_by_seq": speedups,
+        "rounds_jax_faster_by_seq": rounds_won,
         "command": " ".join([Path(sys.executable).name] + sys.argv),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"lora_step_{backend}.json").write_text(json.dumps(result, indent=2))
+    name = f"lora_step_{backend}" + (f"_{args.tag}" if args.tag else "")
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
     lines = [
         f"# LoRA training step ({backend}, {os.cpu_count()} cores)",
         "",
@@ -247,9 +252,11 @@ def main():
                      f"{r['fraction_of_matmul_peak']:.0%} |")
     if speedups:
         lines += ["", "JAX speed relative to PyTorch + peft (>1: JAX faster): " + ", ".join(
-            f"seq {seq}: {v:.2f}x" for seq, v in speedups.items())]
+            f"seq {seq}: {v:.2f}x" for seq, v in speedups.items()),
+            "Rounds in which the JAX step was the faster: " + ", ".join(
+            f"seq {seq}: {won} of {args.rounds}" for seq, won in rounds_won.items())]
     lines += ["", f"Command: `{result['command']}`"]
-    (RESULTS / f"lora_step_{backend}.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
