@@ -6,8 +6,9 @@ several passes (and once more, transposed, in the backward). On the 2-core bench
 elementwise pass over an in-cache block is ~15x faster than over a 64 MB array. So
 :func:`causal_attention` works like flash attention, one small block at a time:
 
-* one (batch row, KV head) at a time (``lax.map``), the query heads of its group folded into
-  the query rows (row ``r`` is position ``r // G``), so GQA needs no repeated K/V;
+* a loop (``lax.map``) over (batch row, KV head) pairs, a few pairs per step (vmapped, so
+  the step's matmuls are batched), the query heads of a group folded into the query rows (row
+  ``r`` is position ``r // G``), so GQA needs no repeated K/V;
 * queries in blocks of ``block`` positions; block ``j`` sees only keys ``[0, (j+1)*block)``,
   so the masked upper triangle is mostly never computed; each ``[block*G, keys]`` score block
   stays in L2 while it is masked, exponentiated, summed and multiplied with V;
@@ -31,8 +32,9 @@ DEFAULT_BLOCK = 32  # query positions per block (32 * G score rows)
 # How many (batch row, KV head) pairs one step of the loop over them takes (vmapped, so its
 # matmuls are batched): as many as keep a step's f32 score block within half of a core's L2.
 # When the score blocks of *all* pairs fit in _LOOP_FREE_BYTES there is no loop at all: at short
-# lengths the loop's per-step cost is larger than what the cache saves (2-core CPU, T=128: 4.9
-# ms vs 8.5 ms per layer forward+backward; bench/results/attention_cpu.md).
+# lengths the loop's per-step cost is larger than what the cache saves (2-core CPU, B=8, 4 KV
+# heads, T=128: 4.4-4.9 ms per layer forward + backward without the loop, 8-8.5 ms with one
+# pair per step; T=512: 56-58 ms with 2 pairs per step, 64-68 ms with 1, 110 ms with all 32).
 _STEP_SCORE_BYTES = 256 << 10
 _LOOP_FREE_BYTES = 1 << 20
 
