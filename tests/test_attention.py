@@ -9,12 +9,12 @@ from ffrag_jax.models import attention, llama
 
 
 # block 64: one block (T=20); block 8: blocks of 8, 8 and 4 query positions; block 1: one each.
-# pairs: (batch row, KV head) pairs per loop step; None picks it (here: all, no loop); 2 of 6
-# pairs: three steps; 4 of 6 (or of 12): a full step and a remainder.
+# pairs: (batch row, KV head) pairs per loop step: 1 (default), 2 of 6 pairs: three steps;
+# 4 of 6 (or of 12): a full step and a remainder; 6 of 6: no loop.
 @pytest.mark.parametrize("heads, kv_heads, block, causal, pairs", [
-    (8, 2, 64, True, None), (4, 4, 64, True, None), (8, 2, 8, True, None), (4, 2, 1, True, None),
-    (8, 2, 8, True, 2), (4, 4, 8, True, 4), (8, 2, 8, True, 4),
-    (4, 4, 64, False, None), (8, 2, 8, False, 4)])  # not causal: the encoder's attention
+    (8, 2, 64, True, 1), (4, 4, 64, True, 1), (8, 2, 8, True, 1), (4, 2, 1, True, 1),
+    (8, 2, 8, True, 2), (4, 4, 8, True, 4), (8, 2, 8, True, 4), (8, 2, 8, True, 6),
+    (4, 4, 64, False, 1), (8, 2, 8, False, 4)])  # not causal: the encoder's attention
 def test_values_and_gradients_match_xla_attention(heads, kv_heads, block, causal, pairs):
     keys = jax.random.split(jax.random.key(0), 4)
     q = jax.random.normal(keys[0], (3, 20, heads, 16))
@@ -51,11 +51,3 @@ def test_model_logits_do_not_depend_on_the_attention_choice():
     np.testing.assert_allclose(a[0], b[0], atol=1e-5)
     np.testing.assert_allclose(a[1, :7], b[1, :7], atol=1e-5)
 
-
-def test_pairs_per_step_keeps_a_step_in_cache():
-    # 32 pairs of 64 x 128 f32 scores (32 KB each) fit the loop-free 1 MB: no loop.
-    assert attention._pairs_per_step(32, 64, 128) == 32
-    # 128 KB per pair: 2 per step (256 KB); 512 KB per pair: 1; never more than there are.
-    assert attention._pairs_per_step(32, 64, 512) == 2
-    assert attention._pairs_per_step(32, 256, 512) == 1
-    assert attention._pairs_per_step(3, 64, 2048) == 1

@@ -57,3 +57,27 @@ def test_chunk_tokens_keeps_a_chunk_of_logits_near_4_mb():
     assert lm_head.chunk_tokens(4096) == 256  # 256 x 4096 x 4 B = 4 MB
     assert lm_head.chunk_tokens(128_256) == 64  # the floor: matmuls stay efficient
     assert lm_head.chunk_tokens(100) == 1024  # the cap
+
+
+def test_causal_lm_loss_with_the_chunked_head_equals_the_plain_one():
+    from ffrag_jax import lora, train
+    from ffrag_jax.models import llama
+
+    cfg = llama.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=2,
+                            num_heads=4, num_kv_heads=2)
+    params = llama.init_params(jax.random.key(0), cfg)
+    adapter = lora.init(jax.random.key(1), params, "q_proj,v_proj", 4, 8.0)
+    adapter = jax.tree.map(lambda x: x + 0.01, adapter)
+    ids = jax.random.randint(jax.random.key(2), (3, 21), 0, 300)
+    batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids).at[1, 15:].set(0),
+             "loss_mask": jnp.ones_like(ids).at[:, :4].set(0)}
+
+    def loss(adapter, chunked):
+        total, count = train.causal_lm_loss(params, cfg, batch, adapter, chunked_head=chunked)
+        return total / count
+
+    want, want_grad = jax.value_and_grad(loss)(adapter, False)
+    got, got_grad = jax.value_and_grad(loss)(adapter, True)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad), strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-6)

@@ -203,13 +203,9 @@ class LoRALinear(nn.Module):
         remat policies save it: recomputing threefry bits in the backward cost a few % of a step."""
         if self.deterministic or self.lora_dropout == 0.0:
             return x
-        # 16 random bits per element, not bernoulli's 32: half the threefry work, which on CPU
-        # is a few % of a LoRA step. The drop probability is rounded to a multiple of 2^-16
-        # (0.05 -> 0.0500031) and the kept values scaled by the exact inverse keep rate.
-        drop = min(round(self.lora_dropout * 65536), 65535)
-        keep_prob = 1.0 - drop / 65536
-        bits = jax.random.bits(self.make_rng("dropout"), x.shape, jnp.uint16)
-        keep = checkpoint_name(bits >= drop, "lora_dropout_mask")
+        keep_prob = 1.0 - self.lora_dropout
+        keep = jax.random.bernoulli(self.make_rng("dropout"), keep_prob, x.shape)
+        keep = checkpoint_name(keep, "lora_dropout_mask")
         return jnp.where(keep, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros((), x.dtype))
 
 

@@ -73,10 +73,14 @@ def _forward(hidden, kernel, targets, weights, chunk, want_d_hidden, want_d_kern
             d_logits = exp / row_sum - jax.nn.one_hot(t, vocab, dtype=jnp.float32)
             d_logits = (d_logits * w[:, None]).astype(kernel.dtype)
             if want_d_hidden:
-                d_h = jnp.dot(d_logits, kernel.T, preferred_element_type=jnp.float32)
+                # contract with the kernel's vocab axis in place (no transposed copy), the
+                # form autodiff gives the transpose of ``h @ kernel``
+                d_h = jax.lax.dot_general(d_logits, kernel, (((1,), (1,)), ((), ())),
+                                          preferred_element_type=jnp.float32)
                 d_h = d_h.astype(hidden.dtype)
             if want_d_kernel:
-                d_kernel = d_kernel + jnp.dot(h.T, d_logits, preferred_element_type=jnp.float32)
+                d_kernel = d_kernel + jax.lax.dot_general(
+                    h, d_logits, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
         return d_kernel, (jnp.sum(nll), d_h)
 
     xs = (hidden.reshape(-1, chunk, dim), targets.reshape(-1, chunk),
