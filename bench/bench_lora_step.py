@@ -105,11 +105,11 @@ def jax_step(args, folder, ids):
                         dropout=0.05)
     optimizer = train.make_optimizer(1e-4, 1000)
     mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
-    step = train.jit_train_step(cfg, optimizer, "lora", mesh,
-                                train.init_train_state(adapter, optimizer), params)
+    state = train.init_train_state(adapter, optimizer)
+    step = train.jit_train_step(cfg, optimizer, "lora", mesh, state, params)
     batch = {"input_ids": jnp.asarray(ids)[None], "attention_mask": jnp.ones_like(ids)[None],
              "loss_mask": jnp.ones_like(ids)[None]}
-    box = {"state": train.init_train_state(adapter, optimizer), "i": 0, "loss": None}
+    box = {"state": state, "i": 0, "loss": None}
 
     def run(n: int) -> float:
         start = time.perf_counter()
@@ -149,7 +149,7 @@ def torch_step(args, folder, ids):
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-        box["loss"] = float(loss)
+        box["loss"] = loss.item()
         return time.perf_counter() - start
 
     run(2)

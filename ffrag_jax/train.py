@@ -19,7 +19,7 @@ from flax import struct
 
 from ffrag_jax import lora as lora_lib
 from ffrag_jax import sharding
-from ffrag_jax.models.llama import LlamaConfig, forward, forward_hidden, lm_head_kernel
+from ffrag_jax.models.llama import LlamaConfig, forward, lm_head_kernel
 from ffrag_jax.models.lm_head import linear_cross_entropy
 
 Batch = dict[str, jax.Array]
@@ -97,8 +97,8 @@ def causal_lm_loss(
     rounding moves the vmapped-vs-sequential federated tests past their 1e-6 tolerance.
     """
     if chunked_head:
-        hidden = forward_hidden(params, cfg, batch["input_ids"], batch["attention_mask"], lora,
-                                dropout_rng=dropout_rng)
+        hidden = forward(params, cfg, batch["input_ids"], batch["attention_mask"], lora,
+                         dropout_rng=dropout_rng, return_hidden=True)
         # Position t is scored against token t + 1: the targets are shifted (not the logits,
         # which are never formed), and the last position gets weight 0.
         targets = jnp.roll(batch["input_ids"], -1, axis=1)

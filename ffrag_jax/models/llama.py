@@ -399,43 +399,17 @@ def forward(
     *,
     positions: jax.Array | None = None,
     dropout_rng: jax.Array | None = None,
+    return_hidden: bool = False,
 ) -> jax.Array:
     """Logits ``[B, T, vocab]`` (float32) for ``input_ids`` ``[B, T]``.
 
     ``attention_mask`` ``[B, T]`` is 1 for real tokens, 0 for padding (keys that are masked
     out). ``positions`` ``[B, T]`` defaults to ``arange(T)`` as in transformers when no
     position ids are given. ``lora`` is a :class:`ffrag_jax.lora.LoRA` or None; LoRA dropout is
-    active only when ``dropout_rng`` is given.
+    active only when ``dropout_rng`` is given. ``return_hidden``: the final normed hidden states
+    ``[B, T, D]`` in the compute dtype instead (``hidden @ lm_head_kernel(params, cfg)`` are
+    the logits).
     """
-    return _apply(params, cfg, input_ids, attention_mask, lora, positions, dropout_rng, False)
-
-
-def forward_hidden(
-    params: dict,
-    cfg: LlamaConfig,
-    input_ids: jax.Array,
-    attention_mask: jax.Array | None = None,
-    lora=None,
-    *,
-    positions: jax.Array | None = None,
-    dropout_rng: jax.Array | None = None,
-) -> jax.Array:
-    """:func:`forward` without the LM head: the final normed hidden states ``[B, T, D]`` in
-    the compute dtype. ``hidden @ lm_head_kernel(params, cfg)`` are the logits."""
-    return _apply(params, cfg, input_ids, attention_mask, lora, positions, dropout_rng, True)
-
-
-def lm_head_kernel(params: dict, cfg: LlamaConfig) -> jax.Array:
-    """The LM head as a ``[D, vocab]`` matrix in the compute dtype (the transposed
-    embedding when they are tied)."""
-    if cfg.tie_word_embeddings:
-        kernel = params["embed_tokens"]["embedding"].T
-    else:
-        kernel = params["lm_head"]["kernel"]
-    return kernel.astype(jnp.dtype(cfg.dtype))
-
-
-def _apply(params, cfg, input_ids, attention_mask, lora, positions, dropout_rng, return_hidden):
     batch, length = input_ids.shape
     check_length(cfg, length)
     if attention_mask is None:
@@ -456,6 +430,16 @@ def _apply(params, cfg, input_ids, attention_mask, lora, positions, dropout_rng,
     rngs = None if dropout_rng is None else {"dropout": dropout_rng}
     return model.apply(variables, input_ids, attention_mask, positions,
                        return_hidden=return_hidden, rngs=rngs)
+
+
+def lm_head_kernel(params: dict, cfg: LlamaConfig) -> jax.Array:
+    """The LM head as a ``[D, vocab]`` matrix in the compute dtype (the transposed
+    embedding when they are tied)."""
+    if cfg.tie_word_embeddings:
+        kernel = params["embed_tokens"]["embedding"].T
+    else:
+        kernel = params["lm_head"]["kernel"]
+    return kernel.astype(jnp.dtype(cfg.dtype))
 
 
 def init_cache(cfg: LlamaConfig, batch: int, length: int) -> tuple[jax.Array, jax.Array]:

@@ -10,8 +10,8 @@ per chunk of tokens, the logits, their log-sum-exp, the weighted NLL and, since 
 scalar whose cotangent is just a number, the gradient as well: ``d_hidden = (softmax - onehot)
 * weight @ kernel.T`` (and ``d_kernel = hidden.T @ (softmax - onehot) * weight`` only when the
 kernel is trained). The backward scales those by the incoming cotangent. No logits are saved
-and none are recomputed, so the FLOPs are the plain loss's. On the 2-core CPU this made the
-head + loss 1.5x faster (bench/bench_lora_step.py measures the whole step).
+and none are recomputed, so the FLOPs are the plain loss's. On the 2-core CPU, head + loss +
+gradient for 1,024 tokens (D=256, 4k vocabulary) took 30 ms against the plain loss's 44 ms.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def _forward(hidden, kernel, targets, weights, chunk, want_d_hidden, want_d_kern
 
     def one_chunk(d_kernel, xs):
         h, t, w = xs
-        logits = jnp.dot(h, kernel, preferred_element_type=jnp.float32).astype(jnp.float32)
+        logits = jnp.dot(h, kernel, preferred_element_type=jnp.float32)
         row_max = jnp.max(logits, axis=-1, keepdims=True)
         exp = jnp.exp(logits - row_max)
         row_sum = jnp.sum(exp, axis=-1, keepdims=True)
@@ -95,9 +95,8 @@ def _forward(hidden, kernel, targets, weights, chunk, want_d_hidden, want_d_kern
 
 
 def _fwd(hidden, kernel, targets, weights, chunk):
-    loss, grads = _forward(hidden.value, kernel.value, targets.value, weights.value, chunk,
-                           hidden.perturbed, kernel.perturbed)
-    return loss, grads
+    return _forward(hidden.value, kernel.value, targets.value, weights.value, chunk,
+                    hidden.perturbed, kernel.perturbed)
 
 
 def _bwd(chunk, grads, cotangent):
