@@ -93,8 +93,8 @@ def causal_lm_loss(
 
     ``chunked_head=True`` computes the LM head and the loss in token chunks with
     :func:`~ffrag_jax.models.lm_head.linear_cross_entropy`, never holding the ``[B, T, vocab]``
-    logits (the same loss and gradients to float rounding). It is not the default yet: its
-    rounding moves the vmapped-vs-sequential federated tests past their 1e-6 tolerance.
+    logits (the same loss and gradients to float rounding). :func:`train_step` uses it, since
+    its forward forms the gradient as well; a loss alone (evaluation) is cheaper plain.
     """
     if chunked_head:
         hidden = forward(params, cfg, batch["input_ids"], batch["attention_mask"], lora,
@@ -145,17 +145,20 @@ def train_step(
     optimizer: optax.GradientTransformation,
     mode: str = "lora",
     use_dropout: bool = True,
+    chunked_head: bool = True,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on an effective batch of ``A`` micro-batches.
 
     ``batch`` leaves are ``[A, micro_B, T]``; gradients are summed over the micro-batches and
     divided by the total number of scored tokens. ``frozen`` is the base params in LoRA mode,
-    None in full mode. Returns the new state and ``{loss, grad_norm, tokens}``.
+    None in full mode. ``chunked_head``: the LM head and loss in token chunks (see
+    :func:`causal_lm_loss`). Returns the new state and ``{loss, grad_norm, tokens}``.
     """
 
     def loss_fn(trainable, micro, key):
         params, lora = split_trainable(trainable, frozen, mode)
-        return causal_lm_loss(params, cfg, micro, lora, key if use_dropout else None)
+        return causal_lm_loss(params, cfg, micro, lora, key if use_dropout else None,
+                              chunked_head=chunked_head)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 

@@ -146,12 +146,30 @@ def _vmapped(params, inputs, optimizer=None):
     return step(inputs[0], inputs[1], params, inputs[2], inputs[3])
 
 
-def test_vmapped_clients_equal_a_sequential_loop(params):
+# Adam divides each update by sqrt(v) + eps, so a gradient entry near zero turns a float-rounding
+# difference d between two programs into an update difference of up to lr * d / eps. With lr
+# 1e-2 and optax's eps 1e-8 that is 1e6 * d: the comparison would measure which reduction order
+# XLA's kernels pick for a batched vs an unbatched matmul, not whether the vmapped program trains
+# each client as the loop does. Measured on this test (3 steps, weights of ~1e-1): SGD 0.5,
+# linear in the gradient, 1.5e-8 apart; AdamW eps 1e-8: 8e-7 (one attention pair per step and
+# the plain head) to 3.2e-6 (batched pairs, chunked head), always in the a of a q/v adapter whose
+# b was still ~0; eps 1e-7 / 1e-6 / 1e-5 / 1e-4 / 1e-3: 6.1e-7 / 4.2e-7 / 1.0e-7 / 8e-8 /
+# 1.5e-8. So the test holds both optimisers to 1e-6, AdamW with eps 1e-5: a rounding difference
+# is then amplified at most lr / eps = 1e3 times, and Adam's moments and bias correction still
+# shape every step.
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
+def test_vmapped_clients_equal_a_sequential_loop(params, optimizer_name):
+    import optax
+
+    from ffrag_jax import train
+
+    optimizer = {"sgd": optax.sgd(0.5),
+                 "adamw": train.make_optimizer(1e-2, STEPS, eps=1e-5)}[optimizer_name]
     loras, masks, batches, rngs = _round_inputs(params)
-    together, metrics = _vmapped(params, (loras, masks, batches, rngs))
+    together, metrics = _vmapped(params, (loras, masks, batches, rngs), optimizer)
     assert metrics["loss"].shape == (len(RANKS), STEPS)
     one = jax.jit(lambda lo, m, p, b, r: federated.client_update(lo, m, p, b, r, cfg=CFG,
-                                                                optimizer=_optimizer()))
+                                                                optimizer=optimizer))
     for k, alone in enumerate(federated.unstack_clients(loras)):
         pick = lambda x, k=k: x[k]  # noqa: E731
         trained, _ = one(alone, masks[k], params, jax.tree.map(pick, batches), rngs[k])

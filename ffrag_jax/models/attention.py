@@ -6,8 +6,8 @@ several passes (and once more, transposed, in the backward). On the 2-core bench
 elementwise pass over an in-cache block is ~15x faster than over a 64 MB array. So
 :func:`causal_attention` works like flash attention, one small block at a time:
 
-* a loop (``lax.map``) over (batch row, KV head) pairs, one per step by default (more are
-  vmapped into batched matmuls: see ``DEFAULT_PAIRS_PER_STEP``), the query heads of a group
+* a loop (``lax.map``) over (batch row, KV head) pairs, a few pairs per step (vmapped, so
+  the step's matmuls are batched; see :func:`default_pairs_per_step`), the query heads of a group
   folded into the query rows (row ``r`` is position ``r // G``), so GQA needs no repeated K/V;
 * queries in blocks of ``block`` positions; block ``j`` sees only keys ``[0, (j+1)*block)``,
   so the masked upper triangle is mostly never computed; each ``[block*G, keys]`` score block
@@ -28,15 +28,15 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 _MASKED = -1e30  # finite, so fully masked (padding) rows give a uniform softmax, not NaN
-DEFAULT_BLOCK = 64  # query positions per block: 64 * G rows x T keys of f32 fit a 512 KB L2
-# (batch row, KV head) pairs per step of the loop over them. More than one vmaps a step, so its
-# matmuls are batched: on the 2-core CPU (B=8, 4 KV heads) attention forward + backward per
-# layer took 4.4-4.9 ms with all 32 pairs in one step against 8-8.5 ms with one (T=128), and
-# 56-58 ms with 2 against 64-68 ms with 1 (T=512). It stays 1 by default because batched
-# steps round differently under an outer vmap: vmapped federated clients then drift from the
-# same clients trained one by one by up to 1.7e-6 after three steps, over the 1e-6 that
-# tests/test_federated.py holds them to.
-DEFAULT_PAIRS_PER_STEP = 1
+DEFAULT_BLOCK = 32  # query positions per block (32 * G score rows)
+# How many (batch row, KV head) pairs one step of the loop over them takes (vmapped, so its
+# matmuls are batched): as many as keep a step's f32 score blocks within half of a core's L2.
+# When the score blocks of *all* pairs fit in _LOOP_FREE_BYTES there is no loop at all: at short
+# lengths the loop's per-step cost is larger than what the cache saves (2-core CPU, B=8, 4 KV
+# heads, T=128: 4.4-4.9 ms per layer forward + backward without the loop, 8-8.5 ms with one
+# pair per step; T=512: 56-58 ms with 2 pairs per step, 64-68 ms with 1, 110 ms with all 32).
+_STEP_SCORE_BYTES = 256 << 10
+_LOOP_FREE_BYTES = 1 << 20
 
 
 def _query_blocks(length: int, block: int) -> list[tuple[int, int]]:
@@ -123,26 +123,36 @@ def _attend_bwd(scale, groups, block, causal, pairs_per_step, residuals, d_out):
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
+def default_pairs_per_step(pairs: int, rows: int, keys: int) -> int:
+    """(batch row, KV head) pairs per loop step, of ``pairs``, for score blocks of
+    ``rows x keys`` float32: all of them when they fit in 1 MB, else as many as fit in 256 KB."""
+    pair_bytes = rows * keys * 4
+    if pairs * pair_bytes <= _LOOP_FREE_BYTES:
+        return pairs
+    return max(1, min(pairs, _STEP_SCORE_BYTES // pair_bytes))
+
+
 def _batch_size(pairs_per_step: int) -> int | None:
     """``lax.map``'s ``batch_size``: None for one pair per step (a plain, unbatched loop)."""
     return pairs_per_step if pairs_per_step > 1 else None
 
 
 def causal_attention(q, k, v, kv_mask, scale: float, block: int = DEFAULT_BLOCK,
-                     pairs_per_step: int = DEFAULT_PAIRS_PER_STEP):
+                     pairs_per_step: int | None = None):
     """:func:`attention` with the causal mask (the Llama's)."""
     return attention(q, k, v, kv_mask, scale, block, causal=True, pairs_per_step=pairs_per_step)
 
 
 def attention(q, k, v, kv_mask, scale: float, block: int = DEFAULT_BLOCK, *,
-              causal: bool = True, pairs_per_step: int = DEFAULT_PAIRS_PER_STEP):
+              causal: bool = True, pairs_per_step: int | None = None):
     """Blocked attention. ``q`` ``[B, T, N, H]``, ``k``/``v`` ``[B, T, K, H]`` (``N`` a
     multiple of ``K``), ``kv_mask`` bool ``[B, T]`` (False: padding key). Returns
     ``[B, T, N, H]``. ``causal=False`` lets every query see every real key (encoders).
 
     ``block`` (query positions per block) trades loop overhead against cache use, and
-    ``pairs_per_step`` ((batch row, KV head) pairs per loop step, vmapped) loop steps against
-    batched matmuls; neither changes the result beyond float rounding.
+    ``pairs_per_step`` ((batch row, KV head) pairs per loop step, vmapped; None: the
+    :func:`default_pairs_per_step` policy) loop steps against batched matmuls; neither changes the
+    result beyond float rounding.
     """
     batch, length, heads, dim = q.shape
     kv_heads = k.shape[2]
@@ -154,6 +164,8 @@ def attention(q, k, v, kv_mask, scale: float, block: int = DEFAULT_BLOCK, *,
     v_rows = v.transpose(0, 2, 1, 3).reshape(batch * kv_heads, length, dim)
     mask_rows = jnp.repeat(kv_mask, kv_heads, axis=0)
     block = min(block, length)
+    if pairs_per_step is None:
+        pairs_per_step = default_pairs_per_step(batch * kv_heads, block * groups, length)
     out = _attend(q_rows, k_rows, v_rows, mask_rows, scale, groups, block, causal,
                   pairs_per_step)
     out = out.reshape(batch, kv_heads, length, groups, dim).transpose(0, 2, 1, 3, 4)
