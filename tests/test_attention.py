@@ -51,3 +51,13 @@ def test_model_logits_do_not_depend_on_the_attention_choice():
     np.testing.assert_allclose(a[0], b[0], atol=1e-5)
     np.testing.assert_allclose(a[1, :7], b[1, :7], atol=1e-5)
 
+
+
+def test_default_pairs_per_step_keeps_score_blocks_in_cache():
+    # 32 pairs of 64 x 128 f32 score blocks (32 KB each, 1 MB together): one step, no loop
+    assert attention.default_pairs_per_step(32, 64, 128) == 32
+    # 64 x 512 (128 KB each): 2 per step fill the 256 KB step budget
+    assert attention.default_pairs_per_step(32, 64, 512) == 2
+    # a single block larger than the budget still makes progress, one pair per step
+    assert attention.default_pairs_per_step(32, 64, 8192) == 1
+    assert attention.default_pairs_per_step(3, 64, 128) == 3
