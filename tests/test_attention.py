@@ -9,12 +9,14 @@ from ffrag_jax.models import attention, llama
 
 
 # block 64: one block (T=20); block 8: blocks of 8, 8 and 4 query positions; block 1: one each.
-# pairs: (batch row, KV head) pairs per loop step: 1 (default), 2 of 6 pairs: three steps;
-# 4 of 6 (or of 12): a full step and a remainder; 6 of 6: no loop.
+# pairs: (batch row, KV head) pairs per loop step; None picks it (default_pairs_per_step; here:
+# all, no loop); 1: a plain unbatched loop; 2 of 6 pairs: three steps; 4 of 6 (or of 12): a full
+# step and a remainder; 6 of 6: one step.
 @pytest.mark.parametrize("heads, kv_heads, block, causal, pairs", [
-    (8, 2, 64, True, 1), (4, 4, 64, True, 1), (8, 2, 8, True, 1), (4, 2, 1, True, 1),
-    (8, 2, 8, True, 2), (4, 4, 8, True, 4), (8, 2, 8, True, 4), (8, 2, 8, True, 6),
-    (4, 4, 64, False, 1), (8, 2, 8, False, 4)])  # not causal: the encoder's attention
+    (8, 2, 64, True, None), (4, 4, 64, True, None), (8, 2, 8, True, None), (4, 2, 1, True, None),
+    (8, 2, 8, True, 1), (8, 2, 8, True, 2), (4, 4, 8, True, 4), (8, 2, 8, True, 4),
+    (8, 2, 8, True, 6), (4, 4, 64, False, None), (4, 4, 64, False, 1),
+    (8, 2, 8, False, 4)])  # not causal: the encoder's attention
 def test_values_and_gradients_match_xla_attention(heads, kv_heads, block, causal, pairs):
     keys = jax.random.split(jax.random.key(0), 4)
     q = jax.random.normal(keys[0], (3, 20, heads, 16))
@@ -52,12 +54,14 @@ def test_model_logits_do_not_depend_on_the_attention_choice():
     np.testing.assert_allclose(a[1, :7], b[1, :7], atol=1e-5)
 
 
-
 def test_default_pairs_per_step_keeps_score_blocks_in_cache():
     # 32 pairs of 64 x 128 f32 score blocks (32 KB each, 1 MB together): one step, no loop
     assert attention.default_pairs_per_step(32, 64, 128) == 32
     # 64 x 512 (128 KB each): 2 per step fill the 256 KB step budget
     assert attention.default_pairs_per_step(32, 64, 512) == 2
-    # a single block larger than the budget still makes progress, one pair per step
+    # 512 KB per pair, or a block larger than the budget: still one pair per step
+    assert attention.default_pairs_per_step(32, 256, 512) == 1
     assert attention.default_pairs_per_step(32, 64, 8192) == 1
+    # never more than there are
+    assert attention.default_pairs_per_step(3, 64, 2048) == 1
     assert attention.default_pairs_per_step(3, 64, 128) == 3
