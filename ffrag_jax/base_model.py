@@ -13,6 +13,7 @@ import jax
 from ml_collections import ConfigDict
 
 from ffrag_jax import hf, synthetic, text
+from ffrag_jax.errors import UserError
 from ffrag_jax.loop import train_phase
 from ffrag_jax.metrics import MetricsLog
 from ffrag_jax.models.llama import LlamaConfig, init_params
@@ -31,15 +32,9 @@ def run_tokenizer(config: ConfigDict, workdir: Path, texts):
     return tokenizer
 
 
-def model_config(config: ConfigDict, tokenizer) -> tuple[LlamaConfig, dict | None]:
-    """``(cfg, params)`` of the local checkpoint at ``model.path``, or ``(cfg, None)`` for the
-    tiny Llama that ``config.model`` describes (the caller initialises or pretrains it)."""
-    m = config.model
-    if m.path:
-        cfg, params = hf.load_llama(m.path, dtype=m.dtype, param_dtype=m.param_dtype)
-        return cfg.replace(remat=m.remat, attention=m.attention), params
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
+def _tiny_config(m: ConfigDict, vocab_size: int, tokenizer=None) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab_size,
         hidden_size=m.hidden_size,
         intermediate_size=m.intermediate_size,
         num_layers=m.num_layers,
@@ -52,13 +47,52 @@ def model_config(config: ConfigDict, tokenizer) -> tuple[LlamaConfig, dict | Non
         param_dtype=m.param_dtype,
         remat=m.remat,
         attention=m.attention,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        **({} if tokenizer is None else dict(bos_token_id=tokenizer.bos_token_id,
+                                             eos_token_id=tokenizer.eos_token_id,
+                                             pad_token_id=tokenizer.pad_token_id)),
     )
-    return cfg, None
 
 
+def model_config(config: ConfigDict, tokenizer) -> tuple[LlamaConfig, dict | None]:
+    """``(cfg, params)`` of the local checkpoint at ``model.path``, or ``(cfg, None)`` for the
+    tiny Llama that ``config.model`` describes (the caller initialises or pretrains it)."""
+    m = config.model
+    if m.path:
+        cfg, params = hf.load_llama(m.path, dtype=m.dtype, param_dtype=m.param_dtype)
+        check_vocab(tokenizer, cfg, m.path)
+        return cfg.replace(remat=m.remat, attention=m.attention), params
+    return _tiny_config(m, len(tokenizer), tokenizer), None
+
+
+def abstract_model(config: ConfigDict) -> tuple[LlamaConfig, dict]:
+    """The base model's config and parameter shapes (no weights read, nothing trained): of the
+    checkpoint's ``config.json`` at ``model.path``, or of the tiny model at the tokenizer's
+    target vocabulary. Jobs check adapter settings against these before writing anything."""
+    m = config.model
+    if m.path:
+        folder = hf.check_model_dir(m.path)
+        cfg = hf.config_from_hf(hf.read_json(folder / "config.json", "the model's config"))
+        check_vocab(hf.load_tokenizer(folder, pad_to_eos=m.pad_to_eos), cfg, folder)
+    else:
+        cfg = _tiny_config(m, config.tokenizer.vocab_size)
+    return cfg, jax.eval_shape(lambda: init_params(jax.random.key(0), cfg))
+
+
+def check_vocab(tokenizer, cfg: LlamaConfig, where) -> None:
+    """Token ids past the embedding table read garbage (NaN losses on CPU, silent on GPU)."""
+    if len(tokenizer) > cfg.vocab_size:
+        raise UserError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's "
+                        f"vocab_size is {cfg.vocab_size}; use the tokenizer the model was "
+                        "trained with")
+
+
+def check_lengths(cfg: LlamaConfig, lengths: dict[str, int]) -> None:
+    """A UserError naming the first config length (``{"data.max_len": 512}``) that the model's
+    positions cannot hold."""
+    for name, value in lengths.items():
+        if value > cfg.max_position_embeddings:
+            raise UserError(f"{name}={value} exceeds the model's "
+                            f"max_position_embeddings={cfg.max_position_embeddings}")
 
 
 def encode_synthetic(tokenizer, examples: list[dict], max_len: int, response_only: bool):

@@ -1,21 +1,39 @@
-"""Orbax checkpoints of train states: save every N steps, resume from the latest."""
+"""Orbax checkpoints of train states: save every N steps, resume from the latest.
+
+Each phase of a job has its own manager under ``workdir/checkpoints/<phase>``. A checkpoint
+records, in orbax's step metadata, the length of ``metrics.jsonl`` when it was saved, so that
+a resumed run can cut the log back to exactly that point (:func:`metrics_offsets`).
+"""
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 
+# Managers still open: on an interrupt, their in-flight asynchronous saves are finished before
+# the process exits (wait_for_pending_saves), so a Ctrl-C never costs a checkpoint.
+_OPEN: weakref.WeakSet = weakref.WeakSet()
+
 
 def manager(directory: str | Path, max_to_keep: int = 2) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-    return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+    # cleanup_tmp_directories: a save cut short by a kill leaves orbax's temporary folder;
+    # it is never read back, and is removed the next time the phase opens its manager.
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           cleanup_tmp_directories=True)
+    mngr = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+    _OPEN.add(mngr)
+    return mngr
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
-    """Saves asynchronously; call ``mngr.wait_until_finished()`` before reading it back."""
-    mngr.save(step, args=ocp.args.StandardSave(state))
+def save(mngr: ocp.CheckpointManager, step: int, state, metrics) -> None:
+    """Saves asynchronously, with the current length of ``metrics`` (a
+    :class:`~ffrag_jax.metrics.MetricsLog`); call ``mngr.wait_until_finished()`` before reading
+    it back."""
+    mngr.save(step, args=ocp.args.StandardSave(state),
+              custom_metadata={"metrics_offset": metrics.offset()})
 
 
 def restore_latest(mngr: ocp.CheckpointManager, like):
@@ -26,3 +44,47 @@ def restore_latest(mngr: ocp.CheckpointManager, like):
         return 0, like
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     return step, mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def wait_for_pending_saves() -> None:
+    """Finishes every asynchronous save still in flight (called on an interrupt)."""
+    for mngr in list(_OPEN):
+        mngr.wait_until_finished()
+
+
+def _phases(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+
+def _latest(folder: Path) -> tuple[ocp.CheckpointManager, int | None]:
+    mngr = ocp.CheckpointManager(folder.absolute(),
+                                 options=ocp.CheckpointManagerOptions(create=False))
+    return mngr, mngr.latest_step()
+
+
+def latest_steps(root: str | Path) -> dict[str, int]:
+    """``{phase: latest step}`` of the phases under ``root`` that have a checkpoint."""
+    out = {}
+    for folder in _phases(Path(root)):
+        mngr, step = _latest(folder)
+        mngr.close()
+        if step is not None:
+            out[folder.name] = step
+    return out
+
+
+def has_any(root: str | Path) -> bool:
+    return bool(latest_steps(root))
+
+
+def metrics_offsets(root: str | Path) -> dict[str, int | None]:
+    """``{phase: metrics.jsonl length}`` at each phase's latest checkpoint (``None`` for a
+    checkpoint written without one)."""
+    out = {}
+    for folder in _phases(Path(root)):
+        mngr, step = _latest(folder)
+        if step is not None:
+            meta = mngr.metadata(step).custom_metadata or {}
+            out[folder.name] = meta.get("metrics_offset")
+        mngr.close()
+    return out

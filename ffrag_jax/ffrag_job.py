@@ -28,7 +28,6 @@ a killed run resumes at the last finished round.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ from tqdm import tqdm
 from ffrag_jax import (
     checkpoint,
     federated,
+    hf,
     inference,
     lora,
     rag,
@@ -51,12 +51,19 @@ from ffrag_jax import (
     synthetic,
     train,
 )
-from ffrag_jax.base_model import model_config, pretrain, run_tokenizer
+from ffrag_jax.base_model import (
+    abstract_model,
+    check_lengths,
+    model_config,
+    pretrain,
+    run_tokenizer,
+)
 from ffrag_jax.errors import UserError
 from ffrag_jax.metrics import MetricsLog, plot_client_rounds, plot_training_loss, read_jsonl
 from ffrag_jax.models.llama import init_params
 from ffrag_jax.retrieval import index as index_lib
 from ffrag_jax.retrieval.encoder import TextEncoder
+from ffrag_jax.workdir import write_summary
 
 STRATEGIES = ("ff", "stack")
 
@@ -192,11 +199,15 @@ def _batch(config, tokenizer, enc, sources: Sources, questions: list[dict], ids:
     return {**batch, "passage_emb": emb.astype(np.float32), "passage_valid": valid}
 
 
-def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
-    started = time.perf_counter()
+def validate(config: ConfigDict, mesh: jax.sharding.Mesh) -> None:
+    """Every check of the FF-RAG job that needs only the config: rounds, strategy, ranks,
+    quotas, lengths, the adapters against the model's shapes, the retriever folder."""
+    del mesh
     r, fl = config.rag, config.fl
     if fl.rounds <= 0:
         raise UserError(f"fl.rounds must be positive, got {fl.rounds}")
+    if fl.num_clients < 1:
+        raise UserError(f"fl.num_clients must be at least 1, got {fl.num_clients}")
     if fl.strategy not in STRATEGIES:
         raise UserError(f"fl.strategy={fl.strategy!r}; the FF-RAG job runs "
                         f"{' or '.join(STRATEGIES)}")
@@ -206,6 +217,25 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     if min(r.k_private, r.k_shared) < 0 or r.k_private + r.k_shared == 0:
         raise UserError(f"rag.k_private={r.k_private} and rag.k_shared={r.k_shared}: "
                         "quotas must be >= 0 and retrieve at least one passage")
+    for name in ("local_steps", "batch_size"):
+        if fl[name] < 1:
+            raise UserError(f"fl.{name} must be at least 1, got {fl[name]}")
+    for name in ("lr", "retriever_lr"):
+        if fl[name] <= 0:
+            raise UserError(f"fl.{name} must be positive, got {fl[name]}")
+    cfg, shapes = abstract_model(config)
+    check_lengths(cfg, {"data.max_len": config.data.max_len,
+                        "rag.prompt_len + rag.answer_len": r.prompt_len + r.answer_len})
+    for rank in sorted(set(fl.ranks)):
+        jax.eval_shape(lambda p, rank=rank: lora.init(
+            jax.random.key(0), p, fl.targets, rank, fl.alpha_ratio * rank), shapes)
+    if config.retriever.path:
+        hf.check_model_dir(config.retriever.path)
+
+
+def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
+    started = time.perf_counter()
+    r, fl = config.rag, config.fl
     metrics = MetricsLog(workdir / "metrics.jsonl")
     shared, clients = client_knowledge(config)
     reading = synthetic.make_examples(config.pretrain.domain, config.pretrain.num_examples,
@@ -276,7 +306,6 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     mngr = checkpoint.manager(workdir / "checkpoints" / "ffrag", max_to_keep=2)
     done, state = checkpoint.restore_latest(mngr, sharding.on_one_device(state))
     if done:
-        metrics.drop_records_after("round", done)
         logging.info("resuming after round %d", done)
     loss_cfg = rag.RagLossConfig(weights=tuple((k, float(v)) for k, v in r.losses.items()),
                                  score_scale=r.score_scale, tau_lm=r.tau_lm)
@@ -373,7 +402,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
                                     closed_book=rnd == fl.rounds and model == models[-1][0])
                 metrics.write(kind="eval", round=rnd, client=c.name, model=model, **m)
                 logging.info("round %d %s %s: %s", rnd, c.name, model, _short(m))
-        checkpoint.save(mngr, rnd, state)
+        checkpoint.save(mngr, rnd, state, metrics)
         mngr.wait_until_finished()  # a round is minutes of work: keep it before going on
     mngr.close()
 
@@ -397,8 +426,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     plot_training_loss(records, workdir / "loss.png", title="ffrag_jax FF-RAG")
     summary = summarize(records, fl.rounds)
     summary["wall_time_s"] = round(time.perf_counter() - started, 1)
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    return write_summary(workdir, summary)
 
 
 def _short(m: dict) -> str:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import math
 import sys
 import time
@@ -45,11 +44,18 @@ from ffrag_jax import (
     text,
 )
 from ffrag_jax import train as train_lib
-from ffrag_jax.base_model import model_config, pretrain, run_tokenizer
+from ffrag_jax.base_model import (
+    abstract_model,
+    check_lengths,
+    model_config,
+    pretrain,
+    run_tokenizer,
+)
 from ffrag_jax.errors import UserError
 from ffrag_jax.lora import LoRA, module_weights
 from ffrag_jax.metrics import MetricsLog, plot_client_rounds, read_jsonl
 from ffrag_jax.models.llama import init_params
+from ffrag_jax.workdir import write_summary
 
 # --------------------------------------------------------------------------------------------
 # Client data
@@ -229,15 +235,54 @@ def init_server(strategy: str, params: dict, template: LoRA, num_clients: int, p
     return server
 
 
-def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
-    """Runs the federated job in ``workdir``; returns the summary it writes."""
-    started = time.perf_counter()
+def clients_per_round(fl: ConfigDict) -> int:
+    return max(int(fl.fraction * fl.num_clients), 1)
+
+
+def validate(config: ConfigDict, mesh: jax.sharding.Mesh) -> None:
+    """Every check of the federated job that needs only the config and the mesh."""
     fl, d = config.fl, config.data
     if fl.strategy not in fl_round.STRATEGIES:
         raise UserError(f"fl.strategy={fl.strategy!r}; choose one of "
                         f"{', '.join(fl_round.STRATEGIES)}")
     if fl.rounds <= 0:
         raise UserError(f"fl.rounds must be positive, got {fl.rounds}")
+    if fl.num_clients < 1:
+        raise UserError(f"fl.num_clients must be at least 1, got {fl.num_clients}")
+    if not 0 < fl.fraction <= 1:
+        raise UserError(f"fl.fraction must be in (0, 1], got {fl.fraction}")
+    if fl.micro_batch_size < 1 or fl.batch_size % fl.micro_batch_size:
+        raise UserError(f"fl.batch_size={fl.batch_size} is not a multiple of "
+                        f"fl.micro_batch_size={fl.micro_batch_size}")
+    if fl.lr <= 0:
+        raise UserError(f"fl.lr must be positive, got {fl.lr}")
+    ranks = client_ranks(fl)
+    per_round = clients_per_round(fl)
+    if per_round % mesh.shape["clients"]:
+        raise UserError(f"{per_round} clients per round do not divide over the mesh's "
+                        f"{mesh.shape['clients']} 'clients' devices")
+    if d.source not in ("synthetic", "client_files", "file"):
+        raise UserError(f"data.source={d.source!r}; choose synthetic, client_files or file")
+    if d.source != "synthetic":
+        if not d.path:
+            raise UserError(f"data.source={d.source!r} needs data.path")
+        if not Path(d.path).expanduser().exists():
+            raise UserError(f"data.path={d.path} does not exist")
+    if config.eval.mmlu_path and not Path(config.eval.mmlu_path).expanduser().is_file():
+        raise UserError(f"eval.mmlu_path={config.eval.mmlu_path} is not a file")
+    cfg, shapes = abstract_model(config)
+    check_lengths(cfg, {"data.max_len": d.max_len})
+    template = jax.eval_shape(lambda p: lora.init(
+        jax.random.key(0), p, fl.targets, max(ranks), client_scale(fl) * max(ranks),
+        dropout=fl.dropout), shapes)
+    if fl.fusion == "chain" and fl.strategy == "ff":
+        lora.check_square(template)
+
+
+def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
+    """Runs the federated job in ``workdir``; returns the summary it writes."""
+    started = time.perf_counter()
+    fl, d = config.fl, config.data
     ranks = client_ranks(fl)
     max_rank = max(ranks)
     metrics = MetricsLog(workdir / "metrics.jsonl")
@@ -271,13 +316,10 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     logging.info("%d clients, training examples per client %s", len(counts), counts)
     for k in np.flatnonzero(np.asarray(counts) == 0):
         logging.warning("client %s has no training examples: it gets weight 0", names[k])
-    if fl.batch_size % fl.micro_batch_size:
-        raise UserError(f"fl.batch_size={fl.batch_size} is not a multiple of "
-                        f"fl.micro_batch_size={fl.micro_batch_size}")
     grad_accum = fl.batch_size // fl.micro_batch_size
     steps = [data.local_steps(n, fl.local_epochs, fl.batch_size) for n in counts]
     max_steps = max(max(steps), 1)
-    per_round = max(int(fl.fraction * fl.num_clients), 1)
+    per_round = clients_per_round(fl)
     held_batches = [_eval_batches(s, config.eval.batch_size) for s in held_sets]
     mmlu_items = (mmlu.load(config.eval.mmlu_path, config.eval.mmlu_limit)
                   if config.eval.mmlu_path else None)  # a bad file stops the run here
@@ -293,9 +335,6 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
                                   strategy=fl.strategy, fusion=fusion)
 
     by_client = NamedSharding(mesh, PartitionSpec("clients"))
-    if per_round % mesh.shape["clients"]:
-        raise UserError(f"{per_round} clients per round do not divide over the mesh's "
-                        f"{mesh.shape['clients']} 'clients' devices")
 
     server = sharding.shard(init_server(fl.strategy, params, template, fl.num_clients,
                                         per_round, max_rank, server_rng), mesh)
@@ -304,7 +343,6 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     start, state = checkpoint.restore_latest(mngr, state)
     if start:
         logging.info("resuming after round %d", start)
-        metrics.drop_records_after("round", start)
     evaluate = make_evaluator(cfg)
     held_pairs = []
     for k, (prompts, responses) in enumerate(pairs):
@@ -386,7 +424,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         bar.set_postfix(global_loss=f"{mean_global:.4f}")
         logging.info("round %d/%d: clients %s, mean held-out loss (global) %.4f, %.1f s",
                      t + 1, fl.rounds, selected, mean_global, time.perf_counter() - round_start)
-        checkpoint.save(mngr, t + 1, state)
+        checkpoint.save(mngr, t + 1, state, metrics)
     mngr.wait_until_finished()
     mngr.close()
 
@@ -413,8 +451,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         "wall_time_s": round(time.perf_counter() - started, 1),
         "exported": exported,
     }
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    return write_summary(workdir, summary)
 
 
 def global_model(server: dict, strategy: str) -> tuple[dict, LoRA | None]:

@@ -20,6 +20,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import errno  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -149,20 +151,59 @@ def _quiet_libraries() -> None:
     )
 
 
+def storage_error(error: BaseException) -> str | None:
+    """One line for a failed write (full disk, read-only or forbidden folder), found anywhere
+    in ``error``'s chain (orbax and tensorstore wrap the OSError), or None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        text = str(error)
+        for code, name in ((errno.ENOSPC, "No space left on device"),
+                           (errno.EDQUOT, "Disk quota exceeded"),
+                           (errno.EROFS, "Read-only file system"),
+                           (errno.EACCES, "Permission denied")):
+            if (isinstance(error, OSError) and error.errno == code) or name in text:
+                where = getattr(error, "filename", None)
+                where = f" writing {where}" if where else ""
+                return (f"{name.lower()}{where}; nothing finished is lost: make room (or fix "
+                        "the folder) and rerun the same command to resume")
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}")
     _quiet_libraries()
     import jax
 
+    from ffrag_jax import checkpoint
     from ffrag_jax.run import run
+    from ffrag_jax.workdir import describe_progress
 
     # Single process here; multi-host pods call jax.distributed.initialize() first.
     logging.info("JAX %s on %s", jax.__version__, jax.default_backend())
+    signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's stop ends like a Ctrl-C
     try:
         summary = run(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
     except UserError as e:
         _fail(str(e))
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the last save finish
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        checkpoint.wait_for_pending_saves()
+        print(f"error: {describe_progress(Path(_WORKDIR.value))}; rerun the same command to "
+              "resume", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:
+        line = storage_error(e)
+        if line is None:
+            raise
+        _fail(line)
     print(f"done: {_WORKDIR.value}")
     for key, value in summary.items():
         print(f"  {key}: {value}")

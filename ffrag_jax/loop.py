@@ -58,7 +58,6 @@ def train_phase(
     start, state = checkpoint.restore_latest(mngr, state)
     if start:
         logging.info("%s: resuming from the checkpoint at step %d", name, start)
-        metrics.drop_train_records_after(name, start)
     if start >= steps:
         mngr.close()
         return state.trainable
@@ -106,7 +105,7 @@ def train_phase(
                          tokens_per_s)
             window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
         if done % checkpoint_every == 0 or done == steps:
-            checkpoint.save(mngr, done, state)
+            checkpoint.save(mngr, done, state, metrics)
     mngr.wait_until_finished()
     mngr.close()
     return state.trainable

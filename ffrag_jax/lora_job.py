@@ -18,7 +18,6 @@ Steps (each resumable from the workdir):
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -27,11 +26,17 @@ from absl import logging
 from ml_collections import ConfigDict
 
 from ffrag_jax import evaluation, hf, lora, sharding, synthetic
-from ffrag_jax.base_model import encode_synthetic, model_config, pretrain, run_tokenizer
-from ffrag_jax.errors import UserError
+from ffrag_jax.base_model import (
+    abstract_model,
+    check_lengths,
+    encode_synthetic,
+    model_config,
+    pretrain,
+    run_tokenizer,
+)
 from ffrag_jax.loop import train_phase
 from ffrag_jax.metrics import MetricsLog, plot_training_loss, read_jsonl
-from ffrag_jax.models.llama import init_params
+from ffrag_jax.workdir import write_summary
 
 
 def _examples(config: ConfigDict, workdir: Path) -> dict[str, list[dict]]:
@@ -76,6 +81,14 @@ def _init_lora(config: ConfigDict, rng: jax.Array, params) -> lora.LoRA:
     return lora.init(rng, params, c.targets, c.rank, c.alpha, dropout=c.dropout)
 
 
+def validate(config: ConfigDict, mesh: jax.sharding.Mesh) -> None:
+    """The model, its lengths and the LoRA settings, checked on shapes before any work."""
+    del mesh
+    cfg, shapes = abstract_model(config)
+    check_lengths(cfg, {"data.max_len": config.data.max_len})
+    jax.eval_shape(lambda p: _init_lora(config, jax.random.key(0), p), shapes)
+
+
 def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     """Runs the single-adapter job in ``workdir`` on ``mesh``; returns the summary it writes."""
     started = time.perf_counter()
@@ -90,13 +103,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     cfg, params = model_config(config, tokenizer)
     logging.info("model: %s", cfg)
     max_len = config.data.max_len
-    if max_len > cfg.max_position_embeddings:
-        raise UserError(f"data.max_len={max_len} exceeds the model's "
-                        f"max_position_embeddings={cfg.max_position_embeddings}")
-
-    # Check the LoRA settings against the model's shapes before any training is spent.
-    abstract = jax.eval_shape(lambda: init_params(init_rng, cfg)) if params is None else params
-    jax.eval_shape(lambda p: _init_lora(config, lora_init_rng, p), abstract)
+    check_lengths(cfg, {"data.max_len": max_len})
 
     if params is None:
         params = pretrain(config, cfg, tokenizer, examples["base_train"], init_rng=init_rng,
@@ -143,5 +150,4 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         "lora_trainable_params": adapter.num_params(),
         "exported": exported,
     }
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    return write_summary(workdir, summary)

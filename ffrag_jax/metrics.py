@@ -4,42 +4,68 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
 import numpy as np
+from absl import logging
+
+from ffrag_jax.errors import UserError
 
 
 class MetricsLog:
-    """Appends records to a JSONL file (flushed per record, so a killed run keeps them)."""
+    """Appends records to a JSONL file, each flushed and ``fsync``-ed as it is written, so a
+    kill or a power loss keeps every record before it.
 
-    def __init__(self, path: str | Path):
+    Opening a log whose last line was torn by a kill mid-write drops that line with a warning
+    (``repair=True``); a damaged line elsewhere is an error naming the file and the line.
+    """
+
+    def __init__(self, path: str | Path, repair: bool = True):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if repair and self.path.exists():
+            self._drop_torn_last_line()
 
     def write(self, **record) -> dict:
         record = {k: _plain(v) for k, v in record.items()}
         record.setdefault("time", round(time.time(), 3))
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = (json.dumps(record, allow_nan=False) + "\n").encode("utf-8")
+        with self.path.open("ab") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
         return record
 
+    def offset(self) -> int:
+        """The log's length in bytes: where the next record starts."""
+        return self.path.stat().st_size if self.path.exists() else 0
 
-    def drop_train_records_after(self, phase: str, step: int) -> None:
-        """Forgets ``phase``'s training records past ``step``: a resumed run redoes those
-        steps and logs them again."""
-        self._keep(lambda r: not (r.get("kind") == "train" and r.get("phase") == phase
-                                  and r["step"] > step))
+    def truncate(self, offset: int) -> None:
+        """Cuts the log back to its first ``offset`` bytes (a record boundary recorded by
+        :meth:`offset`): the records of work that a resumed run redoes."""
+        size = self.offset()
+        if offset > size:
+            logging.warning("%s holds %d bytes, less than the %d its checkpoint recorded; "
+                            "keeping it as it is", self.path, size, offset)
+            return
+        if offset < size:
+            with self.path.open("r+b") as f:
+                f.truncate(offset)
+                f.flush()
+                os.fsync(f.fileno())
+            logging.info("%s: dropped %d bytes of records after the last checkpoint",
+                         self.path.name, size - offset)
 
-    def drop_records_after(self, field: str, value: int) -> None:
-        """Forgets every record whose ``field`` (say ``round``) is past ``value``."""
-        self._keep(lambda r: not (field in r and r[field] > value))
-
-    def _keep(self, predicate) -> None:
-        kept = [r for r in read_jsonl(self.path) if predicate(r)]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        tmp.replace(self.path)  # atomic: a kill here leaves the old or the new file, never half
+    def _drop_torn_last_line(self) -> None:
+        data = self.path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            logging.warning("%s: dropping a torn last line (%d bytes, %r...): the previous run "
+                            "was stopped while writing it", self.path, len(data) - end,
+                            data[end:end + 40])
+            self.truncate(end)
 
 
 def _plain(value):
@@ -52,10 +78,21 @@ def _plain(value):
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSONL file; a damaged line is a UserError naming the file and line."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    with path.open("rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except (ValueError, UnicodeDecodeError) as e:
+                raise UserError(f"{path} line {number} is damaged ({e}); move the file away "
+                                "to start its records afresh") from None
+    return records
 
 
 def plot_training_loss(records: list[dict], path: str | Path, title: str = "") -> None:

@@ -25,7 +25,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,14 +37,31 @@ from absl import logging
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from ffrag_jax import checkpoint, inference, lora, rag, rag_eval, sharding, synthetic, train
-from ffrag_jax.base_model import model_config, pretrain, run_tokenizer
+from ffrag_jax import (
+    checkpoint,
+    hf,
+    inference,
+    lora,
+    rag,
+    rag_eval,
+    sharding,
+    synthetic,
+    train,
+)
+from ffrag_jax.base_model import (
+    abstract_model,
+    check_lengths,
+    model_config,
+    pretrain,
+    run_tokenizer,
+)
 from ffrag_jax.errors import UserError
 from ffrag_jax.metrics import MetricsLog, plot_training_loss, read_jsonl
 from ffrag_jax.models.llama import init_params
 from ffrag_jax.retrieval import encoder as encoder_lib
 from ffrag_jax.retrieval import index as index_lib
 from ffrag_jax.retrieval.encoder import TextEncoder
+from ffrag_jax.workdir import write_summary
 
 
 def knowledge(config: ConfigDict) -> tuple[list[dict], list[dict], list[dict]]:
@@ -85,6 +101,21 @@ def refresh(enc: TextEncoder, texts: list[str], metrics: MetricsLog, step: int):
     metrics.write(kind="index_refresh", step=step, seconds=round(seconds, 2), count=len(texts))
     logging.info("index refreshed at step %d in %.1f s", step, seconds)
     return vectors, index
+
+
+def validate(config: ConfigDict, mesh: jax.sharding.Mesh) -> None:
+    """The checks of the centralised RAG job that need only the config."""
+    del mesh
+    r, t = config.rag, config.train
+    if r.k < 1:
+        raise UserError(f"rag.k must be at least 1, got {r.k}")
+    if t.steps < 0:
+        raise UserError(f"train.steps must be >= 0, got {t.steps}")
+    cfg, _ = abstract_model(config)
+    check_lengths(cfg, {"data.max_len": config.data.max_len,
+                        "rag.prompt_len + rag.answer_len": r.prompt_len + r.answer_len})
+    if config.retriever.path:
+        hf.check_model_dir(config.retriever.path)
 
 
 def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
@@ -128,8 +159,6 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     states = {"generator": None, "retriever": train.init_train_state(ret_lora, opt_r)}
     mngr = checkpoint.manager(workdir / "checkpoints" / "rag")
     start, states = checkpoint.restore_latest(mngr, states)
-    if start:
-        metrics.drop_train_records_after("rag", start)
     loss_cfg = rag.RagLossConfig(weights=tuple((k, float(v)) for k, v in r.losses.items()),
                                  score_scale=r.score_scale, tau_lm=r.tau_lm)
     states = sharding.on_one_device(states)  # so the step compiles once (see the helper)
@@ -170,7 +199,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
             bar.set_postfix(loss=f"{float(out['loss']):.4f}")
             logging.info("rag step %d/%d loss %.4f", done, t.steps, float(out["loss"]))
         if done % config.checkpoint_every == 0 or done == t.steps:
-            checkpoint.save(mngr, done, states)
+            checkpoint.save(mngr, done, states, metrics)
     mngr.wait_until_finished()
     mngr.close()
 
@@ -197,5 +226,4 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
                "before": {k: round(before[k], 4) for k in keys},
                "after": {k: round(after[k], 4) for k in keys},
                "wall_time_s": round(time.perf_counter() - started, 1)}
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    return write_summary(workdir, summary)

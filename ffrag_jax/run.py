@@ -1,17 +1,17 @@
 """``run(config, workdir)``: the library entry point behind the launcher.
 
-It owns the workdir contract:
+Order of work, so that a bad input never costs a user anything already written:
 
-* a new workdir gets ``config.json`` (the resolved config) and the task's outputs;
-* a workdir holding an unfinished run with the same config resumes it from its checkpoints;
-* a finished run, or one with a different config, is never overwritten unless
-  ``overwrite=True`` (``--overwrite``), which first deletes the old outputs.
+1. the config is validated whole (:func:`validate`: the task's own checks, the mesh), before
+   the workdir is touched;
+2. the workdir is locked and prepared (:mod:`ffrag_jax.workdir`: a new run, a resume from the
+   last checkpoint, or, with ``overwrite``, the previous run's own outputs deleted);
+3. the task runs; it writes its summary last, so ``summary.json`` marks a finished run.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
+import importlib
 from pathlib import Path
 
 import jax
@@ -19,81 +19,46 @@ from absl import logging
 from ml_collections import ConfigDict
 
 from ffrag_jax import sharding
+from ffrag_jax import workdir as workdir_lib
 from ffrag_jax.errors import UserError
 
-TASKS = ("lora", "federated", "retriever", "rag", "ffrag")
+# config.task -> the module that runs it (``validate(config)`` and ``run(config, workdir,
+# mesh)``).
+JOBS = {
+    "lora": "ffrag_jax.lora_job",
+    "federated": "ffrag_jax.fl",
+    "retriever": "ffrag_jax.retrieval.job",
+    "rag": "ffrag_jax.rag_job",
+    "ffrag": "ffrag_jax.ffrag_job",
+}
+TASKS = tuple(JOBS)
 
 
-def _first_difference(old: dict, new: dict, prefix: str = "") -> str | None:
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
-        if isinstance(a, dict) and isinstance(b, dict):
-            diff = _first_difference(a, b, f"{prefix}{key}.")
-            if diff:
-                return diff
-        elif a != b:
-            return f"{prefix}{key}: {a!r} -> {b!r}"
-    return None
+def job_module(task: str):
+    if task not in JOBS:
+        raise UserError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+    return importlib.import_module(JOBS[task])
+
+
+def validate(config: ConfigDict) -> jax.sharding.Mesh:
+    """Every check that needs only the config and the input files' existence; returns the
+    mesh. Nothing is written."""
+    job = job_module(config.task)
+    mesh = sharding.make_mesh(dict(config.mesh))
+    job.validate(config, mesh)
+    return mesh
 
 
 def prepare_workdir(config: ConfigDict, workdir: str | Path, overwrite: bool) -> Path:
-    """Creates or validates ``workdir`` (see the module docstring)."""
-    workdir = Path(workdir).expanduser()
-    config_path = workdir / "config.json"
-    resolved = json.loads(config.to_json_best_effort(sort_keys=True))
-    if workdir.exists() and any(workdir.iterdir()):
-        if overwrite:
-            logging.warning("--overwrite: deleting the previous run in %s", workdir)
-            shutil.rmtree(workdir)
-        elif (workdir / "summary.json").exists():
-            raise UserError(
-                f"workdir {workdir} already holds a finished run; pass --overwrite to replace it "
-                "or choose another --workdir"
-            )
-        elif not config_path.exists():
-            raise UserError(
-                f"workdir {workdir} is not empty and holds no ffrag_jax run; choose another "
-                "--workdir or pass --overwrite"
-            )
-        else:
-            diff = _first_difference(json.loads(config_path.read_text()), resolved)
-            if diff:
-                raise UserError(
-                    f"workdir {workdir} holds an unfinished run with a different config "
-                    f"({diff}); pass --overwrite or choose another --workdir"
-                )
-            logging.info("resuming the unfinished run in %s", workdir)
-            return workdir
-    workdir.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(json.dumps(resolved, indent=2))
-    return workdir
+    """Locks ``workdir`` only while it is prepared (:func:`workdir_lib.prepare`); for tests
+    and tools that set a folder up without running the task."""
+    with workdir_lib.open_run(config, workdir, overwrite) as (path, _):
+        return path
 
 
 def run(config: ConfigDict, workdir: str | Path, *, overwrite: bool = False) -> dict:
     """Runs ``config.task`` in ``workdir``; returns its summary dict."""
-    if config.task not in TASKS:
-        raise UserError(f"unknown task {config.task!r}; tasks: {', '.join(TASKS)}")
-    workdir = prepare_workdir(config, workdir, overwrite)
-    mesh = sharding.make_mesh(dict(config.mesh))
-    logging.info("devices: %s; mesh: %s", jax.devices(), dict(mesh.shape))
-    if config.task == "lora":
-        from ffrag_jax import lora_job
-
-        return lora_job.run(config, workdir, mesh)
-    if config.task == "federated":
-        from ffrag_jax import fl
-
-        return fl.run(config, workdir, mesh)
-    if config.task == "retriever":
-        from ffrag_jax.retrieval import job
-
-        return job.run(config, workdir, mesh)
-    if config.task == "rag":
-        from ffrag_jax import rag_job
-
-        return rag_job.run(config, workdir, mesh)
-    if config.task == "ffrag":
-        from ffrag_jax import ffrag_job
-
-        return ffrag_job.run(config, workdir, mesh)
-    raise AssertionError(config.task)
+    mesh = validate(config)
+    with workdir_lib.open_run(config, workdir, overwrite) as (path, _):
+        logging.info("devices: %s; mesh: %s", jax.devices(), dict(mesh.shape))
+        return job_module(config.task).run(config, path, mesh)

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,13 +25,14 @@ from absl import logging
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from ffrag_jax import checkpoint, lora, train
+from ffrag_jax import checkpoint, hf, lora, train
 from ffrag_jax.errors import UserError
 from ffrag_jax.metrics import MetricsLog, plot_training_loss, read_jsonl
 from ffrag_jax.retrieval import beir, contrastive
 from ffrag_jax.retrieval import encoder as encoder_lib
 from ffrag_jax.retrieval import index as index_lib
 from ffrag_jax.retrieval.encoder import TextEncoder
+from ffrag_jax.workdir import write_summary
 
 
 def evaluate(encoder: TextEncoder, paragraphs: list[dict], questions: list[dict],
@@ -94,15 +94,25 @@ def batch_at(step: int, pairs_by_paragraph: list[list[int]], questions: list[dic
     return batch
 
 
-def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
-    del mesh  # single-device job for now: the encoder is small
-    started = time.perf_counter()
+def validate(config: ConfigDict, mesh: jax.sharding.Mesh) -> None:
+    """The checks of the retriever job that need only the config."""
+    del mesh
     t, d = config.train, config.data
     if t.mode not in contrastive.MODES:
         raise UserError(f"train.mode={t.mode!r}; choose one of {', '.join(contrastive.MODES)}")
     if not d.path:
         raise UserError("data.path must name a SQuAD v1.1 JSON file (e.g. "
                         "../shared/data/squad/dev-v1.1.json)")
+    if not Path(d.path).expanduser().is_file():
+        raise UserError(f"data.path={d.path} is not a file")
+    if config.encoder.path:
+        hf.check_model_dir(config.encoder.path)
+
+
+def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
+    del mesh  # single-device job for now: the encoder is small
+    started = time.perf_counter()
+    t, d = config.train, config.data
     metrics = MetricsLog(workdir / "metrics.jsonl")
     base = TextEncoder.load(config.encoder.path)
     paragraphs, questions = beir.load_squad(d.path)
@@ -141,7 +151,6 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     start, state = checkpoint.restore_latest(mngr, state)
     if start:
         logging.info("resuming retriever training at step %d", start)
-        metrics.drop_train_records_after("retriever", start)
     texts = {p["id"]: p["text"] for p in paragraphs}
     negatives = None
     if t.hard_negatives:
@@ -172,7 +181,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
             bar.set_postfix(loss=f"{loss:.4f}")
             window, window_start = [], time.perf_counter()
         if done % config.checkpoint_every == 0 or done == t.steps:
-            checkpoint.save(mngr, done, state)
+            checkpoint.save(mngr, done, state, metrics)
     mngr.wait_until_finished()
     mngr.close()
 
@@ -202,5 +211,4 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         "wall_time_s": round(time.perf_counter() - started, 1),
         "exported": exported,
     }
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    return write_summary(workdir, summary)

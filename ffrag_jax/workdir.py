@@ -1,0 +1,243 @@
+"""The run folder (``--workdir``): who owns it, who may write to it, and where a run resumes.
+
+The contract, for every job:
+
+* **Ownership.** A folder made by ffrag_jax carries the marker file ``.ffrag_jax_run``. Only
+  such a folder is ever deleted from, and only the outputs ffrag_jax writes there
+  (:data:`OUTPUTS`); a user's own files beside them are left alone. A non-empty folder that is
+  not a run is refused, with or without ``--overwrite``.
+* **One writer.** A run holds an OS lock (``fcntl.flock``) on ``.ffrag_jax.lock`` for its
+  whole life; a second run on the same folder is refused with the PID that holds it. The OS
+  releases the lock when its process dies, however it dies, so a killed run never leaves a
+  stale lock behind.
+* **Resume to the last checkpoint, exactly.** Every checkpoint records how many bytes of
+  ``metrics.jsonl`` were written when it was saved. A resumed run first cuts the log back to
+  the latest checkpoint's length: the records of the work it is about to redo (and a line torn
+  by a kill) are dropped, none are written twice.
+* **A start that made no progress does not hold the folder.** An unfinished run with a
+  different config and no checkpoint yet (a run that failed on a bad input) is replaced by the
+  new config; one with checkpoints is refused unless ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+from absl import logging
+from ml_collections import ConfigDict
+
+from ffrag_jax import checkpoint, files
+from ffrag_jax.errors import UserError
+
+MARKER = ".ffrag_jax_run"
+LOCK = ".ffrag_jax.lock"
+# Everything a job writes at the top of its workdir (besides the lock file, which stays). Only
+# these are deleted by --overwrite; tests check that a run writes nothing else.
+OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "loss.png", "rounds.png",
+           "checkpoints", "export", "tokenizer", "data", MARKER)
+
+
+def _first_difference(old: dict, new: dict, prefix: str = "") -> str | None:
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            diff = _first_difference(a, b, f"{prefix}{key}.")
+            if diff:
+                return diff
+        elif a != b:
+            return f"{prefix}{key}: {a!r} -> {b!r}"
+    return None
+
+
+def resolved_config(config: ConfigDict) -> dict:
+    return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def _entries(workdir: Path) -> list[str]:
+    return sorted(p.name for p in workdir.iterdir() if p.name != LOCK)
+
+
+def _check_is_folder(workdir: Path) -> None:
+    if workdir.exists() and not workdir.is_dir():
+        raise UserError(f"--workdir {workdir} is a file, not a folder; choose a folder")
+
+
+def check_not_foreign(workdir: Path) -> None:
+    """Refuses (before anything is written) a non-empty folder that is not an ffrag_jax run."""
+    _check_is_folder(workdir)
+    if not workdir.exists():
+        return
+    names = _entries(workdir)
+    if names and MARKER not in names and not _is_older_run(workdir):
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise UserError(f"--workdir {workdir} holds files that are not an ffrag_jax run "
+                        f"({shown}); choose an empty or new folder (--overwrite only ever "
+                        "replaces ffrag_jax runs)")
+
+
+def _is_older_run(workdir: Path) -> bool:
+    """A run folder of a version before the marker: its config.json beside run outputs (a
+    model folder's config.json alone does not count)."""
+    return (workdir / "config.json").is_file() and (
+        (workdir / "metrics.jsonl").exists() or (workdir / "checkpoints").is_dir())
+
+
+class Lock:
+    """An exclusive ``flock`` on ``workdir/.ffrag_jax.lock``, holding the owner's PID."""
+
+    def __init__(self, workdir: Path):
+        self.path = workdir / LOCK
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            holder = self.path.read_text().strip() or "unknown"
+            raise UserError(f"--workdir {self.path.parent} is in use by another run "
+                            f"({holder}); wait for it to end or choose another --workdir"
+                            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"PID {os.getpid()} on {socket.gethostname()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> Lock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def delete_outputs(workdir: Path) -> list[str]:
+    """Deletes what ffrag_jax wrote in ``workdir`` (:data:`OUTPUTS`, the marker last, so that
+    an interrupted delete still leaves a folder marked as ours); returns the names deleted."""
+    gone = []
+    for name in (*[n for n in OUTPUTS if n != MARKER], MARKER):
+        path = workdir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        gone.append(name)
+    return gone
+
+
+def _read_config(workdir: Path) -> dict:
+    path = workdir / "config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is damaged ({type(e).__name__}: {e}); pass --overwrite to "
+                        "replace this run, or choose another --workdir") from None
+
+
+def prepare(config: ConfigDict, workdir: Path, overwrite: bool) -> str:
+    """Readies a locked ``workdir`` for ``config``; returns ``"new"`` or ``"resume"``.
+
+    The config must already be validated: this is where an old run may be deleted.
+    """
+    resolved = resolved_config(config)
+    names = _entries(workdir)
+    if names:
+        owned = MARKER in names
+        if overwrite:
+            if not owned:
+                raise UserError(
+                    f"--overwrite replaces only runs made by ffrag_jax, and {workdir} has no "
+                    f"{MARKER} marker (a run of an older version, or not a run): move it away "
+                    "or choose another --workdir")
+            logging.warning("--overwrite: deleting the previous run's outputs in %s: %s",
+                            workdir, ", ".join(delete_outputs(workdir)))
+        elif "config.json" not in names:
+            raise UserError(f"--workdir {workdir} holds an incomplete ffrag_jax run with no "
+                            "config.json; pass --overwrite to replace it")
+        elif (workdir / "summary.json").exists():
+            raise UserError(f"workdir {workdir} already holds a finished run; pass --overwrite "
+                            "to replace it or choose another --workdir")
+        else:
+            diff = _first_difference(_read_config(workdir), resolved)
+            if not diff:
+                logging.info("resuming the unfinished run in %s", workdir)
+                return "resume"
+            if not owned or checkpoint.has_any(workdir / "checkpoints"):
+                raise UserError(f"workdir {workdir} holds an unfinished run with a different "
+                                f"config ({diff}); pass --overwrite or choose another --workdir")
+            logging.info("the earlier run in %s stopped before its first checkpoint; starting "
+                         "again with the new config (%s)", workdir, diff)
+            delete_outputs(workdir)
+    files.atomic_write_json(workdir / MARKER, {
+        "ffrag_jax_run": 1, "task": config.task,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    files.atomic_write_json(workdir / "config.json", resolved)
+    return "new"
+
+
+@contextlib.contextmanager
+def open_run(config: ConfigDict, workdir: str | Path, overwrite: bool):
+    """Locks and prepares ``workdir`` for the life of the ``with`` block; yields
+    ``(path, "new" | "resume")``. A resumed run's metrics are rewound to its last checkpoint."""
+    workdir = Path(workdir).expanduser()
+    check_not_foreign(workdir)  # before the lock file (or anything) is written there
+    workdir.mkdir(parents=True, exist_ok=True)
+    with Lock(workdir):
+        how = prepare(config, workdir, overwrite)
+        if how == "resume":
+            rewind_metrics(workdir)
+        yield workdir, how
+
+
+def rewind_metrics(workdir: Path) -> None:
+    """Cuts ``metrics.jsonl`` back to what it held when the latest checkpoint was saved."""
+    from ffrag_jax.metrics import MetricsLog
+
+    offsets = checkpoint.metrics_offsets(workdir / "checkpoints")
+    if None in offsets.values():
+        logging.warning("a checkpoint in %s has no metrics position (an older version wrote "
+                        "it); metrics.jsonl is kept as it is", workdir)
+        return
+    MetricsLog(workdir / "metrics.jsonl", repair=False).truncate(
+        max(offsets.values(), default=0))
+
+
+def write_summary(workdir: Path, summary: dict) -> dict:
+    """``summary.json``, strict JSON, written atomically and last: it marks a finished run."""
+    files.atomic_write_json(workdir / "summary.json", summary)
+    return summary
+
+
+def describe_progress(workdir: Path) -> str:
+    """Where a run stands, for the interrupt message: the last metrics record and the latest
+    checkpoint of each phase."""
+    from ffrag_jax.metrics import read_jsonl
+
+    try:
+        records = read_jsonl(workdir / "metrics.jsonl")
+    except (OSError, ValueError):
+        records = []
+    last = next((r for r in reversed(records) if "step" in r or "round" in r), None)
+    where = ", ".join(f"{k} {last[k]}" for k in ("phase", "round", "client", "step")
+                      if last and k in last) or "the start"
+    steps = checkpoint.latest_steps(workdir / "checkpoints")
+    saved = ", ".join(f"{name} {step}" for name, step in steps.items()) or "none yet"
+    return f"interrupted after {where} (checkpoints: {saved})"
