@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
+from ffrag_jax import files
 from ffrag_jax.errors import UserError
 
 
@@ -49,16 +52,36 @@ def read_questions(path: str) -> list[str]:
     if not file.is_file():
         raise UserError(f"--questions {path}: no such file")
     out = []
-    for n, line in enumerate(file.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: not JSON ({e.msg})") from None
+    for n, record in files.jsonl_records(file, "--questions file"):
         if not isinstance(record, dict) or not isinstance(record.get("question"), str):
             raise UserError(f"{path}:{n}: expected an object with a \"question\" string")
         out.append(record["question"])
+    return out
+
+
+def check_sampling(args: argparse.Namespace) -> None:
+    """One line for the first sampling option that makes no sense."""
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise UserError(f"--temperature >= 0 expected (0: greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p in (0, 1] expected, got {args.top_p}")
+    if args.top_k < 0:
+        raise UserError(f"--top-k >= 0 expected (0: off), got {args.top_k}")
+    if args.max_new_tokens <= 0:
+        raise UserError(f"--max-new-tokens > 0 expected, got {args.max_new_tokens}")
+    if args.temperature == 0 and (args.top_p != 1.0 or args.top_k != 0):
+        raise UserError("--top-p and --top-k only apply when sampling: pass --temperature > 0")
+
+
+def check_output(path: str) -> Path:
+    """``--output``, checked before any answer is computed: a new file in a writable folder."""
+    out = Path(path)
+    if out.exists():
+        raise UserError(f"--output {path} exists; not overwriting it")
+    if not out.parent.is_dir():
+        raise UserError(f"--output {path}: folder {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK):
+        raise UserError(f"--output {path}: folder {out.parent} is not writable")
     return out
 
 
@@ -70,24 +93,25 @@ def main(argv=None) -> int:
             questions += read_questions(args.questions)
         if not questions:
             raise UserError("no question: pass one as an argument or --questions FILE")
-        if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens <= 0:
-            raise UserError("--temperature must be >= 0, --top-p in (0, 1], "
-                            "--max-new-tokens positive")
-        if args.output and Path(args.output).exists():
-            raise UserError(f"--output {args.output} exists; not overwriting it")
+        check_sampling(args)
+        output = check_output(args.output) if args.output else None
         from ffrag_jax.inference import load_system
 
         system = load_system(args.workdir, args.client)
         results = system.ask(questions, mode=args.mode, max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, top_p=args.top_p,
                              top_k=args.top_k, seed=args.seed)
+        if output:
+            files.atomic_write_text(output, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                    for r in results))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.output:
-        with open(args.output, "w") as f:
-            for r in results:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    except OSError as e:
+        print(f"error: {e.strerror or e}: {e.filename or args.output}", file=sys.stderr)
+        return 2
+    if output:
+        print(f"wrote {len(results)} answers to {output}", file=sys.stderr)
     elif args.questions:
         for r in results:
             print(json.dumps(r, ensure_ascii=False))

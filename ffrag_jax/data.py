@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ffrag_jax import text
+from ffrag_jax import files, text
 from ffrag_jax.errors import UserError
 
 # The Alpaca template of the reference code (templates/alpaca.json in FLoRA / FF_RAG).
@@ -48,38 +48,53 @@ def read_records(path: str | Path) -> list[dict]:
     if not path.exists():
         raise UserError(f"data file {path} does not exist")
     if path.is_dir():
-        import datasets
-
+        datasets = _datasets(path)
         try:
-            return list(datasets.load_from_disk(str(path)))
+            records = list(datasets.load_from_disk(str(path)))
         except FileNotFoundError as e:
             raise UserError(f"{path} is not a folder written by datasets' save_to_disk") from e
+        return _check_records(path, records)
     if path.suffix in (".csv", ".parquet"):
-        import datasets
-
-        return list(datasets.load_dataset(path.suffix[1:], data_files=str(path), split="train"))
-    raw = path.read_text(encoding="utf-8")
+        files.read_text(path, "data file") if path.suffix == ".csv" else None  # UTF-8, text
+        try:
+            records = list(_datasets(path).load_dataset(path.suffix[1:], data_files=str(path),
+                                                        split="train"))
+        except (ValueError, OSError) as e:
+            raise UserError(f"{path}: unreadable {path.suffix[1:]} ({str(e)[:160]})") from None
+        return _check_records(path, records)
+    raw = files.read_text(path, "data file")
     if path.suffix == ".json" and raw.lstrip().startswith("["):
         try:
             records = json.loads(raw)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from e
     elif path.suffix in (".json", ".jsonl"):
-        records = []
-        for number, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{number}: malformed JSON line ({e.msg})") from e
+        records = [record for _, record in files.jsonl_records(path, "data file")]
     else:
         raise UserError(f"{path}: unsupported data format {path.suffix!r} "
                         "(.json, .jsonl, .csv, .parquet or a datasets folder)")
+    if not isinstance(records, list):
+        raise UserError(f"{path}: expected a JSON array of objects")
+    return _check_records(path, records)
+
+
+def _check_records(path: Path, records: list) -> list[dict]:
+    if not records:
+        raise UserError(f"data file {path} holds no records")
     for number, record in enumerate(records, 1):
         if not isinstance(record, dict):
             raise UserError(f"{path}: record {number} is a {type(record).__name__}, not an object")
     return records
+
+
+def _datasets(path: Path):
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"{path}: reading {path.suffix or 'a datasets folder'} needs the "
+                        "datasets package (pip install datasets), or convert it to .jsonl"
+                        ) from None
+    return datasets
 
 
 def load_client_files(data_path: str | Path, num_clients: int) -> list[list[dict]]:

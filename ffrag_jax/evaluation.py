@@ -70,10 +70,25 @@ def generate_answers(
     compile a few shapes and do not pay for the longest prompt everywhere; the last batch is
     padded to ``batch_size``.
     """
-    enc = encode_prompts(tokenizer, prompts, max_prompt_len)
+    return generate_encoded(params, cfg, tokenizer, encode_prompts(tokenizer, prompts,
+                                                                   max_prompt_len),
+                            lora=lora, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                            rng=rng, temperature=temperature, top_k=top_k, top_p=top_p,
+                            length_bucket=length_bucket, progress=progress)
+
+
+def generate_encoded(params: dict, cfg: LlamaConfig, tokenizer, enc: dict[str, np.ndarray], *,
+                     lora=None, max_new_tokens: int = 8, batch_size: int = 64,
+                     rng: jax.Array | None = None, temperature: float = 0.0, top_k: int = 0,
+                     top_p: float = 1.0, length_bucket: int = 64, progress: bool = False
+                     ) -> list[str]:
+    """:func:`generate_answers` of prompts already tokenized: ``enc`` holds right-padded
+    ``input_ids`` ``[N, max_prompt_len]`` and ``prompt_len`` ``[N]``
+    (:func:`text.encode_prompts` or :func:`text.pad_prompts`)."""
+    n, max_prompt_len = enc["input_ids"].shape
     order = np.argsort(enc["prompt_len"], kind="stable")
-    answers: list[str] = [""] * len(prompts)
-    starts = range(0, len(prompts), batch_size)
+    answers: list[str] = [""] * n
+    starts = range(0, n, batch_size)
     for b, start in enumerate(tqdm(starts, desc="generate", disable=not progress)):
         rows = order[start : start + batch_size]
         lens = enc["prompt_len"][rows]

@@ -42,6 +42,7 @@ from tqdm import tqdm
 from ffrag_jax import (
     checkpoint,
     federated,
+    health,
     hf,
     inference,
     lora,
@@ -181,8 +182,14 @@ def _client_batch(config, tokenizer, query_enc: TextEncoder, sources: Sources, c
     pick = np.random.default_rng([config.seed, *seed]).choice(
         n, config.fl.batch_size, replace=n < config.fl.batch_size)
     questions = [client.train[i] for i in pick]
-    _, ids = sources.search(query_enc.embed([q["question"] for q in questions],
-                                            batch_size=len(questions)))
+    vectors = query_enc.embed([q["question"] for q in questions], batch_size=len(questions))
+    if not np.isfinite(vectors).all():
+        rnd, _, step = seed
+        raise UserError(f"round {rnd} client {client.name} step {step}: the query encoder "
+                        "gives NaN or inf embeddings: its LoRA diverged; lower "
+                        f"fl.retriever_lr (now {config.fl.retriever_lr:g}) or fl.lr "
+                        f"(now {config.fl.lr:g})")
+    _, ids = sources.search(vectors)
     return _batch(config, tokenizer, query_enc, sources, questions, ids)
 
 
@@ -312,6 +319,8 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     opt_gen = train.make_optimizer(fl.lr, fl.local_steps, warmup_steps=0)
     opt_ret = train.make_optimizer(fl.retriever_lr, fl.local_steps, warmup_steps=0)
 
+    hint = f"lower fl.lr (now {fl.lr:g}) or fl.retriever_lr (now {fl.retriever_lr:g})"
+    monitors = [health.Monitor(f"client {c.name}", hint) for c in clients]
     for rnd in range(done + 1, fl.rounds + 1):
         if personalised:
             global_gen = state["global_gen"] if rnd > 1 else None
@@ -332,6 +341,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
 
         def log(k: int, step: int, out: dict, rnd: int = rnd) -> None:
             out = {n: float(v) for n, v in out.items()}
+            monitors[k].check(step, out["loss"])
             metrics.write(kind="train", phase="ffrag", round=rnd, client=clients[k].name,
                           step=step, **out)
             logging.info("round %d %s step %d/%d loss %.4f", rnd, clients[k].name, step,

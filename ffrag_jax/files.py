@@ -19,6 +19,38 @@ import os
 import tempfile
 from pathlib import Path
 
+from ffrag_jax.errors import UserError
+
+
+def read_text(path: str | Path, what: str = "file") -> str:
+    """A UTF-8 text file's content. A missing, binary (NUL bytes) or non-UTF-8 file is a
+    one-line UserError naming it."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"{what} {path} is a folder, not a file") from None
+    if b"\x00" in data[:8192]:
+        raise UserError(f"{path}: binary content (NUL bytes), not a text {what}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (invalid byte at offset {e.start}); convert "
+                        "it (iconv -t UTF-8)") from None
+
+
+def jsonl_records(path: str | Path, what: str = "file"):
+    """``(line number, value)`` of each non-blank line of a UTF-8 JSON-lines file; a
+    malformed line is a UserError naming the file and the line."""
+    for number, line in enumerate(read_text(path, what).splitlines(), 1):
+        if line.strip():
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{number}: malformed JSON line ({e.msg})") from None
+
 
 def fsync_dir(folder: str | Path) -> None:
     """Makes a rename or a new file in ``folder`` durable (a no-op where unsupported)."""

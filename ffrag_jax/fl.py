@@ -314,8 +314,16 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     train_sets, held_sets = encode_clients(config, tokenizer, pairs)
     counts = [len(s["input_ids"]) for s in train_sets]
     logging.info("%d clients, training examples per client %s", len(counts), counts)
+    if not any(counts):
+        raise UserError(f"no client has a training example ({sum(len(r) for r in records)} "
+                        f"records for fl.num_clients={fl.num_clients}, data.held_out="
+                        f"{d.held_out}); give the clients more data")
     for k in np.flatnonzero(np.asarray(counts) == 0):
         logging.warning("client %s has no training examples: it gets weight 0", names[k])
+    no_held = [names[k] for k, s in enumerate(held_sets) if len(s["input_ids"]) == 0]
+    if no_held:
+        logging.warning("client(s) %s have no held-out examples: their held-out metrics are "
+                        "left out of the curves and the summary", ", ".join(no_held))
     grad_accum = fl.batch_size // fl.micro_batch_size
     steps = [data.local_steps(n, fl.local_epochs, fl.batch_size) for n in counts]
     max_steps = max(max(steps), 1)

@@ -12,6 +12,7 @@ Nothing is downloaded: every path must be a local folder, and problems with it r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import traverse_util
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from ffrag_jax.errors import UserError
@@ -179,6 +180,18 @@ def check_model_dir(path: str | os.PathLike) -> Path:
     return folder
 
 
+@contextlib.contextmanager
+def open_safetensors(path: str | os.PathLike):
+    """``safe_open(path)`` whose damage (a truncated or corrupt file, an unreadable one) is
+    one UserError naming the file, also when a tensor is read inside the block."""
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            yield f
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path}: damaged safetensors file ({e}); re-save or re-export it"
+                        ) from None
+
+
 def safetensors_files(folder: Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file that holds it (sharded index or single file)."""
     index = folder / "model.safetensors.index.json"
@@ -198,7 +211,7 @@ def safetensors_files(folder: Path) -> dict[str, Path]:
             f"{folder}: no model.safetensors or model.safetensors.index.json "
             f"(found {', '.join(others)}; re-save with save_pretrained(safe_serialization=True))"
         )
-    with safe_open(single, framework="numpy") as f:
+    with open_safetensors(single) as f:
         return {name: single for name in f.keys()}  # noqa: SIM118 (safe_open is no dict)
 
 
@@ -208,6 +221,7 @@ class _TensorReader:
     def __init__(self, files: dict[str, Path]):
         self.files = files
         self._open = {}
+        self._stack = contextlib.ExitStack()
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
@@ -215,11 +229,16 @@ class _TensorReader:
     def get(self, name: str) -> np.ndarray:
         path = self.files[name]
         if path not in self._open:
-            self._open[path] = safe_open(path, framework="numpy")
-        return self._open[path].get_tensor(name)
+            self._open[path] = self._stack.enter_context(open_safetensors(path))
+        try:
+            return self._open[path].get_tensor(name)
+        except SafetensorError as e:
+            raise UserError(f"{path}: damaged safetensors file ({e}); re-save or re-export "
+                            "it") from None
 
     def close(self):
         self._open.clear()
+        self._stack.close()
 
 
 def load_llama(

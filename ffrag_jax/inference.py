@@ -27,7 +27,7 @@ from pathlib import Path
 import jax
 from absl import logging
 
-from ffrag_jax import hf, lora, rag_eval
+from ffrag_jax import files, hf, lora, rag_eval
 from ffrag_jax.errors import UserError
 from ffrag_jax.lora import LoRA
 from ffrag_jax.models.llama import LlamaConfig
@@ -53,13 +53,22 @@ class RagSystem:
     def ask(self, questions: Sequence[str], *, mode: str = "dense", max_new_tokens: int = 16,
             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
             batch_size: int = 32) -> list[dict]:
-        """Per question ``{"question", "answer", "context", "sources"}``: ``sources`` are the
-        hits of every base (best first, each naming its base), ``context`` the passage the
-        reader saw ("" when nothing was retrieved: the question is answered closed-book,
-        with a warning)."""
+        """Per question ``{"question", "answer", "context", "sources", "cut"}``: ``sources``
+        are the hits of every base (best first, each naming its base), ``context`` the passage
+        text the reader saw ("" when nothing was retrieved: the question is answered
+        closed-book, with a warning), ``cut`` what was shortened to fit the reader's
+        ``prompt_len`` (``[]``, ``["question"]``, ``["passage"]``; a warning says so too).
+        An empty question is an error."""
         questions = list(questions)
         if not questions:
             return []
+        for i, question in enumerate(questions):
+            if not question.strip():
+                raise UserError(f"question {i + 1} is empty")
+        room = self.gen_cfg.max_position_embeddings - self.prompt_len
+        if max_new_tokens > room:
+            raise UserError(f"--max-new-tokens {max_new_tokens}: this reader has room for "
+                            f"{room} new tokens after its {self.prompt_len}-token prompt")
         hits = search_sources(self.bases, questions, self.quotas, mode)
         hits = [sorted(row, key=lambda h: -h["score"]) for row in hits]
         contexts = []
@@ -67,13 +76,25 @@ class RagSystem:
             if not row:
                 logging.warning("no passage retrieved for %r: answering closed-book", question)
             contexts.append(row[0]["text"] if row else "")
+        prompts = rag_eval.fit_prompts(self.tokenizer, questions, contexts, self.prompt_len)
+        cuts = []
+        for i, (q, c, p) in enumerate(zip(questions, contexts, prompts, strict=True)):
+            cut = [name for name, full, kept in (("question", q, p.question),
+                                                 ("passage", c, p.passage)) if kept != full]
+            if cut:
+                logging.warning("question %d: the %s was cut to fit the reader's %d-token "
+                                "prompt (it read %r)", i + 1, " and the ".join(cut),
+                                self.prompt_len, p.question if "question" in cut else p.passage)
+            cuts.append(cut)
         rng = jax.random.key(seed) if temperature > 0 else None
         answers = rag_eval.answer(self.gen_params, self.gen_cfg, self.tokenizer, questions,
                                   contexts, lora=self.gen_lora, prompt_len=self.prompt_len,
                                   max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                  rng=rng, temperature=temperature, top_p=top_p, top_k=top_k)
-        return [{"question": q, "answer": a, "context": c, "sources": row}
-                for q, a, c, row in zip(questions, answers, contexts, hits, strict=True)]
+                                  prompts=prompts, rng=rng, temperature=temperature,
+                                  top_p=top_p, top_k=top_k)
+        return [{"question": q, "answer": a, "context": p.passage, "sources": row, "cut": cut}
+                for q, a, p, row, cut in zip(questions, answers, prompts, hits, cuts,
+                                             strict=True)]
 
 
 def export_system(folder: Path, *, gen_cfg: LlamaConfig, gen_params: dict, tokenizer,
@@ -116,7 +137,7 @@ def export_system(folder: Path, *, gen_cfg: LlamaConfig, gen_params: dict, token
               "prompt_len": prompt_len,
               "quotas": quotas, "clients": [{"name": c["name"], "base": c["base"]}
                                             for c in clients]}
-    (folder / "system.json").write_text(json.dumps(system, indent=2))
+    files.atomic_write_json(folder / "system.json", system)
     return folder
 
 
@@ -158,7 +179,8 @@ def load_system(folder: str | Path, client: int | None = None) -> RagSystem:
     quotas = dict(system["quotas"])
     private = {c["base"] for c in clients}
     gen_lora = None
-    names = [p.name for p in sorted((folder / "knowledge").iterdir()) if p.name not in private]
+    names = [p.name for p in sorted((folder / "knowledge").iterdir())
+             if p.name not in private and not p.name.startswith(".")]  # .tmp: a cut save
     if client is not None:
         where = folder / "clients" / str(client)
         gen_lora = lora.load_peft_adapter(where / "generator", gen_cfg)

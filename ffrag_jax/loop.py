@@ -16,11 +16,12 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import optax
 from absl import logging
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from ffrag_jax import checkpoint, sharding, text, train
+from ffrag_jax import checkpoint, health, sharding, text, train
 from ffrag_jax.errors import UserError
 from ffrag_jax.metrics import MetricsLog
 from ffrag_jax.models.llama import LlamaConfig
@@ -72,6 +73,8 @@ def train_phase(
                                    use_dropout=mode == "lora")
     batch_sharding = sharding.batch_sharding(mesh, 3, batch_dim=1)
     seq_len = data["input_ids"].shape[1]
+    monitor = health.Monitor(name, f"lower {name}.lr (now {phase.lr:g})")
+    weight_norm = jax.jit(optax.global_norm)
     bar = tqdm(range(start, steps), desc=name, initial=start, total=steps,
                disable=not sys.stderr.isatty(), dynamic_ncols=True)
     # Loss summed on device over the steps since the last log line (no host sync per step).
@@ -94,11 +97,11 @@ def train_phase(
                 step=done,
                 loss=mean_loss,  # mean over the steps since the previous record
                 grad_norm=float(step_metrics["grad_norm"]),
+                weight_norm=float(weight_norm(state.trainable)),
                 lr=float(schedule(step)),
                 tokens_per_s=round(tokens_per_s, 1),
             )
-            if not np.isfinite(mean_loss):
-                raise FloatingPointError(f"{name}: loss is {record['loss']} at step {done}")
+            monitor.check(done, mean_loss, record["grad_norm"], record["weight_norm"])
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
             logging.info("%s step %d/%d  loss %.4f  grad_norm %.3f  lr %.2e  %.0f tokens/s",
                          name, done, steps, record["loss"], record["grad_norm"], record["lr"],

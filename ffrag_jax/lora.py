@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct, traverse_util
-from safetensors import safe_open
 
 from ffrag_jax import hf
 from ffrag_jax.errors import UserError
@@ -266,7 +265,7 @@ def load_peft_adapter(path: str | os.PathLike, cfg: LlamaConfig) -> LoRA:
     config_path = folder / "adapter_config.json"
     if not config_path.exists():
         raise UserError(f"{folder}: adapter_config.json is missing (not a PEFT adapter folder)")
-    conf = json.loads(config_path.read_text())
+    conf = hf.read_json(config_path, "the adapter's PEFT config")
     if conf.get("peft_type") != "LORA":
         raise UserError(f"{config_path}: peft_type is {conf.get('peft_type')!r}, expected 'LORA'")
     for key, allowed in _UNSUPPORTED_PEFT.items():
@@ -275,7 +274,7 @@ def load_peft_adapter(path: str | os.PathLike, cfg: LlamaConfig) -> LoRA:
     weights_path = folder / "adapter_model.safetensors"
     if not weights_path.exists():
         raise UserError(f"{folder}: adapter_model.safetensors is missing")
-    with safe_open(weights_path, framework="numpy") as f:
+    with hf.open_safetensors(weights_path) as f:
         raw = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
 
     by_module: dict[str, dict[str, np.ndarray]] = {}
@@ -338,7 +337,7 @@ def load_weights(path: str | os.PathLike) -> LoRA:
     """The LoRA that :func:`save_weights` wrote to ``path``."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such LoRA weights file")
-    with safe_open(str(path), framework="numpy") as f:
+    with hf.open_safetensors(path) as f:
         meta = f.metadata() or {}
         flat = {k: jnp.asarray(f.get_tensor(k)) for k in f.keys()}  # noqa: SIM118
     if "scale" not in meta:

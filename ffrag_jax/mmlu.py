@@ -23,6 +23,7 @@ from pathlib import Path
 
 import jax
 
+from ffrag_jax import files
 from ffrag_jax.data import render
 from ffrag_jax.errors import UserError
 from ffrag_jax.evaluation import generate_answers
@@ -40,7 +41,7 @@ def load(path: str | Path, limit: int | None = None) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"MMLU file not found: {path}")
-    raw = path.read_text()
+    raw = files.read_text(path, "MMLU file")
     try:
         items = (json.loads(raw) if raw.lstrip().startswith("[")
                  else [json.loads(line) for line in raw.splitlines() if line.strip()])

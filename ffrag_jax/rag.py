@@ -103,7 +103,8 @@ def encode_generator_batch(tokenizer, questions: Sequence[str], answers: Sequenc
         targets[i, : len(ans)] = ans
         answer_mask[i, : len(ans)] = 1
         for j, passage in enumerate(passages[i]):
-            prompt = prompt_ids(tokenizer, passage, question, prompt_len, where=f"question {i}")
+            prompt = fit_prompt(tokenizer, passage, question, prompt_len,
+                                where=f"question {i}").ids
             ids[i, j, prompt_len - len(prompt) : prompt_len] = prompt
             mask[i, j, prompt_len - len(prompt) : prompt_len] = 1
             ids[i, j, prompt_len : prompt_len + len(ans)] = ans
@@ -132,32 +133,63 @@ def drop_long_answers(tokenizer, questions: Sequence[dict], answer_len: int, whe
     return kept
 
 
-def prompt_ids(tokenizer, passage: str, question: str, budget: int, *, where: str = "question"
-               ) -> list[int]:
+# A question cut to make room for its passage keeps at least this many of its last tokens;
+# below that the passage is cut instead (the question would no longer say what is asked).
+MIN_QUESTION_TOKENS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """A prompt fitted to a token budget: its ids, and the passage and question text that
+    they hold (either may have been cut)."""
+
+    ids: list[int]
+    passage: str
+    question: str
+
+
+def fit_prompt(tokenizer, passage: str, question: str, budget: int, *,
+               where: str = "question") -> Prompt:
     """``<s>`` + the prompt tokenized as one string (exactly as at generation time and in
     pretraining: tokenizing its pieces apart would change the tokens at their seams), at most
-    ``budget`` tokens. A passage that does not fit loses tokens from its end."""
+    ``budget`` tokens, for training, evaluation and serving alike.
+
+    What does not fit is cut where it costs the least evidence: first the question, from its
+    start, down to its last :data:`MIN_QUESTION_TOKENS` tokens (a long question's filler goes,
+    the passage the answer is read from stays whole); then the passage, from its end."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
 
-    def encode(text: str) -> list[int]:
-        full = synthetic.prompt({"context": text, "question": question})  # the one template
+    def encode(p: str, q: str) -> list[int]:
+        full = synthetic.prompt({"context": p, "question": q})  # the one template
         return bos + tokenizer(full, add_special_tokens=False)["input_ids"]
 
-    ids = encode(passage)
+    ids = encode(passage, question)
     if len(ids) <= budget:
-        return ids
+        return Prompt(ids, passage, question)
+    q_offsets = tokenizer(question, add_special_tokens=False,
+                          return_offsets_mapping=True)["offset_mapping"]
+    # Re-tokenizing can merge differently at a cut, so step one token at a time until it fits.
+    for keep in range(len(q_offsets) - (len(ids) - budget), MIN_QUESTION_TOKENS - 1, -1):
+        if keep <= 0 or keep >= len(q_offsets):
+            continue
+        cut = question[q_offsets[-keep][0]:]
+        ids = encode(passage, cut)
+        if len(ids) <= budget:
+            return Prompt(ids, passage, cut)
+    if len(q_offsets) > MIN_QUESTION_TOKENS:
+        question = question[q_offsets[-MIN_QUESTION_TOKENS][0]:]
+        ids = encode(passage, question)
     offsets = tokenizer(passage, add_special_tokens=False,
                         return_offsets_mapping=True)["offset_mapping"]
-    # Cut the passage at a token boundary; re-tokenizing can merge differently at the cut, so
-    # step back a token until the whole prompt fits.
     for keep in range(len(offsets) - (len(ids) - budget), 0, -1):
-        ids = encode(passage[: offsets[keep - 1][1]])
+        cut = passage[: offsets[keep - 1][1]]
+        ids = encode(cut, question)
         if len(ids) <= budget:
-            return ids
-    ids = encode("")
+            return Prompt(ids, cut, question)
+    ids = encode("", question)
     if len(ids) > budget:
         raise UserError(f"{where} does not fit prompt_len={budget} even without a passage")
-    return ids
+    return Prompt(ids, "", question)
 
 
 def pad_passages(passages: Sequence[Sequence[str]], k: int) -> tuple[list[list[str]],

@@ -10,25 +10,30 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ffrag_jax import evaluation, synthetic
+from ffrag_jax import evaluation, rag, text
 from ffrag_jax.models.llama import LlamaConfig
 
 
-def rag_prompts(questions: Sequence[str], contexts: Sequence[str]) -> list[str]:
-    """The reader's prompts: one context (possibly empty: closed book) per question."""
-    return [synthetic.prompt({"context": c, "question": q})
-            for q, c in zip(questions, contexts, strict=True)]
+def fit_prompts(tokenizer, questions: Sequence[str], contexts: Sequence[str],
+                prompt_len: int) -> list[rag.Prompt]:
+    """The reader's prompts: one context (possibly empty: closed book) per question, fitted to
+    ``prompt_len`` tokens as in training (:func:`rag.fit_prompt`)."""
+    return [rag.fit_prompt(tokenizer, c, q, prompt_len, where=f"question {i}")
+            for i, (q, c) in enumerate(zip(questions, contexts, strict=True))]
 
 
 def answer(gen_params: dict, gen_cfg: LlamaConfig, tokenizer, questions: Sequence[str],
            contexts: Sequence[str], *, lora=None, prompt_len: int, max_new_tokens: int,
-           batch_size: int, **sampling) -> list[str]:
+           batch_size: int, prompts: Sequence[rag.Prompt] | None = None,
+           **sampling) -> list[str]:
     """Greedy (or sampled, see :func:`evaluation.generate_answers`) answers to ``questions``
-    reading ``contexts``."""
-    return evaluation.generate_answers(gen_params, gen_cfg, tokenizer,
-                                       rag_prompts(questions, contexts), lora=lora,
-                                       max_prompt_len=prompt_len, max_new_tokens=max_new_tokens,
-                                       batch_size=batch_size, **sampling)
+    reading ``contexts`` (or the already fitted ``prompts``)."""
+    if prompts is None:
+        prompts = fit_prompts(tokenizer, questions, contexts, prompt_len)
+    enc = text.pad_prompts(tokenizer, [p.ids for p in prompts], prompt_len)
+    return evaluation.generate_encoded(gen_params, gen_cfg, tokenizer, enc, lora=lora,
+                                       max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                       **sampling)
 
 
 def retrieval_metrics(ids: np.ndarray, gold: np.ndarray) -> dict:

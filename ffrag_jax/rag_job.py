@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from ffrag_jax import (
     checkpoint,
+    health,
     hf,
     inference,
     lora,
@@ -164,6 +165,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     states = sharding.on_one_device(states)  # so the step compiles once (see the helper)
     frozen = sharding.on_one_device({"generator": gen_params, "retriever": enc.params})
     background, pending = ThreadPoolExecutor(max_workers=1), None
+    monitor = health.Monitor("rag", f"lower train.retriever_lr (now {t.retriever_lr:g})")
     bar = tqdm(range(start, t.steps), desc="rag", initial=start, total=t.steps,
                disable=not sys.stderr.isatty())
     for step in bar:
@@ -194,6 +196,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         done = step + 1
         if done % config.log_every == 0 or done == t.steps:
             out = jax.device_get(out)
+            monitor.check(done, float(out["loss"]))
             metrics.write(kind="train", phase="rag", step=done, loss=float(out["loss"]),
                           top1_is_lm_best=float(out["retrieval_top1_is_lm_best"]))
             bar.set_postfix(loss=f"{float(out['loss']):.4f}")

@@ -102,10 +102,18 @@ def encode_prompts(tokenizer, prompts: Sequence[str], max_len: int) -> dict[str,
     """Right-padded ``<s> prompt`` for generation: ``input_ids`` ``[N, max_len]`` and
     ``prompt_len`` ``[N]``. Prompts longer than ``max_len`` lose tokens from the start."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    ids = np.full((len(prompts), max_len), tokenizer.pad_token_id, np.int32)
-    prompt_len = np.zeros((len(prompts),), np.int32)
-    for i, p in enumerate(tokenizer(list(prompts), add_special_tokens=False)["input_ids"]):
-        seq = bos + p[max(len(p) - (max_len - len(bos)), 0) :]
+    return pad_prompts(tokenizer, [bos + p[max(len(p) - (max_len - len(bos)), 0):] for p in
+                                   tokenizer(list(prompts), add_special_tokens=False)["input_ids"]],
+                       max_len)
+
+
+def pad_prompts(tokenizer, prompt_ids: Sequence[Sequence[int]], max_len: int
+                ) -> dict[str, np.ndarray]:
+    """Token lists (each at most ``max_len``, BOS included) as :func:`encode_prompts`'
+    arrays."""
+    ids = np.full((len(prompt_ids), max_len), tokenizer.pad_token_id, np.int32)
+    prompt_len = np.zeros((len(prompt_ids),), np.int32)
+    for i, seq in enumerate(prompt_ids):
         ids[i, : len(seq)] = seq
         prompt_len[i] = len(seq)
     return {"input_ids": ids, "prompt_len": prompt_len}

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ffrag_jax import files
 from ffrag_jax.errors import UserError
 
 
@@ -37,20 +38,28 @@ def load_beir(folder: str | Path, split: str = "test"
             raise UserError(f"{folder}: {name} is missing (not a BEIR folder, or no '{split}' "
                             "qrels)")
     docs = []
-    with (folder / "corpus.jsonl").open() as f:
-        for line in f:
-            d = json.loads(line)
-            title = d.get("title") or ""
-            docs.append({"id": str(d["_id"]), "text": f"{title}\n{d['text']}" if title
-                         else d["text"], "source": folder.name})
-    with (folder / "queries.jsonl").open() as f:
-        queries = {str(q["_id"]): q["text"] for q in map(json.loads, f)}
+    for number, d in files.jsonl_records(folder / "corpus.jsonl"):
+        if "_id" not in d or "text" not in d:
+            raise UserError(f"{folder}/corpus.jsonl:{number}: a document needs '_id' and 'text'")
+        title = d.get("title") or ""
+        docs.append({"id": str(d["_id"]), "text": f"{title}\n{d['text']}" if title
+                     else d["text"], "source": folder.name})
+    queries = {}
+    for number, q in files.jsonl_records(folder / "queries.jsonl"):
+        if "_id" not in q or "text" not in q:
+            raise UserError(f"{folder}/queries.jsonl:{number}: a query needs '_id' and 'text'")
+        queries[str(q["_id"])] = q["text"]
     qrels: dict[str, dict[str, int]] = {}
-    with (folder / f"qrels/{split}.tsv").open() as f:
-        reader = csv.reader(f, delimiter="\t")
-        next(reader)  # header
-        for qid, docid, score in reader:
-            qrels.setdefault(qid, {})[docid] = int(score)
+    name = f"qrels/{split}.tsv"
+    rows = csv.reader(files.read_text(folder / name, "qrels file").splitlines(), delimiter="\t")
+    next(rows, None)  # header
+    for number, row in enumerate(rows, 2):
+        if not row:
+            continue
+        if len(row) != 3 or not row[2].lstrip("-").isdigit():
+            raise UserError(f"{folder}/{name}:{number}: expected 3 tab-separated columns "
+                            f"query-id, corpus-id, score; got {row[:4]}")
+        qrels.setdefault(row[0], {})[row[1]] = int(row[2])
     return docs, queries, qrels
 
 
@@ -61,7 +70,12 @@ def load_squad(path: str | Path) -> tuple[list[dict], list[dict]]:
     if not path.is_file():
         raise UserError(f"SQuAD file not found: {path}")
     paragraphs, questions = [], []
-    for a, article in enumerate(json.loads(path.read_text())["data"]):
+    try:
+        articles = json.loads(files.read_text(path, "SQuAD file"))["data"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: not a SQuAD v1.1 JSON file ({type(e).__name__}: {e})"
+                        ) from None
+    for a, article in enumerate(articles):
         for p, para in enumerate(article["paragraphs"]):
             pid = f"{a}-{p}"
             paragraphs.append({"id": pid, "text": para["context"], "article": article["title"],

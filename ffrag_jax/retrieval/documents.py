@@ -16,12 +16,12 @@ its tokens cover (from the tokenizer's offsets), so nothing is re-decoded or nor
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from absl import logging
 
+from ffrag_jax import files
 from ffrag_jax.errors import UserError
 
 SUFFIXES = (".txt", ".md", ".jsonl", ".csv", ".pdf")
@@ -33,39 +33,28 @@ def read_documents(path: str | Path, *, text_field: str = "text", id_field: str 
     path = Path(path)
     if not path.exists():
         raise UserError(f"document path {path} does not exist")
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in SUFFIXES) \
+    found = sorted(p for p in path.rglob("*") if p.suffix.lower() in SUFFIXES) \
         if path.is_dir() else [path]
-    if not files:
+    if not found:
         raise UserError(f"{path}: no documents ({', '.join(SUFFIXES)})")
     docs: list[dict] = []
-    for f in files:
+    for f in found:
         suffix = f.suffix.lower()
         if suffix in (".txt", ".md"):
             docs.append({"id": str(f.relative_to(path) if path.is_dir() else f.name),
-                         "text": f.read_text(errors="replace"), "source": str(f)})
+                         "text": files.read_text(f, "document"), "source": str(f)})
         elif suffix == ".jsonl":
-            docs.extend(_records(f, _jsonl(f), text_field, id_field, title_field))
+            docs.extend(_records(f, files.jsonl_records(f, "document"), text_field, id_field,
+                                 title_field))
         elif suffix == ".csv":
-            with f.open(newline="") as handle:
-                docs.extend(_records(f, enumerate(csv.DictReader(handle), 2), text_field,
-                                     id_field, title_field))
+            rows = csv.DictReader(files.read_text(f, "document").splitlines(keepends=True))
+            docs.extend(_records(f, enumerate(rows, 2), text_field, id_field, title_field))
         elif suffix == ".pdf":
             docs.append({"id": f.name, "text": _pdf_text(f), "source": str(f)})
         else:
             raise UserError(f"{f}: unsupported document type {suffix!r}; "
                             f"supported: {', '.join(SUFFIXES)}")
     return docs
-
-
-def _jsonl(f: Path) -> Iterable[tuple[int, dict]]:
-    with f.open() as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{f}:{number}: malformed JSON line ({e.msg})") from None
 
 
 def _records(f: Path, rows: Iterable[tuple[int, dict]], text_field: str, id_field: str,

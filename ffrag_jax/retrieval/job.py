@@ -25,7 +25,7 @@ from absl import logging
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from ffrag_jax import checkpoint, hf, lora, train
+from ffrag_jax import checkpoint, health, hf, lora, train
 from ffrag_jax.errors import UserError
 from ffrag_jax.metrics import MetricsLog, plot_training_loss, read_jsonl
 from ffrag_jax.retrieval import beir, contrastive
@@ -160,6 +160,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     bar = tqdm(range(start, t.steps), desc="retriever", initial=start, total=t.steps,
                disable=not sys.stderr.isatty())
     window, window_start = [], time.perf_counter()
+    monitor = health.Monitor("retriever", f"lower train.lr (now {t.lr:g})")
     for step in bar:
         batch = batch_at(step, groups, train_q, texts, base.tokenizer, config, negatives)
         state, out = contrastive.train_step(
@@ -170,8 +171,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         if done % config.log_every == 0 or done == t.steps:
             got = jax.device_get(window)
             loss = float(np.mean([w["loss"] for w in got]))
-            if not np.isfinite(loss):
-                raise FloatingPointError(f"retriever: loss is {loss} at step {done}")
+            monitor.check(done, loss, float(got[-1]["grad_norm"]))
             metrics.write(kind="train", phase="retriever", step=done, loss=loss,
                           accuracy=float(np.mean([w["accuracy"] for w in got])),
                           grad_norm=float(got[-1]["grad_norm"]),

@@ -41,20 +41,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_build_paths(docs, out) -> None:
+    """The output folder may not be, contain or lie inside the documents: a build never
+    writes into or over its input."""
+    if not docs.exists():
+        raise UserError(f"document path {docs} does not exist")
+    d, o = docs.resolve(), out.resolve()
+    if o == d or d in o.parents or o in d.parents:
+        relation = ("is" if o == d else "lies inside" if d in o.parents else "contains")
+        raise UserError(f"output folder {out} {relation} the documents {docs}; choose a "
+                        "folder outside them")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from pathlib import Path
 
     from ffrag_jax.retrieval.documents import read_documents
     from ffrag_jax.retrieval.encoder import TextEncoder
-    from ffrag_jax.retrieval.knowledge_base import KnowledgeBase
+    from ffrag_jax.retrieval.knowledge_base import KnowledgeBase, check_output_folder
 
     try:
+        if args.command == "build":  # every check before the encoder is loaded
+            out = Path(args.out)
+            check_build_paths(Path(args.docs), out)
+            check_output_folder(out, args.overwrite)
         encoder = TextEncoder.load(args.encoder)
         if args.command == "build":
-            out = Path(args.out)
-            if out.exists() and any(out.iterdir()) and not args.overwrite:
-                raise UserError(f"{out} is not empty; pass --overwrite to replace it")
             docs = read_documents(args.docs, text_field=args.text_field)
             kb = KnowledgeBase.build(args.name or out.name, docs, encoder,
                                      chunk_tokens=args.chunk_tokens, overlap=args.overlap,

@@ -17,12 +17,14 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from ffrag_jax import files
 from ffrag_jax.errors import UserError
 from ffrag_jax.retrieval import index as index_lib
 from ffrag_jax.retrieval.documents import chunk_documents
@@ -66,6 +68,33 @@ def reciprocal_rank_fusion(rankings: Sequence[Sequence[int]], k: int, rrf_k: int
             if item >= 0:
                 scores[int(item)] = scores.get(int(item), 0.0) + 1.0 / (rrf_k + rank)
     return sorted(scores.items(), key=lambda kv: -kv[1])[:k]
+
+
+def is_knowledge_base(folder: Path) -> bool:
+    return (folder / "manifest.json").is_file() and (folder / "chunks.jsonl").is_file()
+
+
+def check_output_folder(folder: Path, overwrite: bool) -> None:
+    """A UserError unless ``folder`` is new, empty, or (with ``overwrite``) a knowledge base."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} is a file, not a folder")
+    if folder.exists() and any(folder.iterdir()):
+        if not is_knowledge_base(folder):
+            raise UserError(f"{folder} is not empty and is not a knowledge base; choose a new "
+                            "folder (--overwrite only replaces a knowledge base)")
+        if not overwrite:
+            raise UserError(f"{folder} is not empty; pass --overwrite to replace it")
+
+
+def _read(folder: Path, name: str, read):
+    """``read(folder / name)``; a missing, truncated or damaged file is one UserError."""
+    try:
+        return read(folder / name)
+    except UserError:
+        raise
+    except (OSError, ValueError, EOFError, KeyError, UnicodeDecodeError) as e:
+        raise UserError(f"{folder}/{name} is missing or damaged ({type(e).__name__}: "
+                        f"{str(e)[:120]}); rebuild the knowledge base") from None
 
 
 class KnowledgeBase:
@@ -118,19 +147,32 @@ class KnowledgeBase:
     # ----------------------------------------------------------------------------------------
 
     def save(self, folder: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Writes the base to ``folder`` whole or not at all: into a temporary folder beside
+        it, then renamed into place. Only an existing knowledge base is replaced (with
+        ``overwrite``); any other non-empty folder is refused."""
         folder = Path(folder)
-        if folder.exists() and any(folder.iterdir()):
-            if not overwrite:
-                raise UserError(f"{folder} is not empty; pass overwrite=True to replace it")
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        with (folder / "chunks.jsonl").open("w") as f:
-            for c in self.chunks:
-                f.write(json.dumps(c, ensure_ascii=False) + "\n")
-        np.save(folder / "embeddings.npy", self.embeddings)
-        self.dense.save(folder / "index")
-        self.bm25.save(str(folder / "bm25"), show_progress=False)
-        (folder / "manifest.json").write_text(json.dumps(self.manifest, indent=2))
+        check_output_folder(folder, overwrite)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+        try:
+            with (tmp / "chunks.jsonl").open("w", encoding="utf-8") as f:
+                for c in self.chunks:
+                    f.write(json.dumps(c, ensure_ascii=False) + "\n")
+            np.save(tmp / "embeddings.npy", self.embeddings)
+            self.dense.save(tmp / "index")
+            self.bm25.save(str(tmp / "bm25"), show_progress=False)
+            files.atomic_write_json(tmp / "manifest.json", self.manifest)
+            old = None
+            if folder.exists():  # checked above: an empty folder or a knowledge base
+                old = folder.parent / f"{tmp.name}.old"
+                folder.rename(old)
+            tmp.rename(folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if old is not None:
+            shutil.rmtree(old)
+        files.fsync_dir(folder.parent)
         return folder
 
     @classmethod
@@ -144,7 +186,7 @@ class KnowledgeBase:
         manifest_file = folder / "manifest.json"
         if not manifest_file.exists():
             raise UserError(f"{folder}: no manifest.json (not a knowledge base)")
-        manifest = json.loads(manifest_file.read_text())
+        manifest = _read(folder, "manifest.json", lambda f: json.loads(f.read_text()))
         if manifest.get("format") != FORMAT:
             raise UserError(f"{folder}: knowledge base format {manifest.get('format')!r}, "
                             f"this ffrag_jax reads {FORMAT}")
@@ -157,14 +199,17 @@ class KnowledgeBase:
             raise UserError(f"query encoder {_describe(query_encoder.identity)} embeds in "
                             f"{query_encoder.cfg.embedding_dim} dimensions; knowledge base "
                             f"{folder} holds {built_with['dim']}-dimensional vectors")
-        with (folder / "chunks.jsonl").open() as f:
-            chunks = [json.loads(line) for line in f]
+        chunks = _read(folder, "chunks.jsonl", lambda f: [
+            json.loads(line) for line in f.read_text(encoding="utf-8").splitlines()])
         if _corpus_sha256(chunks) != manifest["corpus_sha256"]:
             raise UserError(f"{folder}/chunks.jsonl does not match its manifest (edited?); "
                             "rebuild the knowledge base")
-        embeddings = np.load(folder / "embeddings.npy")
-        dense = index_lib.load(folder / "index")
-        bm25 = bm25s.BM25.load(str(folder / "bm25"), show_progress=False)
+        embeddings = _read(folder, "embeddings.npy", np.load)
+        dense = _read(folder, "index", index_lib.load)
+        bm25 = _read(folder, "bm25", lambda f: bm25s.BM25.load(str(f), show_progress=False))
+        if len(embeddings) != len(chunks):
+            raise UserError(f"{folder}/embeddings.npy holds {len(embeddings)} vectors for "
+                            f"{len(chunks)} chunks (damaged); rebuild the knowledge base")
         return cls(manifest["name"], chunks, embeddings, dense, bm25, manifest, encoder,
                    query_encoder)
 
