@@ -58,7 +58,8 @@ def _phases(root: Path) -> list[Path]:
 
 def _latest(folder: Path) -> tuple[ocp.CheckpointManager, int | None]:
     mngr = ocp.CheckpointManager(folder.absolute(),
-                                 options=ocp.CheckpointManagerOptions(create=False))
+                                 options=ocp.CheckpointManagerOptions(create=False),
+                                 item_handlers=ocp.StandardCheckpointHandler())
     return mngr, mngr.latest_step()
 
 

@@ -231,8 +231,7 @@ def validate(config: ConfigDict, mesh: jax.sharding.Mesh) -> None:
         if fl[name] <= 0:
             raise UserError(f"fl.{name} must be positive, got {fl[name]}")
     cfg, shapes = abstract_model(config)
-    check_lengths(cfg, {"data.max_len": config.data.max_len,
-                        "rag.prompt_len + rag.answer_len": r.prompt_len + r.answer_len})
+    check_lengths(cfg, {"rag.prompt_len + rag.answer_len": r.prompt_len + r.answer_len})
     for rank in sorted(set(fl.ranks)):
         jax.eval_shape(lambda p, rank=rank: lora.init(
             jax.random.key(0), p, fl.targets, rank, fl.alpha_ratio * rank), shapes)

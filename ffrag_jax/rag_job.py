@@ -113,8 +113,7 @@ def validate(config: ConfigDict, mesh: jax.sharding.Mesh) -> None:
     if t.steps < 0:
         raise UserError(f"train.steps must be >= 0, got {t.steps}")
     cfg, _ = abstract_model(config)
-    check_lengths(cfg, {"data.max_len": config.data.max_len,
-                        "rag.prompt_len + rag.answer_len": r.prompt_len + r.answer_len})
+    check_lengths(cfg, {"rag.prompt_len + rag.answer_len": r.prompt_len + r.answer_len})
     if config.retriever.path:
         hf.check_model_dir(config.retriever.path)
 

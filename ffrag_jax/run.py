@@ -18,7 +18,7 @@ import jax
 from absl import logging
 from ml_collections import ConfigDict
 
-from ffrag_jax import sharding
+from ffrag_jax import checkpoint, sharding
 from ffrag_jax import workdir as workdir_lib
 from ffrag_jax.errors import UserError
 
@@ -61,4 +61,7 @@ def run(config: ConfigDict, workdir: str | Path, *, overwrite: bool = False) -> 
     mesh = validate(config)
     with workdir_lib.open_run(config, workdir, overwrite) as (path, _):
         logging.info("devices: %s; mesh: %s", jax.devices(), dict(mesh.shape))
-        return job_module(config.task).run(config, path, mesh)
+        try:
+            return job_module(config.task).run(config, path, mesh)
+        finally:  # a run stopped by an error or an interrupt still keeps its last save
+            checkpoint.wait_for_pending_saves()

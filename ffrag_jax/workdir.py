@@ -78,9 +78,9 @@ def check_not_foreign(workdir: Path) -> None:
     names = _entries(workdir)
     if names and MARKER not in names and not _is_older_run(workdir):
         shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-        raise UserError(f"--workdir {workdir} holds files that are not an ffrag_jax run "
-                        f"({shown}); choose an empty or new folder (--overwrite only ever "
-                        "replaces ffrag_jax runs)")
+        raise UserError(f"--workdir {workdir} holds no ffrag_jax run (it holds {shown}); "
+                        "choose an empty or new folder (--overwrite only ever replaces "
+                        "ffrag_jax runs)")
 
 
 def _is_older_run(workdir: Path) -> bool:

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from killing import comparable, kill_and_resume
 from safetensors.numpy import load_file
 
 from ffrag_jax import checkpoint, data, federated, fl, fl_round, lora, train
@@ -190,15 +191,29 @@ def _exports(workdir):
     return out
 
 
-def test_killed_federated_run_resumes_to_the_same_result(tmp_path, monkeypatch):
-    config = _fl_config(**{"fl.strategy": "ff"})
-    full = run_lib.run(config, tmp_path / "full")
-    records = [json.loads(x) for x in (tmp_path / "full/metrics.jsonl").read_text().splitlines()]
+FF = {"fl.strategy": "ff"}
+
+
+@pytest.fixture(scope="module")
+def ff_full(tmp_path_factory):
+    """An uninterrupted FF-LoRA run of the shrunk heter config: ``(workdir, summary)``."""
+    workdir = tmp_path_factory.mktemp("ff") / "full"
+    return workdir, run_lib.run(_fl_config(**FF), workdir)
+
+
+def _records(workdir):
+    return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_killed_federated_run_resumes_to_the_same_result(ff_full, tmp_path, monkeypatch):
+    config = _fl_config(**FF)
+    full_dir, full = ff_full
+    records = [json.loads(x) for x in (full_dir / "metrics.jsonl").read_text().splitlines()]
     assert {r["round"] for r in records if r["kind"] == "eval"} == {0, 1, 2, 3}
     assert {r["model"] for r in records if r["kind"] == "eval"} == {"base", "global", "fused"}
     uploads = {r["client"]: r["upload_bytes"] for r in records if r["kind"] == "client"}
     assert uploads[0] == 2 * uploads[1] == 4 * uploads[3] > 0  # ranks 4, 2, 2, 1
-    assert (tmp_path / "full/rounds.png").stat().st_size > 0
+    assert (full_dir / "rounds.png").stat().st_size > 0
 
     calls = {"n": 0}
     real = fl.evaluate_round
@@ -215,7 +230,7 @@ def test_killed_federated_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     monkeypatch.setattr(fl, "evaluate_round", real)
     resumed = run_lib.run(config, tmp_path / "killed")
     assert resumed["final_held_out_loss"] == full["final_held_out_loss"]
-    a, b = _exports(tmp_path / "full"), _exports(tmp_path / "killed")
+    a, b = _exports(full_dir), _exports(tmp_path / "killed")
     assert a.keys() == b.keys()
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
@@ -223,6 +238,49 @@ def test_killed_federated_run_resumes_to_the_same_result(tmp_path, monkeypatch):
               (tmp_path / "killed/metrics.jsonl").read_text().splitlines()
               if json.loads(x)["kind"] == "round"]
     assert rounds == [1, 2, 3]
+
+
+def test_torn_metrics_line_and_a_kill_in_round_1_resume_without_duplicates(
+        ff_full, tmp_path, monkeypatch):
+    """Killed during round 1 (the base model's records written, no round checkpoint yet) and
+    a half-written record left at the end of metrics.jsonl: the resumed run drops the torn
+    line, rewinds the log to its last checkpoint (none: the start) and ends with exactly the
+    uninterrupted run's records and summary."""
+    full_dir, full = ff_full
+    real = fl.evaluate_round
+    calls = {"n": 0}
+
+    def dies_in_round_1(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the base model's evaluation, then round 1's
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fl, "evaluate_round", dies_in_round_1)
+    with pytest.raises(KeyboardInterrupt):
+        run_lib.run(_fl_config(**FF), tmp_path / "killed")
+    monkeypatch.setattr(fl, "evaluate_round", real)
+    metrics = tmp_path / "killed/metrics.jsonl"
+    assert any(r["kind"] == "client" for r in _records(tmp_path / "killed"))
+    with metrics.open("ab") as f:
+        f.write(b'{"kind": "eval", "round": 1, "client": 0, "lo')
+    resumed = run_lib.run(_fl_config(**FF), tmp_path / "killed")
+    assert comparable(resumed, tmp_path / "killed") == comparable(full, full_dir)
+    assert comparable(_records(tmp_path / "killed")) == comparable(_records(full_dir))
+
+
+def test_federated_job_killed_at_5_random_points(ff_full, tmp_path):
+    """SIGKILL at 5 points chosen by a seed (start-up, mid-round, mid-write, ...), the same
+    command each time: the summary and every record equal the uninterrupted run's."""
+    full_dir, full = ff_full
+    args = ["--config", "heter", "--workdir", str(tmp_path / "killed"),
+            *[f"--config.{k}={v}" for k, v in {**TINY_FL, **FF}.items()]]
+    log = kill_and_resume(args, tmp_path / "killed", total_records=len(_records(full_dir)),
+                          seed=13)
+    summary = json.loads((tmp_path / "killed/summary.json").read_text())
+    assert comparable(summary, tmp_path / "killed") == comparable(
+        json.loads((full_dir / "summary.json").read_text()), full_dir), log
+    assert comparable(_records(tmp_path / "killed")) == comparable(_records(full_dir)), log
 
 
 def test_federated_bad_input(tmp_path):
