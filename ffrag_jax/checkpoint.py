@@ -7,6 +7,8 @@ a resumed run can cut the log back to exactly that point (:func:`metrics_offsets
 
 from __future__ import annotations
 
+import errno
+import shutil
 import weakref
 from pathlib import Path
 
@@ -28,10 +30,24 @@ def manager(directory: str | Path, max_to_keep: int = 2) -> ocp.CheckpointManage
     return mngr
 
 
+def check_room(directory: Path, state) -> None:
+    """An ``OSError(ENOSPC)`` before a save that cannot fit: a save that runs out of room
+    fails in orbax's background threads, which print dozens of tracebacks before the error
+    reaches the run, and leaves a partial folder behind."""
+    need = sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(state))
+    free = shutil.disk_usage(directory).free
+    if free < 1.1 * need + (1 << 20):
+        raise OSError(errno.ENOSPC, f"No space left on device: a {need / 1e6:.1f} MB "
+                      f"checkpoint does not fit in the {free / 1e6:.1f} MB free",
+                      str(directory))
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state, metrics) -> None:
     """Saves asynchronously, with the current length of ``metrics`` (a
     :class:`~ffrag_jax.metrics.MetricsLog`); call ``mngr.wait_until_finished()`` before reading
     it back."""
+    mngr.wait_until_finished()  # the previous save's room is taken before this one is checked
+    check_room(Path(mngr.directory), state)
     mngr.save(step, args=ocp.args.StandardSave(state),
               custom_metadata={"metrics_offset": metrics.offset()})
 

@@ -143,12 +143,27 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def _quiet_libraries() -> None:
-    """Keep orbax's per-save INFO chatter out of the run log (its warnings still show)."""
+    """Keep orbax's per-save INFO chatter out of the run log (its warnings still show), and
+    its background threads' tracebacks: a failed save is re-raised in the main thread, where
+    it becomes one line (a full disk) or the one traceback."""
     import logging as py_logging
 
-    logging.get_absl_handler().addFilter(
-        lambda r: r.levelno >= py_logging.WARNING or "/orbax/" not in r.pathname
-    )
+    def orbax_filter(record) -> bool:
+        if "/orbax/" not in record.pathname:
+            return True
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return record.levelno >= py_logging.WARNING
+
+    logging.get_absl_handler().addFilter(orbax_filter)
+
+    def excepthook(kind, value, tb):
+        # tensorstore completing a write after orbax closed that save's event loop (a save
+        # that failed, say on a full disk) prints this from a callback: noise, not news.
+        if kind is RuntimeError and str(value) == "Event loop is closed":
+            return
+        sys.__excepthook__(kind, value, tb)
+
+    sys.excepthook = excepthook
 
 
 def storage_error(error: BaseException) -> str | None:

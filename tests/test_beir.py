@@ -62,3 +62,17 @@ def test_beir_loader_and_minilm_on_a_dbpedia_slice():
     assert result["ndcg@10"] > 0.3  # MiniLM finds judged entities (random would be ~0)
     with pytest.raises(UserError, match="qrels/dev.tsv is missing"):
         beir.load_beir(DATA / "beir-dbpedia-subset", split="dev")
+
+
+def test_malformed_qrels_name_the_file_and_line(tmp_path):
+    folder = tmp_path / "beir"
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text('{"_id": "d1", "text": "a doc"}\n')
+    (folder / "queries.jsonl").write_text('{"_id": "q1", "text": "a query"}\n')
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\n")
+    with pytest.raises(UserError, match=r"qrels/test.tsv:2: expected 3 tab-separated columns"):
+        beir.load_beir(folder)
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    (folder / "corpus.jsonl").write_bytes(b'{"_id": "d1", "text": "caf\xe9"}\n')
+    with pytest.raises(UserError, match=r"corpus.jsonl: not UTF-8 text"):
+        beir.load_beir(folder)

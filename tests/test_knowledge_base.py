@@ -147,3 +147,72 @@ def test_command_line_build_and_search(tmp_path, capsys):
     assert cli.main(["build", str(tmp_path / "missing"), str(tmp_path / "kb2")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: document path") and "missing" in err[0]
+
+
+def _hashes(folder):
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_build_never_writes_into_or_over_its_documents(tmp_path, capsys):
+    from ffrag_jax.retrieval import kb as cli
+
+    docs = tmp_path / "docs"
+    (docs / "more").mkdir(parents=True)
+    for i, text in enumerate(GUIDELINES):
+        (docs / f"g{i}.txt").write_text(text)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "n.txt").write_text("my notes")
+    before, notes = _hashes(docs), _hashes(tmp_path / "notes")
+    for out, message in [(docs, "is the documents"), (docs / "more", "lies inside"),
+                         (docs / "kb", "lies inside"), (tmp_path, "contains the documents")]:
+        assert cli.main(["build", str(docs), str(out), "--overwrite"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    # --overwrite replaces a knowledge base, never a folder of other files
+    assert cli.main(["build", str(docs), str(tmp_path / "notes"), "--overwrite"]) == 2
+    assert "is not empty and is not a knowledge base" in capsys.readouterr().err
+    assert _hashes(docs) == before and _hashes(tmp_path / "notes") == notes
+    assert cli.main(["build", str(docs), str(tmp_path / "kb")]) == 0
+    assert cli.main(["build", str(docs / "g0.txt"), str(tmp_path / "kb"), "--overwrite"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["documents"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs", "kb", "notes"]  # no temp
+
+
+def test_binary_or_non_utf8_documents_are_refused(tmp_path, capsys):
+    from ffrag_jax.retrieval import kb as cli
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "fine.txt").write_text(GUIDELINES[0])
+    (docs / "random.txt").write_bytes(np.random.default_rng(0).bytes(200_000))
+    assert cli.main(["build", str(docs), str(tmp_path / "kb")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "random.txt: binary content" in err[0], err
+    (docs / "random.txt").write_bytes("café au lait".encode("latin-1"))
+    with pytest.raises(UserError, match=r"random.txt: not UTF-8 text \(invalid byte at offset "
+                                        r"3\)"):
+        documents.read_documents(docs)
+    assert not (tmp_path / "kb").exists()
+
+
+@pytest.mark.parametrize("damage", ["chunks.jsonl", "embeddings.npy", "manifest.json",
+                                    "bm25/params.index.json"])
+def test_damaged_knowledge_base_files_are_one_line(tmp_path, capsys, damage):
+    from ffrag_jax.retrieval import kb as cli
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i, text in enumerate(GUIDELINES):
+        (docs / f"g{i}.txt").write_text(text)
+    assert cli.main(["build", str(docs), str(tmp_path / "kb")]) == 0
+    capsys.readouterr()
+    target = tmp_path / "kb" / damage
+    if not target.exists():  # bm25s names its files by version: damage the first one
+        target = sorted((tmp_path / "kb" / "bm25").iterdir())[0]
+    target.write_bytes(target.read_bytes()[: len(target.read_bytes()) // 2])
+    assert cli.main(["search", str(tmp_path / "kb"), "hand hygiene"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "kb" in err[0], err

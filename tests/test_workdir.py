@@ -30,9 +30,12 @@ TINY_LORA = {
 
 
 def tree_hashes(folder: Path) -> dict[str, str]:
-    """Every file under ``folder`` (hidden ones too) -> its sha256; folders -> "dir"."""
+    """Every file under ``folder`` (hidden ones too) -> its sha256; folders -> "dir". The
+    run's lock file is left out: each run that takes the lock writes its PID there."""
     out = {}
     for path in sorted(folder.rglob("*")):
+        if path.name == workdir.LOCK:
+            continue
         rel = str(path.relative_to(folder))
         out[rel] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
     return out
