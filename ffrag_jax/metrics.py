@@ -153,7 +153,8 @@ def plot_client_rounds(records: list[dict], path: str | Path, title: str = "",
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
+        if ax.get_legend_handles_labels()[0]:  # clients without held-out data draw nothing
+            ax.legend(fontsize=7, ncol=2)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

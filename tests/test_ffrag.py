@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+from killing import comparable, kill_and_resume
 
 from ffrag_jax import evaluation
 from ffrag_jax.errors import UserError
@@ -172,3 +173,99 @@ def test_exact_match_f1_and_answer_in_context():
     assert evaluation.answer_in_context_rate(
         ["The capital is Paris.", "Nothing here.", ""], ["paris", "Rome", "x"]) == pytest.approx(
             1 / 3)
+
+
+def test_ffrag_demo_killed_at_5_random_points(ffrag_run, tmp_path):
+    """SIGKILL at 5 points chosen by a seed (start-up, pretraining, mid-round, export, ...),
+    the same command each time: the summary and every record equal the uninterrupted run's."""
+    full_dir, _ = ffrag_run
+    args = ["--config", "demo", "--workdir", str(tmp_path / "killed"),
+            *[f"--config.{k}={v}" for k, v in SMALL.items()]]
+    log = kill_and_resume(args, tmp_path / "killed", total_records=len(_records(full_dir)),
+                          seed=3)
+    summary = lambda w: json.loads((w / "summary.json").read_text())
+    assert comparable(summary(tmp_path / "killed")) == comparable(summary(full_dir)), log
+    assert comparable(_records(tmp_path / "killed")) == comparable(_records(full_dir)), log
+
+
+def test_ffrag_divergence_names_the_learning_rates(tmp_path):
+    from ffrag_jax import run as run_lib
+    from ffrag_jax.launch import load_config
+
+    with pytest.raises(UserError, match=r"diverged; lower fl\.(retriever_)?lr \(now 1e\+06\)"):
+        run_lib.run(load_config("demo", {**SMALL, "fl.lr": 1e6, "fl.retriever_lr": 1e6}),
+                    tmp_path / "run")
+
+
+LONG_QUESTION = ("I am going through the court records of last month for my report and I "
+                 "would really like to know, if you can tell me, who heard case Bo-12?")
+
+
+def test_ask_keeps_the_passage_and_cuts_a_long_question(ffrag_run, caplog):
+    from ffrag_jax.inference import load_system
+
+    workdir, _ = ffrag_run
+    system = load_system(workdir)
+    (long, huge) = system.ask([LONG_QUESTION, "who heard case Bo-12? " * 450])
+    for r in (long, huge):
+        assert r["cut"] == ["question"]
+        assert r["context"] == r["sources"][0]["text"]  # the whole top passage was read
+    assert "question 1: the question was cut to fit the reader's 48-token prompt" in caplog.text
+    assert "question 2: the question was cut" in caplog.text
+    (short,) = system.ask(["Who heard case Bo-12?"])
+    assert short["cut"] == [] and short["context"] == short["sources"][0]["text"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["   "], "question 1 is empty"),
+    (["--top-k", "-5", "--temperature", "0.7", "q"], "--top-k >= 0 expected (0: off), got -5"),
+    (["--top-p", "0.9", "q"], "--top-p and --top-k only apply when sampling"),
+    (["--temperature", "nan", "q"], "--temperature >= 0 expected"),
+    (["--max-new-tokens", "1000", "q"], "--max-new-tokens 1000: this reader has room for"),
+])
+def test_ask_refuses_nonsense_in_one_line(ffrag_run, capsys, argv, message):
+    from ffrag_jax import ask
+
+    workdir, _ = ffrag_run
+    assert ask.main(["--workdir", str(workdir), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_ask_checks_its_output_and_inputs_before_answering(ffrag_run, tmp_path, capsys,
+                                                           monkeypatch):
+    from ffrag_jax import ask, inference
+
+    workdir, _ = ffrag_run
+
+    def no_answering(*args, **kwargs):
+        raise AssertionError("answers were computed before the output was checked")
+
+    monkeypatch.setattr(inference, "load_system", no_answering)
+    assert ask.main(["--workdir", str(workdir), "--output", str(tmp_path / "no/such/a.jsonl"),
+                     "q"]) == 2
+    assert "folder " + str(tmp_path / "no/such") + " does not exist" in capsys.readouterr().err
+    latin = tmp_path / "q.jsonl"
+    latin.write_bytes(b'{"question": "caf\xe9?"}\n')
+    assert ask.main(["--workdir", str(workdir), "--questions", str(latin)]) == 2
+    assert "q.jsonl: not UTF-8 text" in capsys.readouterr().err
+    monkeypatch.undo()
+    out = tmp_path / "a.jsonl"
+    assert ask.main(["--workdir", str(workdir), "--output", str(out), "Who heard case Bo-12?"]
+                    ) == 0
+    (row,) = [json.loads(x) for x in out.read_text().splitlines()]
+    assert row["question"] == "Who heard case Bo-12?" and row["cut"] == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "q.jsonl"]  # no temp
+
+
+def test_ask_with_a_damaged_export_is_one_line(ffrag_run, tmp_path, capsys):
+    from ffrag_jax import ask
+
+    workdir, _ = ffrag_run
+    copy = tmp_path / "export"
+    shutil.copytree(workdir / "export", copy)
+    weights = copy / "generator" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert ask.main(["--workdir", str(copy), "Who heard case Bo-12?"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.safetensors: damaged safetensors file" in err, err

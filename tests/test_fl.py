@@ -337,3 +337,49 @@ def test_clients_sharded_over_8_devices_equal_one_device(tmp_path):
     for (path, a), (_, b) in zip(flat_one, flat_eight, strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6,
                                    err_msg=jax.tree_util.keystr(path))
+
+
+def _alpaca(path, words):
+    path.write_text("".join(json.dumps({"instruction": f"Say {w}.", "input": "", "output": w})
+                            + "\n" for w in words))
+    return path
+
+
+def test_federated_bad_data_is_one_line_naming_the_file(tmp_path):
+    with pytest.raises(UserError, match="fl.num_clients must be at least 1, got 0"):
+        run_lib.run(_fl_config(**{"fl.num_clients": 0}), tmp_path / "zero")
+    assert not (tmp_path / "zero").exists()  # refused before the workdir was made
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"instruction": "Say caf\xe9.", "input": "", "output": "ok"}\n')
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    csv_file = tmp_path / "data.csv"
+    csv_file.write_text("instruction,input,output\nSay hi.,,hi\n")
+    cases = [(latin, r"latin.jsonl: not UTF-8 text \(invalid byte at offset 28\)"),
+             (empty, r"data file .*empty.jsonl holds no records")]
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        cases.append((csv_file, r"data.csv: reading .csv needs the datasets package"))
+    for path, message in cases:
+        with pytest.raises(UserError, match=message):
+            run_lib.run(_fl_config(**{"data.source": "file", "data.path": str(path)}),
+                        tmp_path / path.stem)
+
+
+def test_more_clients_than_records_warns_and_writes_strict_json(tmp_path, caplog):
+    """3 records for 10 clients: no client has held-out data. Said in a warning; the summary
+    holds null, not NaN, where there is nothing to average."""
+    data_file = _alpaca(tmp_path / "three.jsonl", ["one", "two", "three"])
+    summary = run_lib.run(_fl_config(**{
+        "data.source": "file", "data.path": str(data_file), "fl.num_clients": 10,
+        "fl.ranks": (1,) * 10, "fl.rounds": 1, "fl.strategy": "stack", "export": False}),
+        tmp_path / "run")
+    assert "have no held-out examples" in caplog.text
+    assert summary["final_held_out_loss"] == {}
+    on_disk = json.loads((tmp_path / "run/summary.json").read_text(), parse_constant=pytest.fail)
+    assert on_disk["mean_global_loss"] is None
+    with pytest.raises(UserError, match="no client has a training example"):
+        run_lib.run(_fl_config(**{"data.source": "file", "data.path": str(
+            _alpaca(tmp_path / "one.jsonl", ["one"])), "data.held_out": 0.99,
+            "fl.num_clients": 1, "fl.ranks": (1,)}), tmp_path / "none")

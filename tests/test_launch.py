@@ -8,6 +8,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from killing import comparable, kill_and_resume
 
 from ffrag_jax import run as run_lib
 from ffrag_jax.launch import load_config
@@ -221,12 +222,18 @@ TINY_DEMO = {
 }
 
 
-def test_federated_lora_demo_via_launcher(tmp_path):
+@pytest.fixture(scope="module")
+def fflora_run(tmp_path_factory):
+    """The shrunk FF-LoRA demo run by the launcher: ``(workdir, completed process)``."""
+    workdir = tmp_path_factory.mktemp("fflora") / "demo"
+    overrides = [f"--config.{k}={v}" for k, v in TINY_DEMO.items()]
+    return workdir, _launch("--config", "fflora", "--workdir", str(workdir), *overrides)
+
+
+def test_federated_lora_demo_via_launcher(fflora_run):
     """The FF-LoRA demo (shrunk): pretraining, FF-LoRA rounds over four synthetic domains,
     exact match of the base, global and fused models, exports."""
-    workdir = tmp_path / "demo"
-    overrides = [f"--config.{k}={v}" for k, v in TINY_DEMO.items()]
-    result = _launch("--config", "fflora", "--workdir", str(workdir), *overrides)
+    workdir, result = fflora_run
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r.get("phase") == "pretrain"] == [2, 4]
@@ -241,3 +248,50 @@ def test_federated_lora_demo_via_launcher(tmp_path):
     for name in ("rounds.png", "export/global_model/model.safetensors",
                  "export/personal/client_3/adapter_config.json"):
         assert (workdir / name).exists(), name
+
+
+def test_fflora_demo_killed_at_5_random_points(fflora_run, tmp_path):
+    """SIGKILL at 5 points chosen by a seed, resumed with the same command each time: the
+    summary and every metrics record equal the uninterrupted run's."""
+    full_dir, result = fflora_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    args = ["--config", "fflora", "--workdir", str(tmp_path / "killed"),
+            *[f"--config.{k}={v}" for k, v in TINY_DEMO.items()]]
+    records = lambda w: [json.loads(x) for x in (w / "metrics.jsonl").read_text().splitlines()]
+    log = kill_and_resume(args, tmp_path / "killed", total_records=len(records(full_dir)),
+                          seed=7)
+    summary = lambda w: json.loads((w / "summary.json").read_text())
+    assert comparable(summary(tmp_path / "killed"), tmp_path / "killed") == comparable(
+        summary(full_dir), full_dir), log
+    assert comparable(records(tmp_path / "killed")) == comparable(records(full_dir)), log
+
+
+def test_a_learning_rate_far_too_large_is_reported(tmp_path, caplog):
+    """lr=1e6: Adam's normalised steps keep the loss finite while the adapter explodes; the
+    run says so, with the step and the setting to change."""
+    run_lib.run(_tiny_config(**{"lora.lr": 1e6, "export": False, "log_every": 1}),
+                tmp_path / "run")
+    assert "lora: the trainable weights' norm grew from" in caplog.text
+    assert "lower lora.lr (now 1e+06)" in caplog.text
+
+
+def test_a_tokenizer_larger_than_the_model_is_named_before_any_work(tmp_path):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ffrag_jax import synthetic, text
+
+    examples = synthetic.make_examples("clinic", 100, seed=0)
+    tokenizer = text.train_bpe_tokenizer(
+        [synthetic.prompt(e) + synthetic.response(e) for e in examples], 400)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128))
+    folder = tmp_path / "llama"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    with pytest.raises(run_lib.UserError, match=f"the tokenizer has {len(tokenizer)} tokens but "
+                                                "the model's vocab_size is 300"):
+        run_lib.run(_tiny_config(**{"model.path": str(folder)}), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
