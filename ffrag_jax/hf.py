@@ -26,6 +26,7 @@ from flax import traverse_util
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from ffrag_jax import files
 from ffrag_jax.errors import UserError
 from ffrag_jax.models.llama import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, LlamaConfig, init_params
 
@@ -199,11 +200,11 @@ def safetensors_files(folder: Path) -> dict[str, Path]:
         weight_map = read_json(index, "sharded safetensors index").get("weight_map")
         if not isinstance(weight_map, dict):
             raise UserError(f"{index}: has no 'weight_map'")
-        files = {name: folder / fname for name, fname in weight_map.items()}
-        for f in set(files.values()):
+        where = {name: folder / fname for name, fname in weight_map.items()}
+        for f in set(where.values()):
             if not f.exists():
                 raise UserError(f"{folder}: shard {f.name} named in {index.name} is missing")
-        return files
+        return where
     single = folder / "model.safetensors"
     if not single.exists():
         others = sorted(p.name for p in folder.glob("*.bin")) or ["nothing"]
@@ -353,7 +354,7 @@ def write_safetensors(folder: Path, tensors: dict[str, np.ndarray], stem: str = 
         weight_map.update(dict.fromkeys(shard, fname))
     total = sum(t.nbytes for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    files.atomic_write_json(folder / f"{stem}.safetensors.index.json", index)
 
 
 def save_llama(
@@ -368,7 +369,7 @@ def save_llama(
     folder = prepare_output_dir(path, overwrite)
     tensors = dict(hf_tensors(cfg, params))
     write_safetensors(folder, tensors)
-    (folder / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2))
+    files.atomic_write_json(folder / "config.json", config_to_hf(cfg))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
     return folder

@@ -9,7 +9,9 @@ Any config value can be overridden with a dotted flag, for example --config.fl.r
 python -m ffrag_jax.ask --workdir DIR "question". Outputs (metrics.jsonl,
 loss.png, checkpoints/, export/, summary.json) go to --workdir, runs/<config>-<time> by
 default. Running again in the workdir of an unfinished run resumes it; a finished run is only
-replaced with --overwrite.
+replaced with --overwrite. One run at a time holds a workdir (an OS lock). Ctrl-C or SIGTERM
+ends after the checkpoint in flight (exit status 130); bad input is one line on stderr (exit
+status 2).
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Output folder. Default: runs/<config>-<YYYYmmdd-HHMMSS>.")
 _OVERWRITE = flags.DEFINE_bool(
-    "overwrite", False, "Delete and replace a finished (or different) run in --workdir.")
+    "overwrite", False, "Replace a finished (or different) ffrag_jax run in --workdir, after "
+    "the new config passed its checks: only the files ffrag_jax wrote there are deleted; a "
+    "folder that is not an ffrag_jax run is never touched.")
 
 
 def config_names() -> list[str]:

@@ -14,7 +14,6 @@ and :func:`load_peft_adapter` / :func:`save_peft_adapter` move adapters to and f
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -25,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct, traverse_util
 
-from ffrag_jax import hf
+from ffrag_jax import files, hf
 from ffrag_jax.errors import UserError
 from ffrag_jax.models.llama import LINEAR_MODULES, LlamaConfig
 
@@ -242,7 +241,7 @@ def save_peft_adapter(
         "rank_pattern": {},
         "alpha_pattern": {},
     }
-    (folder / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+    files.atomic_write_json(folder / "adapter_config.json", adapter_config)
 
 
 _UNSUPPORTED_PEFT = {

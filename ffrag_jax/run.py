@@ -63,5 +63,8 @@ def run(config: ConfigDict, workdir: str | Path, *, overwrite: bool = False) -> 
         logging.info("devices: %s; mesh: %s", jax.devices(), dict(mesh.shape))
         try:
             return job_module(config.task).run(config, path, mesh)
+        except UserError as e:
+            workdir_lib.mark_failed_start(path, str(e))
+            raise
         finally:  # a run stopped by an error or an interrupt still keeps its last save
             checkpoint.wait_for_pending_saves()

@@ -14,9 +14,10 @@ The contract, for every job:
   ``metrics.jsonl`` were written when it was saved. A resumed run first cuts the log back to
   the latest checkpoint's length: the records of the work it is about to redo (and a line torn
   by a kill) are dropped, none are written twice.
-* **A start that made no progress does not hold the folder.** An unfinished run with a
-  different config and no checkpoint yet (a run that failed on a bad input) is replaced by the
-  new config; one with checkpoints is refused unless ``--overwrite``.
+* **A start that failed on bad input does not hold the folder.** A run that stopped on a
+  :class:`UserError` before its first checkpoint says so in its marker; the corrected command
+  (a different config) starts the folder afresh. Any other unfinished run with a different
+  config is refused unless ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -143,6 +144,20 @@ def delete_outputs(workdir: Path) -> list[str]:
     return gone
 
 
+def _marker(workdir: Path) -> dict:
+    try:
+        return json.loads((workdir / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def mark_failed_start(workdir: Path, reason: str) -> None:
+    """Records in the marker that the run stopped on bad input before its first checkpoint:
+    the corrected command (a different config) may then start the folder afresh."""
+    if not checkpoint.has_any(workdir / "checkpoints"):
+        files.atomic_write_json(workdir / MARKER, {**_marker(workdir), "failed_start": reason})
+
+
 def _read_config(workdir: Path) -> dict:
     path = workdir / "config.json"
     try:
@@ -180,11 +195,13 @@ def prepare(config: ConfigDict, workdir: Path, overwrite: bool) -> str:
             if not diff:
                 logging.info("resuming the unfinished run in %s", workdir)
                 return "resume"
-            if not owned or checkpoint.has_any(workdir / "checkpoints"):
+            failed = _marker(workdir).get("failed_start") if owned else None
+            if not failed or checkpoint.has_any(workdir / "checkpoints"):
                 raise UserError(f"workdir {workdir} holds an unfinished run with a different "
                                 f"config ({diff}); pass --overwrite or choose another --workdir")
-            logging.info("the earlier run in %s stopped before its first checkpoint; starting "
-                         "again with the new config (%s)", workdir, diff)
+            logging.info("the earlier run in %s stopped on bad input before its first "
+                         "checkpoint (%s); starting again with the new config (%s)", workdir,
+                         failed, diff)
             delete_outputs(workdir)
     files.atomic_write_json(workdir / MARKER, {
         "ffrag_jax_run": 1, "task": config.task,

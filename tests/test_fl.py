@@ -355,7 +355,7 @@ def test_federated_bad_data_is_one_line_naming_the_file(tmp_path):
     empty.write_text("")
     csv_file = tmp_path / "data.csv"
     csv_file.write_text("instruction,input,output\nSay hi.,,hi\n")
-    cases = [(latin, r"latin.jsonl: not UTF-8 text \(invalid byte at offset 28\)"),
+    cases = [(latin, r"latin.jsonl: not UTF-8 text \(invalid byte at offset 24\)"),
              (empty, r"data file .*empty.jsonl holds no records")]
     try:
         import datasets  # noqa: F401

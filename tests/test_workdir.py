@@ -262,28 +262,35 @@ def test_summary_and_configs_are_strict_json(tmp_path):
 # Interrupts, a full disk, a read-only folder: one line, nothing lost
 
 
-def test_sigterm_ends_with_one_line_and_the_same_command_resumes(tmp_path):
+def test_ctrl_c_and_sigterm_end_with_one_line_and_the_same_command_resumes(tmp_path):
     run = tmp_path / "w"
-    args = ["--config", "lora", "--workdir", str(run), *flags({**TINY_LORA, "lora.steps": 40})]
-    proc = subprocess.Popen([sys.executable, "-m", "ffrag_jax.launch", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        records = read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else []
-        if any(r.get("phase") == "lora" for r in records):
-            break
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-3000:]
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("error: interrupted after phase lora, step ") and last.endswith(
-        "; rerun the same command to resume"), last
-    assert "Traceback" not in err
+    args = ["--config", "lora", "--workdir", str(run),
+            *flags({**TINY_LORA, "lora.steps": 60})]
+
+    def lora_steps():
+        path = run / "metrics.jsonl"
+        return [r["step"] for r in (read_jsonl(path) if path.exists() else [])
+                if r.get("phase") == "lora"]
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        seen = max(lora_steps(), default=0)
+        proc = subprocess.Popen([sys.executable, "-m", "ffrag_jax.launch", *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if max(lora_steps(), default=0) > seen:  # mid-phase, past where the last run was
+                break
+            time.sleep(0.1)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130, err[-3000:]
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("error: interrupted after phase lora, step ") and last.endswith(
+            "; rerun the same command to resume"), last
+        assert "Traceback" not in err
     result = launch(*args)
     assert result.returncode == 0, result.stderr[-3000:]
-    steps = [r["step"] for r in read_jsonl(run / "metrics.jsonl") if r.get("phase") == "lora"]
-    assert steps == list(range(1, 41))
+    assert lora_steps() == list(range(1, 61))
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ffrag_jax import files
 from ffrag_jax.errors import UserError
 
 METRICS = ("dot", "cosine")
@@ -222,7 +223,7 @@ def _pad_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.
 
 
 def _write_meta(folder: Path, meta: dict) -> None:
-    (folder / "index.json").write_text(json.dumps(meta, indent=2))
+    files.atomic_write_json(folder / "index.json", meta)
 
 
 def build(vectors: np.ndarray, metric: str = "dot", kind: str = "auto", **scann_options):
