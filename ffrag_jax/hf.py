@@ -169,6 +169,8 @@ def read_json(path: Path, what: str) -> dict:
         raise UserError(f"{path.parent}: {path.name} is missing ({what})") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
 
 
 def check_model_dir(path: str | os.PathLike) -> Path:

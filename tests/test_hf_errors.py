@@ -90,3 +90,20 @@ def test_tokenizer_without_pad_token(tmp_path):
 def test_missing_tokenizer(tmp_path):
     with pytest.raises(UserError, match="no tokenizer.json"):
         hf.load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.001])  # cut in the tensors; cut in the header
+def test_truncated_safetensors_is_one_line(hf_llama_dir, tmp_path, keep):
+    folder = tmp_path / "m"
+    shutil.copytree(hf_llama_dir("mha_tied"), folder)
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: max(int(len(data) * keep), 8)])
+    with pytest.raises(UserError, match=r"model.safetensors: damaged safetensors file"):
+        hf.load_llama(folder)
+
+
+def test_non_utf8_config_is_one_line(tmp_path):
+    (tmp_path / "config.json").write_bytes(b'{"model_type": "ll\xe9ma"}')
+    with pytest.raises(UserError, match="config.json: not UTF-8 text"):
+        hf.load_llama(tmp_path)
