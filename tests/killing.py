@@ -48,7 +48,10 @@ def kill_and_resume(args: list[str], workdir, *, total_records: int, seed: int,
         if (Path(workdir) / "summary.json").exists():
             log.append(f"finished before the kill at {target} records")
             break
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # stderr to a file: a pipe nobody reads fills up and stalls the run.
+        err_path = Path(workdir).parent / f"{Path(workdir).name}.stderr"
+        err_file = err_path.open("w")
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err_file)
         try:
             started = time.monotonic()
             wait = rng.uniform(0.5, 4.0) if target == 0 else None
@@ -61,13 +64,14 @@ def kill_and_resume(args: list[str], workdir, *, total_records: int, seed: int,
                 time.sleep(0.02)
             lines = _metrics_lines(metrics)
             proc.kill()
-            _, err = proc.communicate(timeout=60)
+            proc.wait(timeout=60)
         finally:
             if proc.poll() is None:
                 proc.kill()
+            err_file.close()
         if proc.returncode not in (0, -9):
             raise AssertionError(f"run failed (status {proc.returncode}) before its kill at "
-                                 f"{target} records: {err.decode()[-3000:]}")
+                                 f"{target} records: {err_path.read_text()[-3000:]}")
         log.append(f"killed at {lines} lines (target {target})" if proc.returncode == -9
                    else f"finished (target {target})")
     remaining = max(stop_at - time.monotonic(), 30)

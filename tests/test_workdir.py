@@ -264,8 +264,9 @@ def test_summary_and_configs_are_strict_json(tmp_path):
 
 def test_ctrl_c_and_sigterm_end_with_one_line_and_the_same_command_resumes(tmp_path):
     run = tmp_path / "w"
+    steps = 400  # long enough (a few seconds) for a signal to land mid-phase
     args = ["--config", "lora", "--workdir", str(run),
-            *flags({**TINY_LORA, "lora.steps": 60})]
+            *flags({**TINY_LORA, "lora.steps": steps, "checkpoint_every": 50})]
 
     def lora_steps():
         path = run / "metrics.jsonl"
@@ -274,15 +275,18 @@ def test_ctrl_c_and_sigterm_end_with_one_line_and_the_same_command_resumes(tmp_p
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         seen = max(lora_steps(), default=0)
-        proc = subprocess.Popen([sys.executable, "-m", "ffrag_jax.launch", *args],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            if max(lora_steps(), default=0) > seen:  # mid-phase, past where the last run was
-                break
-            time.sleep(0.1)
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=120)
+        log = tmp_path / f"{sig.name}.log"  # a file, not a pipe: a full pipe would stall it
+        with log.open("w") as err_file:
+            proc = subprocess.Popen([sys.executable, "-m", "ffrag_jax.launch", *args],
+                                    stdout=subprocess.DEVNULL, stderr=err_file)
+            deadline = time.time() + 240
+            while time.time() < deadline and proc.poll() is None:
+                if max(lora_steps(), default=0) > seen:  # mid-phase, past the last run
+                    break
+                time.sleep(0.05)
+            proc.send_signal(sig)
+            proc.wait(timeout=120)
+        err = log.read_text()
         assert proc.returncode == 130, err[-3000:]
         last = err.strip().splitlines()[-1]
         assert last.startswith("error: interrupted after phase lora, step ") and last.endswith(
@@ -290,7 +294,7 @@ def test_ctrl_c_and_sigterm_end_with_one_line_and_the_same_command_resumes(tmp_p
         assert "Traceback" not in err
     result = launch(*args)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert lora_steps() == list(range(1, 61))
+    assert lora_steps() == list(range(1, steps + 1))
 
 
 @pytest.fixture
