@@ -1,4 +1,4 @@
-"""Installs ffrag_jax. The named experiment configs in configs/ ship as ffrag_jax.configs."""
+"""Installs ffrag_jax (the named experiment configs are the package ffrag_jax.configs)."""
 
 from setuptools import setup
 
@@ -8,7 +8,6 @@ setup(
     description="Federated, personalised fine-tuning of retrieval-augmented LLMs in JAX/Flax.",
     python_requires=">=3.10",
     packages=["ffrag_jax", "ffrag_jax.models", "ffrag_jax.retrieval", "ffrag_jax.configs"],
-    package_dir={"ffrag_jax.configs": "configs"},
     install_requires=[
         "jax>=0.6",
         "flax>=0.10",

@@ -2,7 +2,7 @@
 
   python -m ffrag_jax.launch --config demo [--workdir DIR] [--config.fl.rounds=5 ...]
 
---config NAME loads configs/NAME.py (or a path to any config .py file) and calls its
+--config NAME loads ffrag_jax/configs/NAME.py (or a path to any config .py file) and calls its
 get_config(): demo (federated FF-RAG), ffrag, rag_e2e, fflora, heter, homo, lora, retriever.
 Any config value can be overridden with a dotted flag, for example --config.fl.rounds=5 or
 --config.model.path=/models/llama-3.2-1b. A trained RAG run answers questions with
@@ -37,7 +37,7 @@ from ffrag_jax.errors import UserError  # noqa: E402
 CONFIG_DIR = Path(ffrag_jax.configs.__file__).parent
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config: a name from configs/ (e.g. demo) or a path to a .py "
+    "config", None, "Experiment config: a name from ffrag_jax/configs/ (e.g. demo) or a path to a .py "
     "file with get_config(). Override values with --config.KEY=VALUE.", lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Output folder. Default: runs/<config>-<YYYYmmdd-HHMMSS>.")
@@ -52,7 +52,7 @@ def config_names() -> list[str]:
 
 
 def config_path(name: str) -> Path:
-    """``configs/NAME.py``, or ``name`` itself when it is an existing ``.py`` file."""
+    """``ffrag_jax/configs/NAME.py``, or ``name`` itself when it is an existing ``.py`` file."""
     if name.endswith(".py") and Path(name).exists():
         return Path(name)
     path = CONFIG_DIR / f"{name}.py"
@@ -93,7 +93,7 @@ def _load_config_file(path: str):
 
 
 def load_config(name: str, overrides: dict | None = None):
-    """The named config (``configs/NAME.py``, or a path to a config file) with dotted
+    """The named config (``ffrag_jax/configs/NAME.py``, or a path to a config file) with dotted
     ``overrides`` applied, e.g. ``load_config("heter", {"fl.rounds": 5})``: the launcher's
     config for research code and tests."""
     config = _load_config_file(str(config_path(name)))
