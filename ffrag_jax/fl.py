@@ -448,7 +448,6 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         "mean_base_loss": _mean([r["loss"] for r in records
                                  if r.get("kind") == "eval" and r["model"] == "base"]),
         "mean_global_loss": _mean([r["loss"] for r in final if r["model"] == "global"]),
-        "mean_fused_loss": _mean([r["loss"] for r in final if r["model"] == "fused"]),
         "mmlu_macro": next((r["macro"] for r in reversed(records)
                             if r.get("kind") == "mmlu"), None),
         **exact_match_summary(records, fl.rounds),
@@ -457,6 +456,8 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         "wall_time_s": round(time.perf_counter() - started, 1),
         "exported": exported,
     }
+    if any(r["model"] == "fused" for r in final):  # only FF-LoRA has personalised models
+        summary["mean_fused_loss"] = _mean([r["loss"] for r in final if r["model"] == "fused"])
     return write_summary(workdir, summary)
 
 

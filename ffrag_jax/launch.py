@@ -37,8 +37,9 @@ from ffrag_jax.errors import UserError  # noqa: E402
 CONFIG_DIR = Path(ffrag_jax.configs.__file__).parent
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config: a name from ffrag_jax/configs/ (e.g. demo) or a path to a .py "
-    "file with get_config(). Override values with --config.KEY=VALUE.", lock_config=True)
+    "config", None, "Experiment config: a name from ffrag_jax/configs/ (e.g. demo) or a path "
+    "to a .py file with get_config(). Override values with --config.KEY=VALUE.",
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Output folder. Default: runs/<config>-<YYYYmmdd-HHMMSS>.")
 _OVERWRITE = flags.DEFINE_bool(

@@ -96,7 +96,10 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def plot_training_loss(records: list[dict], path: str | Path, title: str = "") -> None:
-    """One panel per training phase: loss against step."""
+    """One panel per training phase: loss against step. A federated phase (records with a
+    ``client`` and a ``round``) gets one line per client against the client's own step count
+    across rounds (``(round - 1) * steps per round + step``), with a dotted line at each round
+    boundary, instead of one line zig-zagging through every client."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,9 +111,21 @@ def plot_training_loss(records: list[dict], path: str | Path, title: str = "") -
                              squeeze=False)
     for ax, phase in zip(axes[0], phases, strict=False):
         rows = [r for r in records if r.get("phase") == phase and r.get("kind") == "train"]
-        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker=".")
+        if all("client" in r and "round" in r for r in rows):
+            per_round = max(r["step"] for r in rows)
+            for client in sorted({r["client"] for r in rows}, key=str):
+                mine = sorted((r for r in rows if r["client"] == client),
+                              key=lambda r: (r["round"], r["step"]))
+                ax.plot([(r["round"] - 1) * per_round + r["step"] for r in mine],
+                        [r["loss"] for r in mine], marker=".", markersize=3, label=str(client))
+            for rnd in range(1, max(r["round"] for r in rows)):
+                ax.axvline(rnd * per_round, color="grey", linestyle=":", linewidth=0.8)
+            ax.set_xlabel(f"client step ({per_round} per round)")
+            ax.legend(fontsize=7)
+        else:
+            ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker=".")
+            ax.set_xlabel("step")
         ax.set_title(phase)
-        ax.set_xlabel("step")
         ax.set_ylabel("train loss")
         ax.grid(alpha=0.3)
     if title:
@@ -153,10 +168,17 @@ def plot_client_rounds(records: list[dict], path: str | Path, title: str = "",
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:  # clients without held-out data draw nothing
-            ax.legend(fontsize=7, ncol=2)
+    # One legend for all panels, below them: inside a panel it hides curves (ten clients and
+    # two models make twenty entries).
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    columns = min(len(labels), 4 * len(panels)) or 1  # ~1.75 inches of width per column
+    if handles:  # clients without held-out data draw nothing
+        fig.legend(handles, labels, loc="lower center", fontsize=7, ncol=columns,
+                   frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    legend_in = (0.2 * -(-len(labels) // columns) + 0.1) if handles else 0.0  # inches below
+    fig.set_figheight(4.2 + legend_in)
+    fig.tight_layout(rect=(0, legend_in / (4.2 + legend_in), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -5,8 +5,9 @@ it runs; override anything with ``--config.<key>=<value>``).
     python -m ffrag_jax.launch --config demo
 """
 
-from ffrag_jax.configs import ffrag
 from ml_collections import ConfigDict
+
+from ffrag_jax.configs import ffrag
 
 
 def get_config() -> ConfigDict:

@@ -12,8 +12,9 @@ Point it at a real local checkpoint with --config.model.path=/path/to/hf-llama (
 then skipped and the checkpoint's tokenizer is used).
 """
 
-from ffrag_jax.configs import _common, homo
 from ml_collections import ConfigDict
+
+from ffrag_jax.configs import _common, homo
 
 
 def get_config() -> ConfigDict:

@@ -9,8 +9,9 @@ exact match, for the base, global and fused (personalised) models.
     python -m ffrag_jax.launch --config ffrag
 """
 
-from ffrag_jax.configs import _common
 from ml_collections import ConfigDict, config_dict
+
+from ffrag_jax.configs import _common
 
 
 def get_config() -> ConfigDict:

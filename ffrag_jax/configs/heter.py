@@ -5,8 +5,9 @@ and alpha = 2r (scale 2 for every client). ``stack`` aggregates them exactly; ``
 the HetLoRA-style baseline; ``ff`` keeps a personal adapter per client.
 """
 
-from ffrag_jax.configs import homo
 from ml_collections import ConfigDict
+
+from ffrag_jax.configs import homo
 
 
 def get_config() -> ConfigDict:

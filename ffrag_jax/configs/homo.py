@@ -15,8 +15,9 @@ Without overrides it runs on the built-in synthetic clients with a tiny random L
 test of the whole loop on a CPU, not a meaningful experiment).
 """
 
-from ffrag_jax.configs import _common
 from ml_collections import ConfigDict, config_dict
+
+from ffrag_jax.configs import _common
 
 
 def get_config() -> ConfigDict:

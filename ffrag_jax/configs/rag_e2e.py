@@ -7,8 +7,9 @@ closed-book vs RAG exact match on held-out questions, before and after.
     python -m ffrag_jax.launch --config rag_e2e
 """
 
-from ffrag_jax.configs import _common
 from ml_collections import ConfigDict, config_dict
+
+from ffrag_jax.configs import _common
 
 
 def get_config() -> ConfigDict:
