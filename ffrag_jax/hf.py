@@ -372,7 +372,12 @@ def save_llama(
     tensors = dict(hf_tensors(cfg, params))
     write_safetensors(folder, tensors)
     files.atomic_write_json(folder / "config.json", config_to_hf(cfg))
+    files.atomic_write_json(folder / "generation_config.json", {
+        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id, "do_sample": False})
     if tokenizer is not None:
+        # Unset, transformers reports 1e30 and never truncates; the positions end here.
+        tokenizer.model_max_length = cfg.max_position_embeddings
         tokenizer.save_pretrained(str(folder))
     return folder
 

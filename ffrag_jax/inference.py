@@ -27,7 +27,7 @@ from pathlib import Path
 import jax
 from absl import logging
 
-from ffrag_jax import files, hf, lora, rag_eval
+from ffrag_jax import files, hf, lora, rag_eval, synthetic
 from ffrag_jax.errors import UserError
 from ffrag_jax.lora import LoRA
 from ffrag_jax.models.llama import LlamaConfig
@@ -135,6 +135,9 @@ def export_system(folder: Path, *, gen_cfg: LlamaConfig, gen_params: dict, token
         lora.save_weights(where / "retriever_lora.safetensors", client["retriever"])
     system = {"format": FORMAT, "retriever": retriever_path, "retriever_sides": retriever_sides,
               "prompt_len": prompt_len,
+              # How the reader was trained to be prompted: <s> + this template (the passage is
+              # cut to fit prompt_len tokens, rag.fit_prompt), then " <answer></s>".
+              "prompt_template": synthetic.PROMPT_TEMPLATE,
               "quotas": quotas, "clients": [{"name": c["name"], "base": c["base"]}
                                             for c in clients]}
     files.atomic_write_json(folder / "system.json", system)

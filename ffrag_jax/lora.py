@@ -18,6 +18,7 @@ import math
 import os
 import re
 from collections.abc import Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -222,6 +223,12 @@ def save_peft_adapter(
             tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b_i.T)
     hf.write_safetensors(folder, tensors, stem="adapter_model")
     alpha = lora.scale * (math.sqrt(rank) if lora.use_rslora else rank)
+    if base_model_name_or_path and Path(base_model_name_or_path).exists():
+        # A local base is named relative to the adapter folder: an absolute path would point
+        # into the original run after the export is copied or moved. Load such an adapter with
+        # PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).
+        base_model_name_or_path = os.path.relpath(Path(base_model_name_or_path).resolve(),
+                                                  folder.resolve())
     adapter_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",

@@ -21,8 +21,12 @@ SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int):
-    """A byte-level BPE ``PreTrainedTokenizerFast`` with <pad>=0, <s>=1, </s>=2."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A byte-level BPE ``PreTrainedTokenizerFast`` with <pad>=0, <s>=1, </s>=2.
+
+    With special tokens (``tokenizer(text)``, what other libraries do) it puts ``<s>`` first,
+    as the jobs do by hand (they always call it with ``add_special_tokens=False``), so an
+    exported model scores and generates from the same ids as in training."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -35,6 +39,9 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int):
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
+    bos = SPECIAL_TOKENS["bos_token"]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.token_to_id(bos))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
 
 

@@ -269,3 +269,48 @@ def test_ask_with_a_damaged_export_is_one_line(ffrag_run, tmp_path, capsys):
     assert ask.main(["--workdir", str(copy), "Who heard case Bo-12?"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "model.safetensors: damaged safetensors file" in err, err
+
+
+def test_a_moved_export_loads_in_transformers_and_peft_and_scores_as_the_job(ffrag_run,
+                                                                            tmp_path):
+    """Copy the run elsewhere and delete the copy's origin: the generator and a client's
+    adapter load in transformers + peft, the exported tokenizer gives the job's prompt ids
+    (BOS included), and the logits equal our forward of the client's fused model."""
+    import jax
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from ffrag_jax import hf, lora, rag, synthetic
+    from ffrag_jax.models import llama
+
+    workdir, _ = ffrag_run
+    origin = tmp_path / "origin"
+    shutil.copytree(workdir / "export", origin)
+    moved = tmp_path / "elsewhere" / "export"
+    moved.parent.mkdir()
+    shutil.move(origin, moved)
+    adapter_dir = moved / "clients/0/generator"
+    conf = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert conf["base_model_name_or_path"] == "../../../generator"  # export/generator
+    system = json.loads((moved / "system.json").read_text())
+    assert system["prompt_template"] == synthetic.PROMPT_TEMPLATE
+
+    tokenizer = AutoTokenizer.from_pretrained(moved / "generator")
+    assert tokenizer.model_max_length == 128
+    generation = GenerationConfig.from_pretrained(moved / "generator")
+    assert generation.eos_token_id == tokenizer.eos_token_id and not generation.do_sample
+    passage, question = "Patient Ab Cd stays in ward G8.", "Which ward is patient Ab Cd in?"
+    job_ids = rag.fit_prompt(tokenizer, passage, question, system["prompt_len"]).ids
+    text = synthetic.PROMPT_TEMPLATE.format(context=passage, question=question)
+    assert tokenizer(text)["input_ids"] == job_ids  # <s> first, as in training
+
+    base = AutoModelForCausalLM.from_pretrained(moved / "generator")
+    model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    ids = torch.tensor([job_ids + tokenizer(" G8", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits.numpy()
+    cfg, params = hf.load_llama(moved / "generator")
+    adapter = lora.load_peft_adapter(adapter_dir, cfg)
+    ours = np.asarray(llama.forward(params, cfg, jax.numpy.asarray(ids.numpy()), None, adapter))
+    assert np.abs(ours - ref).max() <= 1e-4
