@@ -19,6 +19,7 @@ from flax import struct
 
 from ffrag_jax import lora as lora_lib
 from ffrag_jax import sharding
+from ffrag_jax.errors import UserError
 from ffrag_jax.models.llama import LlamaConfig, forward, lm_head_kernel
 from ffrag_jax.models.lm_head import linear_cross_entropy
 
@@ -200,12 +201,38 @@ def jit_train_step(
     step = functools.partial(
         train_step, cfg=cfg, optimizer=optimizer, mode=mode, use_dropout=use_dropout
     )
-    return jax.jit(
+    jitted = jax.jit(
         step,
         in_shardings=(state_sh, frozen_sh, batch_sh, sharding.replicated(mesh)),
         out_shardings=(state_sh, sharding.replicated(mesh)),
         donate_argnums=(0,),
     )
+
+    @functools.wraps(jitted)
+    def checked(state, frozen, batch, rng):
+        check_batch(batch)
+        return jitted(state, frozen, batch, rng)
+
+    checked.lower = jitted.lower  # ahead-of-time compilation, as on any jitted function
+    return checked
+
+
+BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask")
+
+
+def check_batch(batch) -> None:
+    """A UserError for a batch that is not ``{input_ids, attention_mask, loss_mask}`` of
+    ``[accum, B, T]`` (what :func:`ffrag_jax.text.batch_at` returns): otherwise a missing key is
+    a bare KeyError and a ``[B, T]`` batch a sharding error deep inside jit."""
+    missing = [k for k in BATCH_KEYS if k not in batch]
+    if missing:
+        raise UserError(f"the batch lacks {', '.join(map(repr, missing))} (it has "
+                        f"{sorted(batch)}); a training batch is {{input_ids, attention_mask, "
+                        "loss_mask}, each [accum, B, T]: build it with text.batch_at")
+    shapes = {k: tuple(batch[k].shape) for k in BATCH_KEYS}
+    if len(set(shapes.values())) != 1 or len(shapes["input_ids"]) != 3:
+        raise UserError(f"batch shapes {shapes}: a training step takes [accum, B, T] leaves "
+                        "(a [B, T] batch is one micro-batch: batch[None] or text.batch_at)")
 
 
 def eval_loss(params: dict, cfg: LlamaConfig, batch: Batch, lora=None) -> jax.Array:

@@ -132,3 +132,22 @@ def test_mesh_errors_name_the_problem():
     assert sharding.make_mesh({"data": 2}).devices.size == 2  # the first 2 of 8
     with pytest.raises(UserError, match="unknown mesh axis 'model'"):
         sharding.make_mesh({"model": 2})
+
+
+def test_a_batch_of_the_wrong_layout_is_one_clear_error(params):
+    from ffrag_jax.errors import UserError
+
+    mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    optimizer = train.make_optimizer(1e-2, 10, warmup_steps=0)
+    adapter = lora.init(jax.random.key(1), params, ["q_proj"], 4, 8.0)
+    state = train.init_train_state(adapter, optimizer)
+    step = train.jit_train_step(CFG, optimizer, "lora", mesh, state, params)
+    batch = _batch(0, 1, 4)  # [accum=1, B=4, T]
+    flat = {k: v[0] for k, v in batch.items()}  # [B, T]: a sharding error inside jit before
+    with pytest.raises(UserError, match=r"a training step takes \[accum, B, T\] leaves"):
+        step(state, params, flat, jax.random.key(0))
+    partial = {k: v for k, v in batch.items() if k != "loss_mask"}  # a bare KeyError before
+    with pytest.raises(UserError, match=r"the batch lacks 'loss_mask'"):
+        step(state, params, partial, jax.random.key(0))
+    state, metrics = step(state, params, batch, jax.random.key(0))  # the right one runs
+    assert np.isfinite(float(metrics["loss"]))
