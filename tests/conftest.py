@@ -9,7 +9,12 @@ import os
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
+# CPU unless asked (JAX_PLATFORMS=cuda pytest ... runs the suite on a GPU). On an accelerator,
+# float32 matmuls default to TF32 (GPU) or bf16 passes (TPU): the parity tests compare float32
+# against references at fixed tolerances, so they get full float32 precision there.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if os.environ["JAX_PLATFORMS"] != "cpu":
+    os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -28,6 +33,19 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "eight_devices: needs 8 devices (faked on CPU)")
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("eight_devices"):
+        import jax
+
+        if jax.device_count() < 8:
+            pytest.skip(f"needs 8 devices: the CPU fakes them, {jax.default_backend()} has "
+                        f"{jax.device_count()}")
 
 # Tiny Llama variants covering the architecture switches that matter for parity.
 LLAMA_VARIANTS = {

@@ -203,6 +203,7 @@ def test_client_isolation_bit_for_bit(params):
     assert all(jax.tree.leaves(changed))
 
 
+@pytest.mark.eight_devices
 def test_clients_sharded_over_8_devices_match_one_device(params):
     import optax
     from jax.sharding import NamedSharding, PartitionSpec

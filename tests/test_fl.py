@@ -315,6 +315,7 @@ def test_client_without_examples_gets_weight_zero_and_mmlu_is_logged(tmp_path):
     assert summary["mmlu_macro"] == result["macro"]
 
 
+@pytest.mark.eight_devices
 def test_clients_sharded_over_8_devices_equal_one_device(tmp_path):
     """The whole job (FF-LoRA, 8 clients per round): the clients axis over 8 devices gives the
     result of the same run on one device."""

@@ -82,6 +82,7 @@ def test_response_only_loss_ignores_prompt_tokens(params):
     assert np.isfinite(float(total))
 
 
+@pytest.mark.eight_devices
 def test_sharded_step_matches_single_device(params):
     """data=2 x fsdp=2 x tensor=2 over 8 devices == 1 device, and params really are split."""
     assert len(jax.devices()) == 8
@@ -122,6 +123,7 @@ def test_warmup_linear_decay_schedule():
                                [0.0, 0.5, 1.0, 0.5, 0.0], atol=1e-6)
 
 
+@pytest.mark.eight_devices
 def test_mesh_errors_name_the_problem():
     from ffrag_jax.errors import UserError
 
