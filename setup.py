@@ -8,6 +8,8 @@ setup(
     description="Federated, personalised fine-tuning of retrieval-augmented LLMs in JAX/Flax.",
     python_requires=">=3.10",
     packages=["ffrag_jax", "ffrag_jax.models", "ffrag_jax.retrieval", "ffrag_jax.configs"],
+    # The demo's tokenizer (data/make_demo_tokenizer.py), read as tokenizer.path="packaged:demo".
+    package_data={"ffrag_jax": ["tokenizers/*/*.json"]},
     install_requires=[
         "jax>=0.6",
         "flax>=0.10",

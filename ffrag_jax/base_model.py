@@ -18,13 +18,34 @@ from ffrag_jax.loop import train_phase
 from ffrag_jax.metrics import MetricsLog
 from ffrag_jax.models.llama import LlamaConfig, init_params
 
+PACKAGED = "packaged:"  # tokenizer.path = "packaged:demo": a tokenizer shipped in the package
+
+
+def tokenizer_folder(path: str) -> Path:
+    """A tokenizer folder: ``packaged:NAME`` (``ffrag_jax/tokenizers/NAME``), or a path."""
+    if path.startswith(PACKAGED):
+        folder = Path(__file__).parent / "tokenizers" / path[len(PACKAGED):]
+        if not folder.is_dir():
+            shipped = sorted(p.name for p in folder.parent.iterdir() if p.is_dir())
+            raise UserError(f"tokenizer.path={path!r}: no such packaged tokenizer; packaged: "
+                            f"{', '.join(PACKAGED + n for n in shipped)}")
+        return folder
+    return Path(path).expanduser()
+
 
 def run_tokenizer(config: ConfigDict, workdir: Path, texts):
-    """The tokenizer of ``model.path``, or a BPE trained on ``texts`` (an iterable, consumed
-    only when training) and kept in ``workdir/tokenizer`` so that a resumed run reuses it."""
+    """The tokenizer of ``model.path``; else the one at ``tokenizer.path`` (the demo ships
+    its own, so a fresh install reads the same tokens whatever ``tokenizers`` version pip
+    picks); else a BPE trained on ``texts`` (an iterable, consumed only when training). The
+    tiny model's tokenizer is kept in ``workdir/tokenizer`` so that a resumed run reuses it."""
     if config.model.path:
         return hf.load_tokenizer(config.model.path, pad_to_eos=config.model.pad_to_eos)
     folder = workdir / "tokenizer"
+    if config.tokenizer.get("path"):
+        tokenizer = hf.load_tokenizer(tokenizer_folder(config.tokenizer.path))
+        if not (folder / "tokenizer.json").exists():
+            tokenizer.save_pretrained(str(folder))
+        return tokenizer
     if (folder / "tokenizer.json").exists():  # resuming: the exact tokenizer of the first run
         return hf.load_tokenizer(folder)
     tokenizer = text.train_bpe_tokenizer(texts, config.tokenizer.vocab_size)
@@ -74,6 +95,11 @@ def abstract_model(config: ConfigDict) -> tuple[LlamaConfig, dict]:
         cfg = hf.config_from_hf(hf.read_json(folder / "config.json", "the model's config"))
         check_vocab(hf.load_tokenizer(folder, pad_to_eos=m.pad_to_eos), cfg, folder)
     else:
+        if config.tokenizer.get("path"):
+            folder = tokenizer_folder(config.tokenizer.path)
+            if not (folder / "tokenizer.json").is_file():
+                raise UserError(f"tokenizer.path={config.tokenizer.path}: no tokenizer.json in "
+                                f"{folder}")
         cfg = _tiny_config(m, config.tokenizer.vocab_size)
     return cfg, jax.eval_shape(lambda: init_params(jax.random.key(0), cfg))
 

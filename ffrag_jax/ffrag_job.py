@@ -193,6 +193,20 @@ def _client_batch(config, tokenizer, query_enc: TextEncoder, sources: Sources, c
     return _batch(config, tokenizer, query_enc, sources, questions, ids)
 
 
+def reading_examples(config: ConfigDict) -> list[dict]:
+    """The pretraining examples: reading comprehension on the base domain (no client data)."""
+    return synthetic.make_examples(config.pretrain.domain, config.pretrain.num_examples,
+                                   config.seed, distractors=0, user_questions=True)
+
+
+def tokenizer_texts(reading: list[dict], shared: list[str], clients: list[Client]) -> list[str]:
+    """What the job's BPE is trained on (when it is not given one): the pretraining examples,
+    every fact and the training questions with their answers."""
+    return ([synthetic.prompt(e) + synthetic.response(e) for e in reading]
+            + shared + [f for c in clients for f in c.private]
+            + [q["question"] + " " + q["answer"] for c in clients for q in c.train])
+
+
 def _batch(config, tokenizer, enc, sources: Sources, questions: list[dict], ids: np.ndarray
            ) -> dict:
     """The arrays of one :func:`rag.rag_step` for ``questions`` and their candidates ``ids``."""
@@ -244,12 +258,8 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     r, fl = config.rag, config.fl
     metrics = MetricsLog(workdir / "metrics.jsonl")
     shared, clients = client_knowledge(config)
-    reading = synthetic.make_examples(config.pretrain.domain, config.pretrain.num_examples,
-                                      config.seed, distractors=0, user_questions=True)
-    tokenizer = run_tokenizer(config, workdir, (
-        [synthetic.prompt(e) + synthetic.response(e) for e in reading]
-        + shared + [f for c in clients for f in c.private]
-        + [q["question"] + " " + q["answer"] for c in clients for q in c.train]))
+    reading = reading_examples(config)
+    tokenizer = run_tokenizer(config, workdir, tokenizer_texts(reading, shared, clients))
     for c in clients:
         c.train = rag.drop_long_answers(tokenizer, c.train, r.answer_len, f"client {c.name}")
     gen_cfg, params = model_config(config, tokenizer)

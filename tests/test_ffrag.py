@@ -19,7 +19,9 @@ SMALL = {"pretrain.steps": 4, "pretrain.num_examples": 64, "pretrain.batch_size"
          # missing candidates are padded and masked, not an error
          "rag.k_private": 2, "rag.k_shared": 8,
          "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_layers": 2,
-         "tokenizer.vocab_size": 400, "log_every": 1, "eval.batch_size": 8}
+         # a small BPE trained by the run, instead of the demo's shipped 1536-token one
+         "tokenizer.path": None, "tokenizer.vocab_size": 400,
+         "log_every": 1, "eval.batch_size": 8}
 
 
 @pytest.fixture(scope="module")
@@ -314,3 +316,27 @@ def test_a_moved_export_loads_in_transformers_and_peft_and_scores_as_the_job(ffr
     adapter = lora.load_peft_adapter(adapter_dir, cfg)
     ours = np.asarray(llama.forward(params, cfg, jax.numpy.asarray(ids.numpy()), None, adapter))
     assert np.abs(ours - ref).max() <= 1e-4
+
+
+def test_the_demo_reads_with_its_shipped_tokenizer(tmp_path):
+    """--config demo reads the tokenizer shipped in the package (the same tokens on every
+    install): every question fits the prompt with its passage and every answer its budget."""
+    from ffrag_jax import ffrag_job, rag, synthetic
+    from ffrag_jax.base_model import run_tokenizer
+    from ffrag_jax.launch import load_config
+
+    config = load_config("demo")
+    assert config.tokenizer.path == "packaged:demo"
+    tokenizer = run_tokenizer(config, tmp_path, texts=iter(()))  # no training: nothing read
+    assert len(tokenizer) == config.tokenizer.vocab_size == 1536
+    assert (tmp_path / "tokenizer/tokenizer.json").exists()  # a resumed run reads this copy
+    assert tokenizer("Context:")["input_ids"][0] == tokenizer.bos_token_id
+    shared, clients = ffrag_job.client_knowledge(config)
+    for c in clients:
+        passages = c.private + shared
+        for q in c.train + c.test:
+            prompt = rag.fit_prompt(tokenizer, passages[q["fact"]], q["question"],
+                                    config.rag.prompt_len)
+            assert (prompt.passage, prompt.question) == (passages[q["fact"]], q["question"])
+            assert len(rag.answer_ids(tokenizer, q["answer"])) <= config.rag.answer_len
+    assert synthetic.PROMPT_TEMPLATE.startswith("Context:")

@@ -28,7 +28,10 @@ def get_config() -> ConfigDict:
         held_out=0.15,  # of each client's questions
         max_len=56,  # pretraining sequence length
     ))
-    c.tokenizer = ConfigDict(dict(vocab_size=1536))
+    # The demo's BPE ships in the package (data/make_demo_tokenizer.py): the same tokens on
+    # every install. None: train one on the run's text (as the other configs do).
+    c.tokenizer = ConfigDict(dict(
+        vocab_size=1536, path=config_dict.FieldReference("packaged:demo", field_type=str)))
     c.model = _common.tiny_llama()
     c.pretrain = _common.pretrain(800)  # a reader of the geography domain (no client data)
     c.retriever = ConfigDict(dict(path=config_dict.placeholder(str)))  # None: packaged MiniLM
