@@ -10,6 +10,8 @@ The RAG jobs end by writing ``WORKDIR/export`` (:func:`export_system`)::
                                     the plain retriever: the LoRAs are on the query side only
     clients/<k>/generator/          a client's personal generator adapter (PEFT)
     clients/<k>/retriever_lora.safetensors
+    clients/<k>/retriever/          the client's query encoder (global + personal LoRA) as a
+                                    PEFT adapter on the base sentence-transformers model
 
 :func:`load_system` reads it back as a :class:`RagSystem` (the global model and the shared
 bases, or one client's fused model with its private base too), and :meth:`RagSystem.ask`
@@ -27,7 +29,7 @@ from pathlib import Path
 import jax
 from absl import logging
 
-from ffrag_jax import files, hf, lora, rag_eval, synthetic
+from ffrag_jax import federated, files, hf, lora, rag_eval, synthetic
 from ffrag_jax.errors import UserError
 from ffrag_jax.lora import LoRA
 from ffrag_jax.models.llama import LlamaConfig
@@ -127,12 +129,19 @@ def export_system(folder: Path, *, gen_cfg: LlamaConfig, gen_params: dict, token
         docs = [{"id": f"{name}-{i}", "text": t, "source": name} for i, t in enumerate(passages)]
         KnowledgeBase.build(name, docs, encoder, index_kind="exact").save(
             folder / "knowledge" / name, overwrite=True)
+    base_name = retriever_path or "sentence-transformers/all-MiniLM-L6-v2"
     for k, client in enumerate(clients):
         where = folder / "clients" / str(k)
         lora.save_peft_adapter(where / "generator", client["generator"], gen_cfg,
                                base_model_name_or_path=str(folder / "generator"),
                                overwrite=True)
         lora.save_weights(where / "retriever_lora.safetensors", client["retriever"])
+        # The client's query encoder for other tools: global + personal retriever LoRAs
+        # stacked exactly (FLoRA) into one PEFT adapter on the plain base encoder.
+        query_lora = client["retriever"] if global_retriever is None else federated.stack(
+            [global_retriever, client["retriever"]], [1.0, 1.0])
+        encoder_lib.save_peft_adapter(where / "retriever", query_lora, encoder.cfg,
+                                      base_model_name_or_path=base_name, overwrite=True)
     system = {"format": FORMAT, "retriever": retriever_path, "retriever_sides": retriever_sides,
               "prompt_len": prompt_len,
               # How the reader was trained to be prompted: <s> + this template (the passage is

@@ -179,13 +179,18 @@ def chain(outer: LoRA, inner: LoRA) -> LoRA:
     return inner.replace(weights=traverse_util.unflatten_dict(out))
 
 
-def _module_rows(cfg: LlamaConfig) -> dict[tuple[str, ...], str]:
-    """Flax module path -> HF module name template (``model.layers.{layer}.self_attn.q_proj``)."""
+def module_rows(key_map: Sequence[tuple[str, str, bool]]) -> dict[tuple[str, ...], str]:
+    """Flax module path -> HF module name template (``model.layers.{layer}.self_attn.q_proj``)
+    of the projections in a declarative key map (HF name, Flax path, transpose)."""
     return {
         tuple(flax_path.split("/")[:-1]): hf_name.removesuffix(".weight")
-        for hf_name, flax_path, _ in hf.key_map(cfg)
+        for hf_name, flax_path, _ in key_map
         if flax_path.endswith("/kernel")
     }
+
+
+def _module_rows(cfg: LlamaConfig) -> dict[tuple[str, ...], str]:
+    return module_rows(hf.key_map(cfg))
 
 
 def _layer_names(template: str, num_layers: int) -> list[str]:
@@ -197,24 +202,30 @@ def _layer_names(template: str, num_layers: int) -> list[str]:
 def save_peft_adapter(
     path: str | os.PathLike,
     lora: LoRA,
-    cfg: LlamaConfig,
+    cfg: LlamaConfig | None,
     *,
     base_model_name_or_path: str | None = None,
     overwrite: bool = False,
+    key_map: Sequence[tuple[str, str, bool]] | None = None,
+    num_layers: int | None = None,
+    task_type: str = "CAUSAL_LM",
 ) -> None:
     """Writes ``adapter_config.json`` + ``adapter_model.safetensors`` that
-    ``peft.PeftModel.from_pretrained`` loads onto the matching HF model."""
+    ``peft.PeftModel.from_pretrained`` loads onto the matching HF model: the Llama of ``cfg``,
+    or any model given by its declarative ``key_map`` and ``num_layers`` (the BERT retriever:
+    :func:`ffrag_jax.retrieval.encoder.save_peft_adapter`)."""
     ranks = set(lora.ranks.values())
     if len(ranks) != 1:
         raise UserError(f"PEFT export needs one rank for all modules, got {lora.ranks}")
     (rank,) = ranks
     folder = hf.prepare_output_dir(path, overwrite)
-    rows = _module_rows(cfg)
+    rows = module_rows(key_map) if key_map is not None else _module_rows(cfg)
+    layers = num_layers if num_layers is not None else cfg.num_layers
     tensors = {}
     for mpath, ab in module_weights(lora.weights).items():
         a = np.asarray(jax.device_get(ab["a"]), np.float32)
         b = np.asarray(jax.device_get(ab["b"]), np.float32)
-        names = _layer_names(rows[mpath], cfg.num_layers)
+        names = _layer_names(rows[mpath], layers)
         if len(names) == 1:
             a, b = a[None], b[None]
         for name, a_i, b_i in zip(names, a, b, strict=True):
@@ -231,7 +242,7 @@ def save_peft_adapter(
                                                   folder.resolve())
     adapter_config = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path,
         "r": rank,
         "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,

@@ -340,3 +340,23 @@ def test_the_demo_reads_with_its_shipped_tokenizer(tmp_path):
             assert (prompt.passage, prompt.question) == (passages[q["fact"]], q["question"])
             assert len(rag.answer_ids(tokenizer, q["answer"])) <= config.rag.answer_len
     assert synthetic.PROMPT_TEMPLATE.startswith("Context:")
+
+
+def test_a_clients_retriever_loads_in_sentence_transformers_with_peft(ffrag_run):
+    """The exported PEFT adapter of client 0's query encoder (global + personal LoRA) on the
+    plain MiniLM embeds questions as the system's query encoder does."""
+    from peft import PeftModel
+    from sentence_transformers import SentenceTransformer
+
+    from ffrag_jax.inference import load_system
+    from ffrag_jax.retrieval.encoder import default_encoder_path
+
+    workdir, _ = ffrag_run
+    questions = ["Which ward is patient Ab Cd in?", "Who heard case Bo-12?"]
+    system = load_system(workdir, client=0)
+    ours = system.bases[0].query_encoder.embed(questions)
+    model = SentenceTransformer(str(default_encoder_path()), device="cpu")
+    model[0].auto_model = PeftModel.from_pretrained(model[0].auto_model,
+                                                    workdir / "export/clients/0/retriever")
+    theirs = model.encode(questions, convert_to_numpy=True)
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)

@@ -253,6 +253,20 @@ def default_encoder_path() -> Path:
     return folder
 
 
+def save_peft_adapter(path: str | os.PathLike, adapter, cfg: EncoderConfig, *,
+                      base_model_name_or_path: str | None = None,
+                      overwrite: bool = False) -> None:
+    """A retriever LoRA as a PEFT adapter on the HF BERT model, so that a sentence-transformers
+    model of the base folder runs it (``st[0].auto_model = PeftModel.from_pretrained(
+    st[0].auto_model, path)``); the names come from :data:`BERT_KEY_MAP`."""
+    from ffrag_jax import lora as lora_lib
+
+    lora_lib.save_peft_adapter(path, adapter, None, key_map=BERT_KEY_MAP,
+                               num_layers=cfg.num_layers, task_type="FEATURE_EXTRACTION",
+                               base_model_name_or_path=base_model_name_or_path,
+                               overwrite=overwrite)
+
+
 def config_from_folder(folder: Path, *, dtype: str = "float32") -> EncoderConfig:
     """The :class:`EncoderConfig` of a sentence-transformers folder (``modules.json``, the
     pooling config, ``sentence_bert_config.json`` and the transformers ``config.json``)."""
