@@ -81,3 +81,21 @@ def kill_and_resume(args: list[str], workdir, *, total_records: int, seed: int,
             and (Path(workdir) / "summary.json").exists()):
         raise AssertionError(f"the resumed run failed after {log}: {final.stderr[-3000:]}")
     return log
+
+
+def assert_strict_json_everywhere(workdir) -> int:
+    """Parses every ``.json`` file and every ``metrics.jsonl`` line under ``workdir`` as strict
+    JSON (a bare NaN or Infinity is an error); returns how many documents it read."""
+    import json
+
+    def refuse(constant):
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    count = 0
+    for path in sorted(Path(workdir).rglob("*.json")):
+        json.loads(path.read_text(), parse_constant=refuse)
+        count += 1
+    for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=refuse)
+        count += 1
+    return count

@@ -6,7 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
-from killing import comparable, kill_and_resume
+from killing import assert_strict_json_everywhere, comparable, kill_and_resume
 
 from ffrag_jax import evaluation
 from ffrag_jax.errors import UserError
@@ -360,3 +360,8 @@ def test_a_clients_retriever_loads_in_sentence_transformers_with_peft(ffrag_run)
                                                     workdir / "export/clients/0/retriever")
     theirs = model.encode(questions, convert_to_numpy=True)
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+def test_every_json_the_job_writes_is_strict_json(ffrag_run):
+    workdir, _ = ffrag_run
+    assert assert_strict_json_everywhere(workdir) > 20

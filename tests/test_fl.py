@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from killing import comparable, kill_and_resume
+from killing import assert_strict_json_everywhere, comparable, kill_and_resume
 from safetensors.numpy import load_file
 
 from ffrag_jax import checkpoint, data, federated, fl, fl_round, lora, train
@@ -384,3 +384,8 @@ def test_more_clients_than_records_warns_and_writes_strict_json(tmp_path, caplog
         run_lib.run(_fl_config(**{"data.source": "file", "data.path": str(
             _alpaca(tmp_path / "one.jsonl", ["one"])), "data.held_out": 0.99,
             "fl.num_clients": 1, "fl.ranks": (1,)}), tmp_path / "none")
+
+
+def test_every_json_the_federated_job_writes_is_strict_json(ff_full):
+    workdir, _ = ff_full
+    assert assert_strict_json_everywhere(workdir) > 20
