@@ -21,6 +21,13 @@ from ffrag_jax.models.llama import LlamaConfig, init_params
 PACKAGED = "packaged:"  # tokenizer.path = "packaged:demo": a tokenizer shipped in the package
 
 
+def tokenizer_path(config: ConfigDict) -> str | None:
+    """``tokenizer.path``, or None to train one; ``--config.tokenizer.path=None`` arrives as
+    the string "None" (a flag's value is text), and means None too."""
+    path = config.tokenizer.get("path")
+    return None if path in (None, "", "None", "none") else path
+
+
 def tokenizer_folder(path: str) -> Path:
     """A tokenizer folder: ``packaged:NAME`` (``ffrag_jax/tokenizers/NAME``), or a path."""
     if path.startswith(PACKAGED):
@@ -41,8 +48,8 @@ def run_tokenizer(config: ConfigDict, workdir: Path, texts):
     if config.model.path:
         return hf.load_tokenizer(config.model.path, pad_to_eos=config.model.pad_to_eos)
     folder = workdir / "tokenizer"
-    if config.tokenizer.get("path"):
-        tokenizer = hf.load_tokenizer(tokenizer_folder(config.tokenizer.path))
+    if tokenizer_path(config):
+        tokenizer = hf.load_tokenizer(tokenizer_folder(tokenizer_path(config)))
         if not (folder / "tokenizer.json").exists():
             tokenizer.save_pretrained(str(folder))
         return tokenizer
@@ -95,8 +102,8 @@ def abstract_model(config: ConfigDict) -> tuple[LlamaConfig, dict]:
         cfg = hf.config_from_hf(hf.read_json(folder / "config.json", "the model's config"))
         check_vocab(hf.load_tokenizer(folder, pad_to_eos=m.pad_to_eos), cfg, folder)
     else:
-        if config.tokenizer.get("path"):
-            folder = tokenizer_folder(config.tokenizer.path)
+        if tokenizer_path(config):
+            folder = tokenizer_folder(tokenizer_path(config))
             if not (folder / "tokenizer.json").is_file():
                 raise UserError(f"tokenizer.path={config.tokenizer.path}: no tokenizer.json in "
                                 f"{folder}")
