@@ -74,6 +74,8 @@ def test_lora_job_end_to_end_via_launcher(tmp_path):
     overrides = [f"--config.{k}={v}" for k, v in TINY.items()]
     result = _launch("--config", "lora", "--workdir", str(workdir), *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
+    for noise in ("Unable to initialize backend", "DEBUG:", "Traceback"):  # a quiet log
+        assert noise not in result.stderr, noise
     for name in ("config.json", "metrics.jsonl", "loss.png", "summary.json",
                  "tokenizer/tokenizer.json", "export/base_model/config.json",
                  "export/base_model/model.safetensors", "export/lora_adapter/adapter_config.json"):
