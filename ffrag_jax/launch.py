@@ -149,9 +149,10 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def _quiet_libraries() -> None:
     """Keep third-party noise out of the run log: orbax's per-save INFO chatter (its warnings
-    still show), JAX's TPU probe, bm25s' and matplotlib's debug lines, and orbax's background
-    threads' tracebacks: a failed save is re-raised in the main thread, where
-    it becomes one line (a full disk) or the one traceback."""
+    still show), JAX's TPU probe, bm25s' and matplotlib's debug lines, and the tracebacks
+    orbax's background threads log: a failed save is re-raised in the main thread, where it
+    becomes one line (a full disk) or the one traceback. (A save that cannot fit is refused
+    before it starts: checkpoint.check_room.)"""
     import logging as py_logging
 
     def orbax_filter(record) -> bool:
@@ -166,15 +167,6 @@ def _quiet_libraries() -> None:
         lambda r: not str(r.msg).startswith("Unable to initialize backend"))
     for name in ("bm25s", "matplotlib", "PIL"):
         py_logging.getLogger(name).setLevel(py_logging.WARNING)
-
-    def excepthook(kind, value, tb):
-        # tensorstore completing a write after orbax closed that save's event loop (a save
-        # that failed, say on a full disk) prints this from a callback: noise, not news.
-        if kind is RuntimeError and str(value) == "Event loop is closed":
-            return
-        sys.__excepthook__(kind, value, tb)
-
-    sys.excepthook = excepthook
 
 
 def storage_error(error: BaseException) -> str | None:
