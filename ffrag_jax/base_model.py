@@ -29,15 +29,19 @@ def tokenizer_path(config: ConfigDict) -> str | None:
 
 
 def tokenizer_folder(path: str) -> Path:
-    """A tokenizer folder: ``packaged:NAME`` (``ffrag_jax/tokenizers/NAME``), or a path."""
+    """A tokenizer folder: ``packaged:NAME`` (``ffrag_jax/tokenizers/NAME``), or a path; a
+    UserError unless it holds a ``tokenizer.json``."""
     if path.startswith(PACKAGED):
         folder = Path(__file__).parent / "tokenizers" / path[len(PACKAGED):]
         if not folder.is_dir():
             shipped = sorted(p.name for p in folder.parent.iterdir() if p.is_dir())
             raise UserError(f"tokenizer.path={path!r}: no such packaged tokenizer; packaged: "
                             f"{', '.join(PACKAGED + n for n in shipped)}")
-        return folder
-    return Path(path).expanduser()
+    else:
+        folder = Path(path).expanduser()
+    if not (folder / "tokenizer.json").is_file():
+        raise UserError(f"tokenizer.path={path}: no tokenizer.json in {folder}")
+    return folder
 
 
 def run_tokenizer(config: ConfigDict, workdir: Path, texts):
@@ -103,10 +107,7 @@ def abstract_model(config: ConfigDict) -> tuple[LlamaConfig, dict]:
         check_vocab(hf.load_tokenizer(folder, pad_to_eos=m.pad_to_eos), cfg, folder)
     else:
         if tokenizer_path(config):
-            folder = tokenizer_folder(tokenizer_path(config))
-            if not (folder / "tokenizer.json").is_file():
-                raise UserError(f"tokenizer.path={config.tokenizer.path}: no tokenizer.json in "
-                                f"{folder}")
+            tokenizer_folder(tokenizer_path(config))  # checked before any work
         cfg = _tiny_config(m, config.tokenizer.vocab_size)
     return cfg, jax.eval_shape(lambda: init_params(jax.random.key(0), cfg))
 

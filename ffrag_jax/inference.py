@@ -89,11 +89,10 @@ class RagSystem:
                                 self.prompt_len, p.question if "question" in cut else p.passage)
             cuts.append(cut)
         rng = jax.random.key(seed) if temperature > 0 else None
-        answers = rag_eval.answer(self.gen_params, self.gen_cfg, self.tokenizer, questions,
-                                  contexts, lora=self.gen_lora, prompt_len=self.prompt_len,
-                                  max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                  prompts=prompts, rng=rng, temperature=temperature,
-                                  top_p=top_p, top_k=top_k)
+        answers = rag_eval.answer_prompts(
+            self.gen_params, self.gen_cfg, self.tokenizer, prompts, lora=self.gen_lora,
+            prompt_len=self.prompt_len, max_new_tokens=max_new_tokens, batch_size=batch_size,
+            rng=rng, temperature=temperature, top_p=top_p, top_k=top_k)
         return [{"question": q, "answer": a, "context": p.passage, "sources": row, "cut": cut}
                 for q, a, p, row, cut in zip(questions, answers, prompts, hits, cuts,
                                              strict=True)]
@@ -144,8 +143,8 @@ def export_system(folder: Path, *, gen_cfg: LlamaConfig, gen_params: dict, token
                                       base_model_name_or_path=base_name, overwrite=True)
     system = {"format": FORMAT, "retriever": retriever_path, "retriever_sides": retriever_sides,
               "prompt_len": prompt_len,
-              # How the reader was trained to be prompted: <s> + this template (the passage is
-              # cut to fit prompt_len tokens, rag.fit_prompt), then " <answer></s>".
+              # How the reader was trained to be prompted: <s> + this template, fitted to
+              # prompt_len tokens by rag.fit_prompt, then " <answer></s>".
               "prompt_template": synthetic.PROMPT_TEMPLATE,
               "quotas": quotas, "clients": [{"name": c["name"], "base": c["base"]}
                                             for c in clients]}

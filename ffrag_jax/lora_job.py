@@ -102,8 +102,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     tokenizer = _tokenizer(config, workdir, examples)
     cfg, params = model_config(config, tokenizer)
     logging.info("model: %s", cfg)
-    max_len = config.data.max_len
-    check_lengths(cfg, {"data.max_len": max_len})
+    max_len = config.data.max_len  # checked against the model's positions in validate()
 
     if params is None:
         params = pretrain(config, cfg, tokenizer, examples["base_train"], init_rng=init_rng,

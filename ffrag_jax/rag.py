@@ -154,9 +154,11 @@ def fit_prompt(tokenizer, passage: str, question: str, budget: int, *,
     pretraining: tokenizing its pieces apart would change the tokens at their seams), at most
     ``budget`` tokens, for training, evaluation and serving alike.
 
-    What does not fit is cut where it costs the least evidence: first the question, from its
-    start, down to its last :data:`MIN_QUESTION_TOKENS` tokens (a long question's filler goes,
-    the passage the answer is read from stays whole); then the passage, from its end."""
+    What does not fit is cut where it costs the least evidence: the question, from its start,
+    when keeping its last :data:`MIN_QUESTION_TOKENS` tokens or more makes the prompt fit (a
+    long question's filler goes, the passage the answer is read from stays whole); otherwise
+    the passage, from its end, with the whole question (a long passage); and only when the
+    question does not fit even alone, both."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
 
     def encode(p: str, q: str) -> list[int]:
@@ -176,9 +178,9 @@ def fit_prompt(tokenizer, passage: str, question: str, budget: int, *,
         ids = encode(passage, cut)
         if len(ids) <= budget:
             return Prompt(ids, passage, cut)
-    if len(q_offsets) > MIN_QUESTION_TOKENS:
-        question = question[q_offsets[-MIN_QUESTION_TOKENS][0]:]
-        ids = encode(passage, question)
+    if len(encode("", question)) > budget and len(q_offsets) > MIN_QUESTION_TOKENS:
+        question = question[q_offsets[-MIN_QUESTION_TOKENS][0]:]  # too long even alone
+    ids = encode(passage, question)
     offsets = tokenizer(passage, add_special_tokens=False,
                         return_offsets_mapping=True)["offset_mapping"]
     for keep in range(len(offsets) - (len(ids) - budget), 0, -1):

@@ -22,18 +22,23 @@ def fit_prompts(tokenizer, questions: Sequence[str], contexts: Sequence[str],
             for i, (q, c) in enumerate(zip(questions, contexts, strict=True))]
 
 
-def answer(gen_params: dict, gen_cfg: LlamaConfig, tokenizer, questions: Sequence[str],
-           contexts: Sequence[str], *, lora=None, prompt_len: int, max_new_tokens: int,
-           batch_size: int, prompts: Sequence[rag.Prompt] | None = None,
-           **sampling) -> list[str]:
-    """Greedy (or sampled, see :func:`evaluation.generate_answers`) answers to ``questions``
-    reading ``contexts`` (or the already fitted ``prompts``)."""
-    if prompts is None:
-        prompts = fit_prompts(tokenizer, questions, contexts, prompt_len)
+def answer_prompts(gen_params: dict, gen_cfg: LlamaConfig, tokenizer,
+                   prompts: Sequence[rag.Prompt], *, lora=None, prompt_len: int,
+                   max_new_tokens: int, batch_size: int, **sampling) -> list[str]:
+    """Greedy (or sampled, see :func:`evaluation.generate_answers`) answers to prompts fitted
+    by :func:`fit_prompts`."""
     enc = text.pad_prompts(tokenizer, [p.ids for p in prompts], prompt_len)
     return evaluation.generate_encoded(gen_params, gen_cfg, tokenizer, enc, lora=lora,
                                        max_new_tokens=max_new_tokens, batch_size=batch_size,
                                        **sampling)
+
+
+def answer(gen_params: dict, gen_cfg: LlamaConfig, tokenizer, questions: Sequence[str],
+           contexts: Sequence[str], *, prompt_len: int, **kwargs) -> list[str]:
+    """:func:`answer_prompts` of ``questions`` reading ``contexts``."""
+    return answer_prompts(gen_params, gen_cfg, tokenizer,
+                          fit_prompts(tokenizer, questions, contexts, prompt_len),
+                          prompt_len=prompt_len, **kwargs)
 
 
 def retrieval_metrics(ids: np.ndarray, gold: np.ndarray) -> dict:

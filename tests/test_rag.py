@@ -208,3 +208,37 @@ def test_rag_job_end_to_end(tmp_path):
     assert set(side["after"]) == set(summary["after"])
     with pytest.raises(UserError, match="rag.k=50 is larger than the knowledge base"):
         run_lib.run(load_config("rag_e2e", {**small, "rag.k": 50}), tmp_path / "k")
+
+
+def test_fit_prompt_cuts_what_costs_the_least_evidence():
+    """A long question loses its start and the passage stays whole; a long passage loses its
+    end and the question stays whole; a question too long even alone keeps its last
+    MIN_QUESTION_TOKENS tokens and the passage is cut too."""
+    from ffrag_jax import synthetic, text
+    from ffrag_jax.rag import MIN_QUESTION_TOKENS, fit_prompt
+
+    corpus = ("patient ward drug doctor case court judge team coach stadium price aisle "
+              "which who what is the in of to was for")
+    tok = text.train_bpe_tokenizer([corpus] * 20, 300)
+    passage, question = "Patient Ab Cd stays in ward G8.", "Which ward is patient Ab Cd in?"
+    budget = len(fit_prompt(tok, passage, question, 10_000).ids)
+
+    def length(s):
+        return len(tok(s, add_special_tokens=False)["input_ids"])
+
+    long_question = "I would like to know, for my report on the clinic, " + question
+    p = fit_prompt(tok, passage, long_question, budget + 6)
+    assert p.passage == passage and long_question.endswith(p.question)
+    assert p.question != long_question and len(p.ids) <= budget + 6
+
+    long_passage = passage + " The ward is on the second floor of the east wing." * 3
+    p = fit_prompt(tok, long_passage, question, budget + 6)
+    assert p.question == question and long_passage.startswith(p.passage)
+    assert p.passage != long_passage and len(p.ids) <= budget + 6
+
+    huge = "who is the judge " * 100 + question
+    p = fit_prompt(tok, long_passage, huge, budget)
+    assert length(p.question) == MIN_QUESTION_TOKENS and huge.endswith(p.question)
+    assert len(p.ids) <= budget and p.ids == fit_prompt(tok, p.passage, p.question, budget).ids
+    assert synthetic.prompt({"context": p.passage, "question": p.question}).startswith(
+        "Context:")
