@@ -1,13 +1,13 @@
 """Installs ffrag_jax (the named experiment configs are the package ffrag_jax.configs)."""
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="ffrag_jax",
     version="0.1.0",
     description="Federated, personalised fine-tuning of retrieval-augmented LLMs in JAX/Flax.",
     python_requires=">=3.10",
-    packages=["ffrag_jax", "ffrag_jax.models", "ffrag_jax.retrieval", "ffrag_jax.configs"],
+    packages=find_packages(include=["ffrag_jax", "ffrag_jax.*"]),
     # The demo's tokenizer (data/make_demo_tokenizer.py), read as tokenizer.path="packaged:demo".
     package_data={"ffrag_jax": ["tokenizers/*/*.json"]},
     install_requires=[

@@ -95,7 +95,7 @@ def main(argv=None) -> int:
             raise UserError("no question: pass one as an argument or --questions FILE")
         check_sampling(args)
         output = check_output(args.output) if args.output else None
-        from ffrag_jax.inference import load_system
+        from ffrag_jax.rag.system import load_system
 
         system = load_system(args.workdir, args.client)
         results = system.ask(questions, mode=args.mode, max_new_tokens=args.max_new_tokens,

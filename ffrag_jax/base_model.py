@@ -12,11 +12,12 @@ from pathlib import Path
 import jax
 from ml_collections import ConfigDict
 
-from ffrag_jax import hf, synthetic, text
+from ffrag_jax import hf, text
 from ffrag_jax.errors import UserError
 from ffrag_jax.loop import train_phase
 from ffrag_jax.metrics import MetricsLog
 from ffrag_jax.models.llama import LlamaConfig, init_params
+from ffrag_jax.rag import prompts
 
 PACKAGED = "packaged:"  # tokenizer.path = "packaged:demo": a tokenizer shipped in the package
 
@@ -131,8 +132,8 @@ def check_lengths(cfg: LlamaConfig, lengths: dict[str, int]) -> None:
 
 def encode_synthetic(tokenizer, examples: list[dict], max_len: int, response_only: bool):
     """Synthetic examples as training arrays ``[N, max_len]`` (:func:`text.encode_pairs`)."""
-    return text.encode_pairs(tokenizer, [synthetic.prompt(e) for e in examples],
-                             [synthetic.response(e) for e in examples], max_len,
+    return text.encode_pairs(tokenizer, [prompts.prompt(e) for e in examples],
+                             [prompts.response(e) for e in examples], max_len,
                              response_only=response_only)
 
 

@@ -42,12 +42,11 @@ from tqdm import tqdm
 from ffrag_jax import (
     checkpoint,
     federated,
+    files,
     health,
     hf,
-    inference,
     lora,
     rag,
-    rag_eval,
     sharding,
     synthetic,
     train,
@@ -59,14 +58,19 @@ from ffrag_jax.base_model import (
     pretrain,
     run_tokenizer,
 )
+from ffrag_jax.config_types import LoRASection
 from ffrag_jax.errors import UserError
+from ffrag_jax.federated import strategies
 from ffrag_jax.metrics import MetricsLog, plot_client_rounds, plot_training_loss, read_jsonl
 from ffrag_jax.models.llama import init_params
-from ffrag_jax.retrieval import index as index_lib
+from ffrag_jax.rag import evaluate as rag_eval
+from ffrag_jax.rag import prompts, system
 from ffrag_jax.retrieval.encoder import TextEncoder
+from ffrag_jax.retrieval.knowledge_base import KnowledgeBase
+from ffrag_jax.retrieval.multi_source import Sources
 from ffrag_jax.workdir import write_summary
 
-STRATEGIES = ("ff", "stack")
+STRATEGIES = (strategies.FF, strategies.Stack)  # what this job runs (fl.strategy)
 
 
 @dataclasses.dataclass
@@ -111,66 +115,27 @@ def client_knowledge(config: ConfigDict) -> tuple[list[str], list[Client]]:
     return shared, clients
 
 
-class Sources:
-    """A client's two indexes, searched with quotas: its case base and the shared base (exact
-    below :data:`index.EXACT_BELOW` vectors, ScaNN above). Passage ids index ``texts`` =
-    private facts + shared facts; -1 pads a base smaller than its quota."""
-
-    def __init__(self, private_vectors: np.ndarray, shared_vectors: np.ndarray,
-                 private_texts: list[str], shared_texts: list[str], quotas: tuple[int, int]):
-        self.private = index_lib.build(private_vectors, "dot")
-        self.shared = index_lib.build(shared_vectors, "dot")
-        self.offset = len(private_texts)
-        self.texts = private_texts + shared_texts
-        self.vectors = np.concatenate([private_vectors, shared_vectors])
-        self.quotas = quotas
-
-    @property
-    def k(self) -> int:
-        return sum(self.quotas)
-
-    def search(self, query_vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(scores, ids)`` ``[N, k]``: each base's top hits, then every row sorted by score
-        (padding last)."""
-        kp, ks = self.quotas
-        sp, ip = self.private.search(query_vectors, kp)
-        ss, is_ = self.shared.search(query_vectors, ks)
-        ids = np.concatenate([ip, np.where(is_ >= 0, is_ + self.offset, -1)], axis=1)
-        scores = np.where(ids >= 0, np.concatenate([sp, ss], axis=1), -np.inf)
-        order = np.argsort(-scores, axis=1, kind="stable")
-        return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+def merged(model: tuple[dict, lora.LoRA | None]) -> dict:
+    """The weights of a ``(params, adapter)`` model with its adapter merged in."""
+    params, adapter = model
+    return params if adapter is None else lora.merge(params, adapter)
 
 
-def _query_encoder(enc: TextEncoder, global_ret, personal) -> TextEncoder:
-    """The client's query encoder: base weights + merged global adapter, personal LoRA on."""
-    params = enc.params if global_ret is None else lora.merge(enc.params, global_ret)
-    return dataclasses.replace(enc, params=params, lora=personal)
-
-
-def _gen_params(params: dict, global_gen) -> dict:
-    return params if global_gen is None else lora.merge(params, global_gen)
-
-
-def _global_models(enc: TextEncoder, params: dict, state: dict) -> tuple[dict, TextEncoder]:
-    """``(generator params, query encoder)`` of the global model after a round: base +
-    the global adapters (``ff``), or the merged bases (``stack``)."""
-    if "gen_base" in state:
-        return state["gen_base"], dataclasses.replace(enc, params=state["query_base"])
-    return (_gen_params(params, state["global_gen"]),
-            _query_encoder(enc, state["global_ret"], None))
+def strategy_of(config: ConfigDict) -> strategies.Strategy:
+    return strategies.get(config.fl.strategy, allowed=STRATEGIES, job="the FF-RAG job")
 
 
 def evaluate_client(config, client: Client, sources: Sources, query_enc: TextEncoder,
-                    gen_params: dict, gen_lora, gen_cfg, tokenizer, *, closed_book: bool
-                    ) -> dict:
+                    gen_params: dict, gen_lora, gen_cfg, tokenizer, *, closed_book: bool,
+                    predictions: list | None = None) -> dict:
     """Retrieval and answer metrics on the client's held-out questions
-    (:func:`rag_eval.evaluate`)."""
+    (:func:`rag_eval.evaluate`; ``predictions``: the per-question records)."""
     _, ids = sources.search(query_enc.embed([q["question"] for q in client.test]))
     return rag_eval.evaluate(gen_params, gen_cfg, tokenizer, client.test, ids, sources.texts,
                              closed_book=closed_book, lora=gen_lora,
                              prompt_len=config.rag.prompt_len,
                              max_new_tokens=config.eval.max_new_tokens,
-                             batch_size=config.eval.batch_size)
+                             batch_size=config.eval.batch_size, predictions=predictions)
 
 
 def _client_batch(config, tokenizer, query_enc: TextEncoder, sources: Sources, client: Client,
@@ -202,7 +167,7 @@ def reading_examples(config: ConfigDict) -> list[dict]:
 def tokenizer_texts(reading: list[dict], shared: list[str], clients: list[Client]) -> list[str]:
     """What the job's BPE is trained on (when it is not given one): the pretraining examples,
     every fact and the training questions with their answers."""
-    return ([synthetic.prompt(e) + synthetic.response(e) for e in reading]
+    return ([prompts.prompt(e) + prompts.response(e) for e in reading]
             + shared + [f for c in clients for f in c.private]
             + [q["question"] + " " + q["answer"] for c in clients for q in c.train])
 
@@ -229,12 +194,10 @@ def validate(config: ConfigDict, mesh: jax.sharding.Mesh) -> None:
         raise UserError(f"fl.rounds must be positive, got {fl.rounds}")
     if fl.num_clients < 1:
         raise UserError(f"fl.num_clients must be at least 1, got {fl.num_clients}")
-    if fl.strategy not in STRATEGIES:
-        raise UserError(f"fl.strategy={fl.strategy!r}; the FF-RAG job runs "
-                        f"{' or '.join(STRATEGIES)}")
-    if len(fl.ranks) != fl.num_clients:
-        raise UserError(f"fl.ranks has {len(fl.ranks)} entries for fl.num_clients="
-                        f"{fl.num_clients}")
+    strategy_of(config)
+    gen_section = LoRASection.read(config, "generator")
+    LoRASection.read(config, "retriever")
+    ranks = gen_section.client_ranks(fl.num_clients)
     if min(r.k_private, r.k_shared) < 0 or r.k_private + r.k_shared == 0:
         raise UserError(f"rag.k_private={r.k_private} and rag.k_shared={r.k_shared}: "
                         "quotas must be >= 0 and retrieve at least one passage")
@@ -246,9 +209,9 @@ def validate(config: ConfigDict, mesh: jax.sharding.Mesh) -> None:
             raise UserError(f"fl.{name} must be positive, got {fl[name]}")
     cfg, shapes = abstract_model(config)
     check_lengths(cfg, {"rag.prompt_len + rag.answer_len": r.prompt_len + r.answer_len})
-    for rank in sorted(set(fl.ranks)):
-        jax.eval_shape(lambda p, rank=rank: lora.init(
-            jax.random.key(0), p, fl.targets, rank, fl.alpha_ratio * rank), shapes)
+    for rank in sorted(set(ranks)):
+        jax.eval_shape(lambda p, rank=rank: gen_section.init(jax.random.key(0), p, rank),
+                       shapes)
     if config.retriever.path:
         hf.check_model_dir(config.retriever.path)
 
@@ -265,11 +228,15 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     gen_cfg, params = model_config(config, tokenizer)
     rng = jax.random.key(config.seed)
     enc = TextEncoder.load(config.retriever.path)
+    gen_section, ret_section = (LoRASection.read(config, name)
+                                for name in ("generator", "retriever"))
+    gen_ranks = tuple(gen_section.client_ranks(len(clients)))
+    ret_ranks = tuple(ret_section.client_ranks(len(clients)))
     # Bad adapter settings fail here, not after minutes of pretraining (shapes only).
     shapes = jax.eval_shape(lambda: init_params(rng, gen_cfg)) if params is None else params
-    for rank in sorted(set(fl.ranks)):
-        lora.init(rng, shapes, fl.targets, rank, fl.alpha_ratio * rank)
-    lora.init(rng, enc.params, fl.retriever_targets, fl.retriever_rank, fl.retriever_rank)
+    for rank in sorted(set(gen_ranks)):
+        gen_section.init(rng, shapes, rank)
+    ret_section.init(rng, enc.params)
     if params is None:
         params = (pretrain(config, gen_cfg, tokenizer, reading, init_rng=rng,
                            rng=jax.random.fold_in(rng, 1), max_len=config.data.max_len,
@@ -279,12 +246,14 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     # Clients train on one device: everything the step sees is committed to it, or it compiles
     # again (see sharding.on_one_device); a restored checkpoint is put there too.
     params = sharding.on_one_device(params)
-    shared_vectors = enc.embed(shared)
+    # The bases this job searches are the ones it exports (multi_source: one search).
+    shared_base = KnowledgeBase.from_passages("shared", shared, enc, vectors=enc.embed(shared))
     sources = []
-    for c in clients:
-        s = Sources(enc.embed(c.private), shared_vectors, c.private, shared,
-                    (r.k_private, r.k_shared))
-        if len(s.private) < r.k_private or len(s.shared) < r.k_shared:
+    for k, c in enumerate(clients):
+        cases = KnowledgeBase.from_passages(f"cases_{k}", c.private, enc,
+                                            vectors=enc.embed(c.private))
+        s = Sources([cases, shared_base], [r.k_private, r.k_shared])
+        if len(cases) < r.k_private or len(shared_base) < r.k_shared:
             logging.warning("client %s: a base holds fewer passages than its quota; the "
                             "missing candidates are masked out", c.name)
         sources.append(s)
@@ -300,29 +269,31 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
             metrics.write(kind="eval", round=0, client=c.name, model="base", **m)
             logging.info("round 0 %s base: %s", c.name, _short(m))
 
-    # Personal adapters (persist across rounds) and the global ones (None before round 1).
-    def new_adapters(offset: int) -> tuple[list, list]:
-        """Fresh generator and query-encoder adapters for every client."""
-        gen = [lora.init(jax.random.fold_in(rng, offset + 10 + k), params, fl.targets, rank,
-                         fl.alpha_ratio * rank) for k, rank in enumerate(fl.ranks)]
-        ret = [lora.init(jax.random.fold_in(rng, offset + 100 + k), enc.params,
-                         fl.retriever_targets, fl.retriever_rank,
-                         fl.alpha_ratio * fl.retriever_rank) for k in range(len(clients))]
-        return gen, ret
+    strategy = strategy_of(config)
+    everyone = np.arange(len(clients))
 
-    gen_personal, ret_personal = new_adapters(0)
-    weights = federated.client_weights([len(c.train) for c in clients])
-    personalised = fl.strategy == "ff"
-    if personalised:
-        state = {"gen": gen_personal, "ret": ret_personal,
-                 "global_gen": federated.stack(gen_personal, weights),
-                 "global_ret": federated.stack(ret_personal, weights)}
-    else:  # stack: each round's stacked adapters are merged into the bases
-        state = {"gen_base": params, "query_base": enc.params}
+    def new_adapters(offset: int) -> dict:
+        """Fresh generator and query-encoder adapters for every client, as client batches
+        (the generator's padded to the largest rank)."""
+        gen = [gen_section.init(jax.random.fold_in(rng, offset + 10 + k), params, rank)
+               for k, rank in enumerate(gen_ranks)]
+        ret = [ret_section.init(jax.random.fold_in(rng, offset + 100 + k), enc.params, rank)
+               for k, rank in enumerate(ret_ranks)]
+        return {"generator": federated.pad_and_stack(gen),
+                "retriever": federated.stack_clients(ret)}
+
+    trees = {"generator": (params, gen_ranks), "retriever": (enc.params, ret_ranks)}
+    personal = new_adapters(0) if strategy.personalised else {}
+    server = {name: strategy.init_server(base, personal=personal.get(name), ranks=ranks,
+                                         per_round=len(clients))
+              for name, (base, ranks) in trees.items()}
     mngr = checkpoint.manager(workdir / "checkpoints" / "ffrag", max_to_keep=2)
-    done, state = checkpoint.restore_latest(mngr, sharding.on_one_device(state))
+    done, saved = checkpoint.restore_latest(mngr, sharding.on_one_device(
+        {name: strategy.checkpointed(srv) for name, srv in server.items()}))
+    server = {name: {**server[name], **saved[name]} for name in server}
     if done:
         logging.info("resuming after round %d", done)
+    weights = federated.client_weights([len(c.train) for c in clients])
     loss_cfg = rag.RagLossConfig(weights=tuple((k, float(v)) for k, v in r.losses.items()),
                                  score_scale=r.score_scale, tau_lm=r.tau_lm)
     opt_gen = train.make_optimizer(fl.lr, fl.local_steps, warmup_steps=0)
@@ -331,15 +302,11 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     hint = f"lower fl.lr (now {fl.lr:g}) or fl.retriever_lr (now {fl.retriever_lr:g})"
     monitors = [health.Monitor(f"client {c.name}", hint) for c in clients]
     for rnd in range(done + 1, fl.rounds + 1):
-        if personalised:
-            global_gen = state["global_gen"] if rnd > 1 else None
-            global_ret = state["global_ret"] if rnd > 1 else None
-            round_gen = _gen_params(params, global_gen)
-            round_query = _query_encoder(enc, global_ret, None).params
-            starts = list(zip(state["gen"], state["ret"], strict=True))
-        else:  # fresh adapters every round on the merged bases (FLoRA)
-            round_gen, round_query = state["gen_base"], state["query_base"]
-            starts = list(zip(*new_adapters(1000 * rnd), strict=True))
+        fresh = new_adapters(1000 * rnd) if strategy.fresh_adapters else {}
+        starts = {name: strategy.client_start(srv, everyone, fresh.get(name))
+                  for name, srv in server.items()}
+        round_gen = strategy.round_params(server["generator"])[0]
+        round_query = strategy.round_params(server["retriever"])[0]
         frozen = sharding.on_one_device({"generator": round_gen, "retriever": round_query})
         static = dict(gen_cfg=gen_cfg, enc_cfg=enc.cfg, loss_cfg=loss_cfg,
                       optimizers=(opt_gen, opt_ret))
@@ -361,32 +328,35 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
             # within the round), then all clients' local training as one vmapped program.
             per_client = []
             for k, (c, s) in enumerate(zip(clients, sources, strict=True)):
-                query_enc = dataclasses.replace(enc, params=round_query, lora=starts[k][1])
+                query_enc = dataclasses.replace(
+                    enc, params=round_query, lora=federated.client(starts["retriever"], k))
                 steps = [_client_batch(config, tokenizer, query_enc, s, c, (rnd, k, step))
                          for step in range(fl.local_steps)]
                 per_client.append(jax.tree.map(lambda *xs: np.stack(xs), *steps))
             batches = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *per_client)
-            max_rank = max(fl.ranks)
-            states = sharding.on_one_device(jax.tree.map(lambda *xs: jnp.stack(xs), *[
-                {"generator": train.init_train_state(federated.pad_rank(g, max_rank), opt_gen),
-                 "retriever": train.init_train_state(r, opt_ret)} for g, r in starts]))
+            states = sharding.on_one_device({
+                "generator": jax.vmap(lambda g: train.init_train_state(g, opt_gen))(
+                    starts["generator"]),
+                "retriever": jax.vmap(lambda t: train.init_train_state(t, opt_ret))(
+                    starts["retriever"])})
             rngs = jnp.stack([jnp.stack(keys) for keys in step_rngs])
             states, out = rag.update_clients(states, frozen, batches, rngs, **static)
             out = jax.device_get(out)
             for k in range(len(clients)):
                 for step in logged:
                     log(k, step, {n: v[k, step - 1] for n, v in out.items()})
-            new_gen = [federated.unpad_rank(jax.tree.map(lambda x, k=k: x[k],
-                                                         states["generator"].trainable), rank)
-                       for k, rank in enumerate(fl.ranks)]
-            new_ret = [jax.tree.map(lambda x, k=k: x[k], states["retriever"].trainable)
+            new_gen = [federated.client(states["generator"].trainable, k)
+                       for k in range(len(clients))]
+            new_ret = [federated.client(states["retriever"].trainable, k)
                        for k in range(len(clients))]
         else:
             new_gen, new_ret = [], []
             for k, (c, s) in enumerate(zip(clients, sources, strict=True)):
-                states = sharding.on_one_device(
-                    {"generator": train.init_train_state(starts[k][0], opt_gen),
-                     "retriever": train.init_train_state(starts[k][1], opt_ret)})
+                states = sharding.on_one_device({
+                    "generator": train.init_train_state(federated.unpad_rank(
+                        federated.client(starts["generator"], k), gen_ranks[k]), opt_gen),
+                    "retriever": train.init_train_state(
+                        federated.client(starts["retriever"], k), opt_ret)})
                 bar = tqdm(range(fl.local_steps), desc=f"round {rnd} {c.name}",
                            disable=not sys.stderr.isatty())
                 for step in bar:
@@ -401,41 +371,60 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
                         bar.set_postfix(loss=f"{float(out['loss']):.3f}")
                 new_gen.append(states["generator"].trainable)
                 new_ret.append(states["retriever"].trainable)
-        if personalised:
-            state = {"gen": new_gen, "ret": new_ret,
-                     "global_gen": federated.stack(new_gen, weights),
-                     "global_ret": federated.stack(new_ret, weights)}
-        else:
-            state = sharding.on_one_device(
-                {"gen_base": lora.merge(round_gen, federated.stack(new_gen, weights)),
-                 "query_base": lora.merge(round_query, federated.stack(new_ret, weights))})
-        gen_global, query_global = _global_models(enc, params, state)
+        # Each client's update at its own rank (padding cut), as client batches.
+        updated = {"generator": federated.pad_and_stack(
+                       [federated.unpad_rank(g, rank) for g, rank in zip(new_gen, gen_ranks,
+                                                                         strict=True)],
+                       max(gen_ranks)),
+                   "retriever": federated.stack_clients(new_ret)}
+        server = sharding.on_one_device({
+            name: strategy.aggregate(server[name], updated[name], weights,
+                                     np.ones(len(clients), bool), everyone, trees[name][1])
+            for name in server})
+        gen_global = merged(strategy.global_model(server["generator"]))
+        query_global = dataclasses.replace(
+            enc, params=merged(strategy.global_model(server["retriever"])))
+        # The last round's answers, question by question (what `ask` must reproduce).
+        predictions = [] if rnd == fl.rounds else None
         for k, (c, s) in enumerate(zip(clients, sources, strict=True)):
             models = [("global", None, None)]
-            if personalised:
-                models.append(("fused", new_gen[k], new_ret[k]))
+            if strategy.personalised:
+                models.append(("fused", federated.unpad_rank(strategy.client_adapter(
+                    server["generator"], k), gen_ranks[k]),
+                    strategy.client_adapter(server["retriever"], k)))
             for model, gen_lora, ret_lora in models:
+                rows = None if predictions is None else []
                 m = evaluate_client(config, c, s, dataclasses.replace(query_global,
                                                                       lora=ret_lora),
                                     gen_global, gen_lora, gen_cfg, tokenizer,
-                                    closed_book=rnd == fl.rounds and model == models[-1][0])
+                                    closed_book=rnd == fl.rounds and model == models[-1][0],
+                                    predictions=rows)
                 metrics.write(kind="eval", round=rnd, client=c.name, model=model, **m)
                 logging.info("round %d %s %s: %s", rnd, c.name, model, _short(m))
-        checkpoint.save(mngr, rnd, state, metrics)
+                if rows is not None:
+                    predictions.extend({"round": rnd, "client": c.name, "model": model, **row}
+                                       for row in rows)
+        if predictions is not None:
+            files.atomic_write_text(workdir / "predictions.jsonl", "".join(
+                files.dumps(row) + "\n" for row in predictions))
+        checkpoint.save(mngr, rnd, {name: strategy.checkpointed(srv)
+                                    for name, srv in server.items()}, metrics)
         mngr.wait_until_finished()  # a round is minutes of work: keep it before going on
     mngr.close()
 
-    gen_global, query_global = _global_models(enc, params, state)
-    export = inference.export_system(
+    gen_global = merged(strategy.global_model(server["generator"]))
+    global_ret = strategy.global_model(server["retriever"])[1]
+    export = system.export_system(
         workdir / "export", gen_cfg=gen_cfg, gen_params=gen_global, tokenizer=tokenizer,
-        encoder=enc, retriever_path=config.retriever.path,
-        global_retriever=state["global_ret"] if personalised else None,
-        query_params=None if personalised else query_global.params,
-        bases={"shared": shared, **{f"cases_{k}": c.private for k, c in enumerate(clients)}},
+        encoder=enc, retriever_path=config.retriever.path, global_retriever=global_ret,
+        query_params=server["retriever"]["params"] if strategy.changes_base else None,
+        bases={"shared": shared_base, **{s.bases[0].name: s.bases[0] for s in sources}},
         quotas={"private": r.k_private, "shared": r.k_shared}, prompt_len=r.prompt_len,
-        clients=[{"name": c.name, "base": f"cases_{k}", "generator": state["gen"][k],
-                  "retriever": state["ret"][k]} for k, c in enumerate(clients)]
-        if personalised else [])
+        clients=[{"name": c.name, "base": f"cases_{k}",
+                  "generator": federated.unpad_rank(
+                      strategy.client_adapter(server["generator"], k), gen_ranks[k]),
+                  "retriever": strategy.client_adapter(server["retriever"], k)}
+                 for k, c in enumerate(clients)] if strategy.personalised else [])
     logging.info("exported the system to %s (python -m ffrag_jax.ask --workdir %s ...)",
                  export, workdir)
     records = read_jsonl(metrics.path)

@@ -1,12 +1,14 @@
 """The federated LoRA job (``task = "federated"``): data, rounds, evaluation, checkpoints.
 
-Per round (all pure steps are in :mod:`ffrag_jax.fl_round` and :mod:`ffrag_jax.federated`):
+Per round (all pure steps are in :mod:`ffrag_jax.federated`; the strategy is an object from
+:mod:`ffrag_jax.federated.strategies`, chosen once from ``fl.strategy``):
 
 1. select ``max(int(fraction * N), 1)`` clients, seeded by the round (as the reference);
 2. build their batches ``[K, S, A, B, T]`` (a pure function of seed, round and client);
 3. run the jitted round: vmapped local training, NaN/inf rejection, aggregation;
 4. evaluate loss and perplexity on every client's held-out split, for the global model and
-   (``ff``) each client's fused model; log upload/download bytes per client;
+   (personalised strategies) each client's fused model; log upload/download bytes per
+   client;
 5. save an orbax checkpoint of the server state.
 
 A run resumes from its last completed round and gives the same result as an uninterrupted
@@ -35,7 +37,6 @@ from ffrag_jax import (
     data,
     evaluation,
     federated,
-    fl_round,
     hf,
     lora,
     mmlu,
@@ -50,10 +51,14 @@ from ffrag_jax.base_model import (
     pretrain,
     run_tokenizer,
 )
+from ffrag_jax.config_types import LoRASection
 from ffrag_jax.errors import UserError
-from ffrag_jax.lora import LoRA, module_weights
+from ffrag_jax.federated import round_step, strategies
+from ffrag_jax.federated.strategies import Strategy
+from ffrag_jax.lora import LoRA
 from ffrag_jax.metrics import MetricsLog, plot_client_rounds, read_jsonl
 from ffrag_jax.models.llama import init_params
+from ffrag_jax.rag import prompts as rag_prompts
 from ffrag_jax.workdir import write_summary
 
 # --------------------------------------------------------------------------------------------
@@ -99,7 +104,7 @@ def client_records(config: ConfigDict) -> tuple[list[str], list[list[dict]], boo
 
 def _pairs(records: list[dict], is_synthetic: bool, d: ConfigDict) -> tuple[list, list]:
     if is_synthetic:
-        return [synthetic.prompt(r) for r in records], [synthetic.response(r) for r in records]
+        return [rag_prompts.prompt(r) for r in records], [rag_prompts.response(r) for r in records]
     pairs = [data.render(r, d.prompt_field, d.response_field) for r in records]
     return [p for p, _ in pairs], [r for _, r in pairs]
 
@@ -127,53 +132,6 @@ def encode_clients(config, tokenizer, pairs) -> tuple[list[dict], list[dict]]:
                         ("input_ids", "attention_mask", "loss_mask")})
     trim = text.trim_padding(train_sets + held_sets, d.max_len)
     return trim[:len(pairs)], trim[len(pairs):]
-
-
-# --------------------------------------------------------------------------------------------
-# Ranks, adapters, communication
-
-
-def client_ranks(fl: ConfigDict) -> list[int]:
-    if fl.ranks:
-        ranks = [int(r) for r in fl.ranks]
-        if len(ranks) != fl.num_clients:
-            raise UserError(f"fl.ranks has {len(ranks)} entries but fl.num_clients="
-                            f"{fl.num_clients}")
-    else:
-        ranks = [int(fl.rank)] * fl.num_clients
-    if min(ranks) <= 0:
-        raise UserError(f"LoRA ranks must be positive, got {ranks}")
-    if fl.strategy == "fedavg" and len(set(ranks)) > 1:
-        raise UserError("fl.strategy='fedavg' needs one rank for all clients; use 'stack', "
-                        "'zeropad' or 'ff' for heterogeneous ranks")
-    return ranks
-
-
-def client_scale(fl: ConfigDict) -> float:
-    """One LoRA scale for every client: ``alpha / r`` with ``alpha = alpha_ratio * r``
-    (the reference's alpha = 2r gives scale 2 at every rank)."""
-    return float(fl.alpha_ratio)
-
-
-def adapter_bytes(template: LoRA, rank: int) -> int:
-    """Bytes of an adapter with ``template``'s modules at ``rank`` (``r (in + out)`` per
-    module and layer)."""
-    total = 0
-    for ab in module_weights(template.weights).values():
-        a = ab["a"]
-        layers = int(np.prod(a.shape[:-2]))
-        total += layers * rank * (a.shape[-2] + ab["b"].shape[-1]) * a.dtype.itemsize
-    return total
-
-
-def comm_bytes(strategy: str, template: LoRA, rank: int, global_rank: int) -> tuple[int, int]:
-    """``(upload, download)`` bytes of one client in one round. Download is what the client
-    receives before training: the last stacked adapter (``stack``/``ff``, rank
-    ``global_rank``), the global adapter (``fedavg``) or its first ``rank`` components
-    (``zeropad``). Upload is the client's trained adapter at its own rank."""
-    up = adapter_bytes(template, rank)
-    down = adapter_bytes(template, global_rank) if strategy in ("stack", "ff") else up
-    return up, down
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,21 +175,20 @@ def new_adapter(rng: jax.Array, params: dict, template: LoRA) -> LoRA:
                      dropout=template.dropout)
 
 
-def init_server(strategy: str, params: dict, template: LoRA, num_clients: int, per_round: int,
-                max_rank: int, rng: jax.Array) -> dict:
-    """The round-0 server state (see :mod:`ffrag_jax.fl_round`); ``template`` is an adapter at
-    the largest client rank ``max_rank``."""
-    server = {"params": params}
-    if strategy in ("fedavg", "zeropad"):
-        server["global"] = new_adapter(rng, params, template)
-    elif strategy == "ff":
-        zeros = jax.tree.map(jnp.zeros_like, template)
-        server["global"] = fl_round.stack_padded(
-            federated.stack_clients([zeros] * per_round), jnp.zeros((per_round,)))
+def init_server(strategy: Strategy | str, params: dict, template: LoRA, num_clients: int,
+                per_round: int, max_rank: int, rng: jax.Array) -> dict:
+    """The round-0 server state (see :mod:`ffrag_jax.federated.strategies`); ``template`` is
+    an adapter at the largest client rank ``max_rank``."""
+    if isinstance(strategy, str):
+        strategy = strategies.get(strategy)
+    start = personal = None
+    if strategy.personalised:
         keys = jax.random.split(rng, num_clients)
-        server["personal"] = federated.stack_clients(
+        personal = federated.stack_clients(
             [new_adapter(keys[k], params, template) for k in range(num_clients)])
-    return server
+    elif not strategy.fresh_adapters:  # one global adapter carried from round to round
+        start = new_adapter(rng, params, template)
+    return strategy.init_server(params, start=start, personal=personal, per_round=per_round)
 
 
 def clients_per_round(fl: ConfigDict) -> int:
@@ -241,9 +198,7 @@ def clients_per_round(fl: ConfigDict) -> int:
 def validate(config: ConfigDict, mesh: jax.sharding.Mesh) -> None:
     """Every check of the federated job that needs only the config and the mesh."""
     fl, d = config.fl, config.data
-    if fl.strategy not in fl_round.STRATEGIES:
-        raise UserError(f"fl.strategy={fl.strategy!r}; choose one of "
-                        f"{', '.join(fl_round.STRATEGIES)}")
+    strategy = strategies.get(fl.strategy, fl.fusion)
     if fl.rounds <= 0:
         raise UserError(f"fl.rounds must be positive, got {fl.rounds}")
     if fl.num_clients < 1:
@@ -255,7 +210,9 @@ def validate(config: ConfigDict, mesh: jax.sharding.Mesh) -> None:
                         f"fl.micro_batch_size={fl.micro_batch_size}")
     if fl.lr <= 0:
         raise UserError(f"fl.lr must be positive, got {fl.lr}")
-    ranks = client_ranks(fl)
+    adapters = LoRASection.read(config, "generator")
+    ranks = adapters.client_ranks(fl.num_clients)
+    strategy.check(ranks)
     per_round = clients_per_round(fl)
     if per_round % mesh.shape["clients"]:
         raise UserError(f"{per_round} clients per round do not divide over the mesh's "
@@ -270,18 +227,17 @@ def validate(config: ConfigDict, mesh: jax.sharding.Mesh) -> None:
     if config.eval.mmlu_path and not Path(config.eval.mmlu_path).expanduser().is_file():
         raise UserError(f"MMLU file not found: {config.eval.mmlu_path} (eval.mmlu_path)")
     _, shapes = abstract_model(config)  # data.max_len is a cap: batches are trimmed
-    template = jax.eval_shape(lambda p: lora.init(
-        jax.random.key(0), p, fl.targets, max(ranks), client_scale(fl) * max(ranks),
-        dropout=fl.dropout), shapes)
-    if fl.fusion == "chain" and fl.strategy == "ff":
-        lora.check_square(template)
+    template = jax.eval_shape(lambda p: adapters.init(jax.random.key(0), p, max(ranks)), shapes)
+    strategy.check(ranks, template)
 
 
 def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     """Runs the federated job in ``workdir``; returns the summary it writes."""
     started = time.perf_counter()
     fl, d = config.fl, config.data
-    ranks = client_ranks(fl)
+    strategy = strategies.get(fl.strategy, fl.fusion)
+    adapters = LoRASection.read(config, "generator")
+    ranks = adapters.client_ranks(fl.num_clients)
     max_rank = max(ranks)
     metrics = MetricsLog(workdir / "metrics.jsonl")
 
@@ -293,7 +249,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
                      if pretraining else [])
     tokenizer = run_tokenizer(config, workdir, itertools.chain(
         (p + r for prompts, responses in pairs for p, r in zip(prompts, responses, strict=True)),
-        (synthetic.prompt(e) + synthetic.response(e) for e in base_examples)))
+        (rag_prompts.prompt(e) + rag_prompts.response(e) for e in base_examples)))
     cfg, params = model_config(config, tokenizer)
     rng = jax.random.key(config.seed)
     init_rng, server_rng, round_rng = jax.random.split(rng, 3)
@@ -304,10 +260,9 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     elif params is None:
         params = init_params(init_rng, cfg)
     params = sharding.shard(params, mesh)
-    template = lora.init(server_rng, params, fl.targets, max_rank, client_scale(fl) * max_rank,
-                         dropout=fl.dropout)  # raises on bad targets/ranks before any work
-    if fl.fusion == "chain" and fl.strategy == "ff":
-        lora.check_square(template)
+    # Raises on bad targets/ranks before any work.
+    template = adapters.init(server_rng, params, max_rank)
+    strategy.check(ranks, template)
 
     train_sets, held_sets = encode_clients(config, tokenizer, pairs)
     counts = [len(s["input_ids"]) for s in train_sets]
@@ -337,12 +292,12 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     @functools.partial(jax.jit, static_argnames="fusion")
     def round_fn(server, *args, fusion):
         # No donation: the previous state may still be in an asynchronous checkpoint save.
-        return fl_round.run_round(server, *args, cfg=cfg, optimizer=make_optimizer,
-                                  strategy=fl.strategy, fusion=fusion)
+        return round_step.run_round(server, *args, cfg=cfg, optimizer=make_optimizer,
+                                    strategy=strategy, fusion=fusion)
 
     by_client = NamedSharding(mesh, PartitionSpec("clients"))
 
-    server = sharding.shard(init_server(fl.strategy, params, template, fl.num_clients,
+    server = sharding.shard(init_server(strategy, params, template, fl.num_clients,
                                         per_round, max_rank, server_rng), mesh)
     state = {"server": server, "global_rank": jnp.zeros((), jnp.int32)}
     mngr = checkpoint.manager(workdir / "checkpoints" / "rounds", max_to_keep=2)
@@ -355,12 +310,12 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         held = held_out_split(config, k, len(prompts))[1]
         held_pairs.append(([prompts[i] for i in held], [responses[i] for i in held]))
     if start == 0:  # the base model, before any round (round 0 of the curves)
-        for rec in evaluate_round(config, state["server"], cfg, held_batches, names, evaluate,
+        for rec in evaluate_round(strategy, state["server"], held_batches, names, evaluate,
                                   base=True):
             metrics.write(kind="eval", round=0, **rec)
         if config.eval.exact_match:
-            for rec in exact_match_round(config, cfg, tokenizer, state["server"], held_pairs,
-                                         names, base=True):
+            for rec in exact_match_round(config, strategy, cfg, tokenizer, state["server"],
+                                         held_pairs, names, base=True):
                 metrics.write(kind="exact_match", round=0, **rec)
     bar = tqdm(range(start, fl.rounds), desc="rounds", initial=start, total=fl.rounds,
                disable=not sys.stderr.isatty())
@@ -373,8 +328,8 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
                                              seed=[config.seed, t, k]) for k in selected]
         batches = {key: np.stack([b[key] for b in batches]) for key in batches[0]}
         key = jax.random.fold_in(round_rng, t)
-        fresh = None  # only stack starts every round from new adapters
-        if fl.strategy == "stack":
+        fresh = None
+        if strategy.fresh_adapters:
             fresh = federated.stack_clients(
                 [new_adapter(jax.random.fold_in(key, k), params, template) for k in selected])
         inputs = (fresh, np.asarray(selected), np.asarray(weights, np.float32),
@@ -383,9 +338,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
                   np.asarray([steps[k] for k in selected], np.int32))
         inputs = jax.device_put(inputs, by_client)
         global_rank = int(state["global_rank"])
-        # Chain fusion through an all-zero global adapter has zero gradient, so clients train
-        # plain personal adapters until a global one exists (additive fusion with G = 0).
-        fusion = fl.fusion if global_rank > 0 else "add"
+        fusion = strategy.training_fusion(has_global=global_rank > 0)
         server, _, info = round_fn(state["server"], *inputs, fusion=fusion)
         info = jax.device_get(info)
         accepted = [bool(a) for a in info["accepted"]]
@@ -396,19 +349,19 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         for i, k in enumerate(selected):
             active = info["active"][i].astype(bool)
             loss = float(np.mean(info["loss"][i][active])) if active.any() else float("nan")
-            up, down = comm_bytes(fl.strategy, template, ranks[k], global_rank)
+            up, down = strategy.payload_bytes(template, ranks[k], global_rank)
             metrics.write(kind="client", round=t + 1, client=k, name=names[k],
                           steps=int(active.sum()), train_loss=loss, accepted=accepted[i],
                           upload_bytes=up if accepted[i] else 0, download_bytes=down)
             if not accepted[i] and weights[i] > 0:
                 logging.warning("round %d: client %s sent a non-finite update; rejected",
                                 t + 1, names[k])
-        round_eval = evaluate_round(config, server, cfg, held_batches, names, evaluate)
+        round_eval = evaluate_round(strategy, server, held_batches, names, evaluate)
         for rec in round_eval:
             metrics.write(kind="eval", round=t + 1, **rec)
         mean_global = _mean([r["loss"] for r in round_eval if r["model"] == "global"])
         if config.eval.exact_match:
-            em = exact_match_round(config, cfg, tokenizer, server, held_pairs, names)
+            em = exact_match_round(config, strategy, cfg, tokenizer, server, held_pairs, names)
             for rec in em:
                 metrics.write(kind="exact_match", round=t + 1, **rec)
             logging.info("round %d: mean exact match %s", t + 1, {
@@ -416,7 +369,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
                 for m in ("global", "fused") if any(r["model"] == m for r in em)})
         if mmlu_items and ((t + 1) % max(config.eval.mmlu_every, 1) == 0
                            or t + 1 == fl.rounds):
-            global_params, global_adapter = global_model(server, fl.strategy)
+            global_params, global_adapter = strategy.global_model(server)
             result = mmlu.evaluate(global_params, cfg, tokenizer, mmlu_items,
                                    jax.random.fold_in(rng, 10**6 + t), lora=global_adapter,
                                    batch_size=config.eval.mmlu_batch_size,
@@ -437,7 +390,8 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     server = state["server"]
     records = read_jsonl(metrics.path)
     final = [r for r in records if r.get("kind") == "eval" and r["round"] == fl.rounds]
-    exported = export(config, workdir, cfg, server, tokenizer, ranks) if config.export else {}
+    exported = (export(config, strategy, workdir, cfg, server, tokenizer, ranks)
+                if config.export else {})
     plot_client_rounds(records, workdir / "rounds.png",
                        title=f"ffrag_jax federated ({fl.strategy}): held-out metrics per client")
     summary = {
@@ -461,61 +415,47 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     return write_summary(workdir, summary)
 
 
-def global_model(server: dict, strategy: str) -> tuple[dict, LoRA | None]:
-    """``(params, adapter)`` of the global model: the merged base (``stack``), or the base with
-    the global adapter."""
-    if strategy == "stack":
-        return server["params"], None
-    return server["params"], server["global"]
-
-
-def fused_adapter(server: dict, client: int, fusion: str) -> LoRA:
-    personal = jax.tree.map(lambda x: x[client], server["personal"])
-    return federated.fuse(server["global"], personal, fusion)
-
-
-def round_models(server: dict, fl: ConfigDict, client: int, base: bool
-                 ) -> list[tuple[str, dict, LoRA | None]]:
-    """``(name, params, adapter)`` of the models evaluated for ``client``: the base model
-    (``base``: before any round), or the global model and (``ff``) the client's fused one."""
+def round_models(strategy: Strategy, server: dict, base: bool):
+    """``(name, params, adapter)`` of the models evaluated for every client, as a function of
+    the client: the base model (``base``: before any round), or the global model and
+    (personalised strategies) the client's fused one. Shared weights are made once."""
     if base:
-        return [("base", server["params"], None)]
-    params, adapter = global_model(server, fl.strategy)
-    models = [("global", params, adapter)]
-    if fl.strategy == "ff":
-        models.append(("fused", params, fused_adapter(server, client, fl.fusion)))
-    return models
+        return lambda k: [("base", server["params"], None)]
+    params, adapter = strategy.global_model(server)
+    if not strategy.personalised:
+        return lambda k: [("global", params, adapter)]
+    fused_params, chain_global = strategy.personal_base(server)
+    return lambda k: [("global", params, adapter),
+                      ("fused", fused_params, strategy.client_adapter(server, k, chain_global))]
 
 
-def evaluate_round(config, server, cfg, held_batches, names, evaluate, *, base: bool = False
-                   ) -> list[dict]:
-    """Held-out loss and perplexity per client: the base model (``base=True``, before any
-    round), or the global model and (``ff``) the fused."""
-    fl = config.fl
+def evaluate_round(strategy: Strategy, server, held_batches, names, evaluate, *,
+                   base: bool = False) -> list[dict]:
+    """Held-out loss and perplexity per client of the models of :func:`round_models`."""
+    models_of = round_models(strategy, server, base)
     out = []
     for k, batches in enumerate(held_batches):
         if not batches:
             continue
-        models = round_models(server, fl, k, base)
-        for model, model_params, ad in models:
+        for model, model_params, ad in models_of(k):
             loss = evaluate(model_params, ad, batches)
             out.append({"client": k, "name": names[k], "model": model, "loss": loss,
                         "ppl": math.exp(min(loss, 50.0))})
     return out
 
 
-def exact_match_round(config, cfg, tokenizer, server, held_pairs, names, *, base: bool = False
-                      ) -> list[dict]:
-    """Exact match of generated answers on each client's held-out split: the base model
-    (``base=True``, before any round) or the global and (``ff``) fused models."""
-    fl, e = config.fl, config.eval
+def exact_match_round(config, strategy: Strategy, cfg, tokenizer, server, held_pairs, names,
+                      *, base: bool = False) -> list[dict]:
+    """Exact match of generated answers on each client's held-out split, for the models of
+    :func:`round_models`."""
+    e = config.eval
     max_prompt_len = min(config.data.max_len, cfg.max_position_embeddings) - e.max_new_tokens
+    models_of = round_models(strategy, server, base)
     out = []
     for k, (prompts, responses) in enumerate(held_pairs):
         if not prompts:
             continue
-        models = round_models(server, fl, k, base)
-        for model, model_params, ad in models:
+        for model, model_params, ad in models_of(k):
             answers = evaluation.generate_answers(
                 model_params, cfg, tokenizer, prompts, lora=ad, max_prompt_len=max_prompt_len,
                 max_new_tokens=e.max_new_tokens, batch_size=e.generate_batch_size)
@@ -524,28 +464,27 @@ def exact_match_round(config, cfg, tokenizer, server, held_pairs, names, *, base
     return out
 
 
-def export(config, workdir: Path, cfg, server: dict, tokenizer, ranks: list[int]) -> dict:
+def export(config, strategy: Strategy, workdir: Path, cfg, server: dict, tokenizer,
+           ranks: list[int]) -> dict:
     """The merged global model as an HF folder (for ``lm_eval`` and transformers) and, for
-    ``ff``, each client's personal adapter in PEFT format (at its own rank)."""
-    fl = config.fl
-    params, adapter = global_model(server, fl.strategy)
+    personalised strategies, each client's personal adapter in PEFT format (at its own rank):
+    on the merged global model (additive fusion), or on the base model exported beside it
+    with the global adapter chained in (chain fusion)."""
+    params, adapter = strategy.global_model(server)
     merged = params if adapter is None else lora.merge(params, adapter)
     global_dir = hf.save_llama(workdir / "export" / "global_model", cfg, jax.device_get(merged),
                                tokenizer=tokenizer, overwrite=True)
     out = {"global_model": str(global_dir)}
-    if fl.strategy == "ff":
-        # Additive fusion: the personal adapter on top of the merged global model is the
-        # fused model. Chain fusion has no global term of its own, so its fused adapter
-        # chain(global, personal) goes on top of the unmerged base, exported beside it.
+    if strategy.personalised:
+        base_params, chain_global = strategy.personal_base(server)
         base_dir = global_dir
-        if fl.fusion == "chain":
+        if chain_global is not None:
             base_dir = hf.save_llama(workdir / "export" / "base_model", cfg,
-                                     jax.device_get(params), tokenizer=tokenizer, overwrite=True)
+                                     jax.device_get(base_params), tokenizer=tokenizer,
+                                     overwrite=True)
             out["base_model"] = str(base_dir)
         for k, rank in enumerate(ranks):
-            personal = jax.tree.map(lambda x, k=k: x[k], server["personal"])
-            if fl.fusion == "chain":
-                personal = federated.fuse(server["global"], personal, "chain")
+            personal = strategy.client_adapter(server, k, chain_global)
             lora.save_peft_adapter(workdir / "export" / "personal" / f"client_{k}",
                                    federated.unpad_rank(personal, rank), cfg,
                                    base_model_name_or_path=str(base_dir), overwrite=True)

@@ -22,7 +22,7 @@ from ffrag_jax.errors import UserError
 
 class Monitor:
     """Checks one phase's log steps; ``hint`` names the setting to change (``"lower
-    lora.lr (now 1e+06)"``)."""
+    train.lr (now 1e+06)"``)."""
 
     def __init__(self, phase: str, hint: str, *, loss_ratio: float = 3.0,
                  norm_ratio: float = 100.0, zero_grad_checks: int = 3):

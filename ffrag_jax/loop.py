@@ -42,8 +42,10 @@ def train_phase(
     metrics: MetricsLog,
     log_every: int,
     checkpoint_every: int,
+    section: str | None = None,
 ):
-    """Trains ``trainable`` for ``phase.steps`` steps; returns the trained tree."""
+    """Trains ``trainable`` for ``phase.steps`` steps; returns the trained tree. ``section``:
+    the config section ``phase`` came from (default: ``name``), for messages."""
     steps = int(phase.steps)
     optimizer = train.make_optimizer(
         phase.lr,
@@ -66,14 +68,14 @@ def train_phase(
     per_step = phase.batch_size * phase.grad_accum
     if per_step % (mesh.shape["data"] * mesh.shape["fsdp"]):
         raise UserError(
-            f"{name}.batch_size={phase.batch_size} is not divisible by the data-parallel "
-            f"devices ({mesh.shape['data'] * mesh.shape['fsdp']})"
+            f"{section or name}.batch_size={phase.batch_size} is not divisible by the "
+            f"data-parallel devices ({mesh.shape['data'] * mesh.shape['fsdp']})"
         )
     step_fn = train.jit_train_step(cfg, optimizer, mode, mesh, state, frozen,
                                    use_dropout=mode == "lora")
     batch_sharding = sharding.batch_sharding(mesh, 3, batch_dim=1)
     seq_len = data["input_ids"].shape[1]
-    monitor = health.Monitor(name, f"lower {name}.lr (now {phase.lr:g})")
+    monitor = health.Monitor(name, f"lower {section or name}.lr (now {phase.lr:g})")
     weight_norm = jax.jit(optax.global_norm)
     bar = tqdm(range(start, steps), desc=name, initial=start, total=steps,
                disable=not sys.stderr.isatty(), dynamic_ncols=True)

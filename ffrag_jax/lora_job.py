@@ -34,8 +34,10 @@ from ffrag_jax.base_model import (
     pretrain,
     run_tokenizer,
 )
+from ffrag_jax.config_types import LoRASection
 from ffrag_jax.loop import train_phase
 from ffrag_jax.metrics import MetricsLog, plot_training_loss, read_jsonl
+from ffrag_jax.rag import prompts
 from ffrag_jax.workdir import write_summary
 
 
@@ -56,7 +58,7 @@ def _examples(config: ConfigDict, workdir: Path) -> dict[str, list[dict]]:
 
 def _tokenizer(config: ConfigDict, workdir: Path, examples: dict[str, list[dict]]):
     return run_tokenizer(config, workdir, (
-        synthetic.prompt(e) + synthetic.response(e)
+        prompts.prompt(e) + prompts.response(e)
         for split in ("base_train", "task_train")
         for e in examples[split]
     ))
@@ -67,7 +69,7 @@ def _exact_match(config, cfg, params, tokenizer, examples, adapter=None) -> floa
         params,
         cfg,
         tokenizer,
-        [synthetic.prompt(e) for e in examples],
+        [prompts.prompt(e) for e in examples],
         lora=adapter,
         max_prompt_len=config.data.max_len - config.eval.max_new_tokens,
         max_new_tokens=config.eval.max_new_tokens,
@@ -77,8 +79,7 @@ def _exact_match(config, cfg, params, tokenizer, examples, adapter=None) -> floa
 
 
 def _init_lora(config: ConfigDict, rng: jax.Array, params) -> lora.LoRA:
-    c = config.lora
-    return lora.init(rng, params, c.targets, c.rank, c.alpha, dropout=c.dropout)
+    return LoRASection.read(config, "generator").init(rng, params)
 
 
 def validate(config: ConfigDict, mesh: jax.sharding.Mesh) -> None:
@@ -112,13 +113,13 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
 
     adapter = _init_lora(config, lora_init_rng, params)
     logging.info("LoRA on %s, rank %d: %d trainable parameters (base: %d)",
-                 ",".join(adapter.targets), config.lora.rank, adapter.num_params(),
+                 ",".join(adapter.targets), max(adapter.ranks.values()), adapter.num_params(),
                  sum(x.size for x in jax.tree.leaves(params)))
     adapter = train_phase(
         "lora", cfg=cfg, trainable=adapter, frozen=params, mode="lora",
         data=encode_synthetic(tokenizer, examples["task_train"], max_len,
-                              config.lora.response_only),
-        phase=config.lora, rng=lora_rng, **common,
+                              config.train.response_only),
+        phase=config.train, section="train", rng=lora_rng, **common,
     )
 
     results = {

@@ -41,10 +41,7 @@ from ffrag_jax import (
     checkpoint,
     health,
     hf,
-    inference,
-    lora,
     rag,
-    rag_eval,
     sharding,
     synthetic,
     train,
@@ -56,9 +53,12 @@ from ffrag_jax.base_model import (
     pretrain,
     run_tokenizer,
 )
+from ffrag_jax.config_types import LoRASection
 from ffrag_jax.errors import UserError
 from ffrag_jax.metrics import MetricsLog, plot_training_loss, read_jsonl
 from ffrag_jax.models.llama import init_params
+from ffrag_jax.rag import evaluate as rag_eval
+from ffrag_jax.rag import prompts, system
 from ffrag_jax.retrieval import encoder as encoder_lib
 from ffrag_jax.retrieval import index as index_lib
 from ffrag_jax.retrieval.encoder import TextEncoder
@@ -112,6 +112,7 @@ def validate(config: ConfigDict, mesh: jax.sharding.Mesh) -> None:
         raise UserError(f"rag.k must be at least 1, got {r.k}")
     if t.steps < 0:
         raise UserError(f"train.steps must be >= 0, got {t.steps}")
+    LoRASection.read(config, "retriever")
     cfg, _ = abstract_model(config)
     check_lengths(cfg, {"rag.prompt_len + rag.answer_len": r.prompt_len + r.answer_len})
     if config.retriever.path:
@@ -128,7 +129,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     reading = synthetic.make_examples(config.data.domain, config.pretrain.num_examples,
                                       config.seed, distractors=0, user_questions=True)
     tokenizer = run_tokenizer(config, workdir, (
-        synthetic.prompt(e) + synthetic.response(e) for e in reading + [
+        prompts.prompt(e) + prompts.response(e) for e in reading + [
             {"context": f["text"], "question": "", "answer": ""} for f in facts]))
     train_q = rag.drop_long_answers(tokenizer, train_q, r.answer_len, "training questions")
     gen_cfg, gen_params = model_config(config, tokenizer)
@@ -153,8 +154,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         metrics.write(kind="eval", **before)
     logging.info("before: %s", before)
 
-    ret_lora = lora.init(jax.random.fold_in(rng, 2), enc.params, t.retriever_targets,
-                         t.rank, 2.0 * t.rank)
+    ret_lora = LoRASection.read(config, "retriever").init(jax.random.fold_in(rng, 2), enc.params)
     opt_r = train.make_optimizer(t.retriever_lr, t.steps, warmup_steps=t.warmup_steps)
     states = {"generator": None, "retriever": train.init_train_state(ret_lora, opt_r)}
     mngr = checkpoint.manager(workdir / "checkpoints" / "rag")
@@ -215,7 +215,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
                                             gen_cfg, tokenizer)}
     metrics.write(kind="eval", **after)
     logging.info("after: %s", after)
-    inference.export_system(
+    system.export_system(
         workdir / "export", gen_cfg=gen_cfg, gen_params=gen_params, tokenizer=tokenizer,
         encoder=enc, retriever_path=config.retriever.path, global_retriever=enc.lora,
         bases={"facts": fact_texts}, quotas={"facts": r.k}, prompt_len=r.prompt_len,

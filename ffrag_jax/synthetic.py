@@ -272,17 +272,6 @@ def make_knowledge(domain: str, num_entities: int, seed: int) -> tuple[list[str]
     return facts, questions
 
 
-PROMPT_TEMPLATE = "Context: {context}\nQuestion: {question}\nAnswer:"
-
-
-def prompt(example: dict) -> str:
-    return PROMPT_TEMPLATE.format(context=example["context"], question=example["question"])
-
-
-def response(example: dict) -> str:
-    return " " + example["answer"]
-
-
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

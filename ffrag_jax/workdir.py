@@ -43,6 +43,7 @@ LOCK = ".ffrag_jax.lock"
 # Everything a job writes at the top of its workdir (besides the lock file, which stays). Only
 # these are deleted by --overwrite; tests check that a run writes nothing else.
 OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "loss.png", "rounds.png",
+           "predictions.jsonl",
            "checkpoints", "export", "tokenizer", "data", MARKER)
 
 

@@ -223,3 +223,65 @@ def test_clients_sharded_over_8_devices_match_one_device(params):
     eight, _ = _vmapped(jax.device_put(params, sharding.replicated(mesh)), placed, sgd)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6),
                  one.weights, jax.device_get(eight.weights))
+
+
+# --------------------------------------------------------------------------------------------
+# Strategies as objects
+
+
+def test_strategies_are_chosen_once_by_name_and_bad_names_list_the_valid_ones():
+    from ffrag_jax.federated import strategies
+
+    assert [type(strategies.get(n)).__name__ for n in ("stack", "fedavg", "zeropad", "ff")] == [
+        "Stack", "FedAvg", "ZeroPad", "FF"]
+    assert strategies.get("ff", "chain").fusion == "chain"
+    with pytest.raises(UserError, match=r"fl.strategy='flora'; choose one of stack, fedavg, "
+                                        r"zeropad, ff \(stack: FLoRA"):
+        strategies.get("flora")
+    with pytest.raises(UserError, match="fl.strategy='zeropad'; the FF-RAG job runs ff or stack"):
+        strategies.get("zeropad", allowed=(strategies.FF, strategies.Stack), job="the FF-RAG job")
+    with pytest.raises(UserError, match="fl.fusion='mul'; choose one of add, chain"):
+        strategies.get("ff", "mul")
+    with pytest.raises(UserError, match="'fedavg' needs one rank for all clients"):
+        strategies.get("fedavg").check([4, 2])
+    strategies.get("zeropad").check([4, 2])  # padding is what zeropad is for
+
+
+def test_stacking_a_padded_client_batch_equals_stacking_the_list_exactly(params):
+    """One FLoRA rule: ``stack_padded`` with the clients' ranks is bit for bit the list-based
+    ``stack`` (the padding cut first); without ranks it has rank K*R and the same product."""
+    ranks = [8, 4, 2]
+    clients = [_client(params, 20 + k, r) for k, r in enumerate(ranks)]
+    weights = federated.client_weights([30, 10, 60])
+    exact = federated.stack(clients, weights)
+    batch = federated.pad_and_stack(clients)
+    cut = federated.stack_padded(batch, weights, ranks)
+    for got, want in zip(jax.tree.leaves(cut), jax.tree.leaves(exact), strict=True):
+        np.testing.assert_array_equal(got, want)
+    padded = federated.stack_padded(batch, jnp.asarray(weights, jnp.float32))
+    assert set(padded.ranks.values()) == {3 * 8}
+    for path, d in lora.delta(padded).items():
+        np.testing.assert_allclose(d, lora.delta(exact)[path], atol=1e-6)
+
+
+def test_ff_keeps_a_rejected_clients_personal_adapter_and_payloads_follow_the_strategy(params):
+    from ffrag_jax.federated import strategies
+
+    ff = strategies.get("ff")
+    personal = federated.stack_clients([_client(params, 40 + k, 4) for k in range(3)])
+    server = ff.init_server(params, personal=personal, per_round=2)
+    assert set(ff.checkpointed(server)) == {"global", "personal"}  # the base never changes
+    assert not any(np.any(x) for x in jax.tree.leaves(server["global"]))
+    updated = federated.stack_clients([_client(params, 50 + k, 4) for k in range(2)])
+    new = ff.aggregate(server, updated, jnp.asarray([1.0, 0.0]), jnp.asarray([True, False]),
+                       jnp.asarray([0, 2]))
+    for k, want in ((0, federated.client(updated, 0)), (1, federated.client(personal, 1)),
+                    (2, federated.client(personal, 2))):  # client 2 was rejected: kept
+        for got, w in zip(jax.tree.leaves(federated.client(new["personal"], k)),
+                          jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(got, w)
+    template = federated.client(personal, 0)
+    up, down = ff.payload_bytes(template, 4, 8)
+    assert down == 2 * up
+    assert strategies.get("fedavg").payload_bytes(template, 4, 8) == (up, up)
+    assert set(strategies.get("stack").checkpointed({"params": params})) == {"params"}

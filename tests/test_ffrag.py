@@ -13,8 +13,8 @@ from ffrag_jax.errors import UserError
 
 SMALL = {"pretrain.steps": 4, "pretrain.num_examples": 64, "pretrain.batch_size": 8,
          "data.domains": "clinic,legal", "data.private_entities": 4, "data.shared_entities": 1,
-         "fl.num_clients": 2, "fl.ranks": (4, 2), "fl.rounds": 2, "fl.local_steps": 2,
-         "fl.batch_size": 4, "fl.retriever_rank": 2,
+         "fl.num_clients": 2, "lora.generator.ranks": (4, 2), "fl.rounds": 2, "fl.local_steps": 2,
+         "fl.batch_size": 4, "lora.retriever.rank": 2,
          # 1 shared entity x 3 relations x 2 domains = 6 shared facts < the quota of 8: the
          # missing candidates are padded and masked, not an error
          "rag.k_private": 2, "rag.k_shared": 8,
@@ -98,9 +98,10 @@ def test_ffrag_stack_strategy_merges_the_rounds_into_the_bases(tmp_path):
         run_lib.run(load_config("demo", {**SMALL, "fl.strategy": "fedavg"}), tmp_path / "bad")
     # Bad adapter settings are refused before pretraining: nothing is trained or checkpointed.
     with pytest.raises(UserError, match="LoRA target 'qproj' matches no module"):
-        run_lib.run(load_config("demo", {**SMALL, "fl.targets": "qproj"}), tmp_path / "bad2")
+        run_lib.run(load_config("demo", {**SMALL, "lora.generator.targets": "qproj"}),
+                    tmp_path / "bad2")
     with pytest.raises(UserError, match="LoRA target 'keys' matches no module"):
-        run_lib.run(load_config("demo", {**SMALL, "fl.retriever_targets": "keys"}),
+        run_lib.run(load_config("demo", {**SMALL, "lora.retriever.targets": "keys"}),
                     tmp_path / "bad3")
     assert not (tmp_path / "bad2/checkpoints").exists()
 
@@ -204,7 +205,7 @@ LONG_QUESTION = ("I am going through the court records of last month for my repo
 
 
 def test_ask_keeps_the_passage_and_cuts_a_long_question(ffrag_run, caplog):
-    from ffrag_jax.inference import load_system
+    from ffrag_jax.rag.system import load_system
 
     workdir, _ = ffrag_run
     system = load_system(workdir)
@@ -236,7 +237,8 @@ def test_ask_refuses_nonsense_in_one_line(ffrag_run, capsys, argv, message):
 
 def test_ask_checks_its_output_and_inputs_before_answering(ffrag_run, tmp_path, capsys,
                                                            monkeypatch):
-    from ffrag_jax import ask, inference
+    from ffrag_jax import ask
+    from ffrag_jax.rag import system as inference
 
     workdir, _ = ffrag_run
 
@@ -283,8 +285,9 @@ def test_a_moved_export_loads_in_transformers_and_peft_and_scores_as_the_job(ffr
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from ffrag_jax import hf, lora, rag, synthetic
+    from ffrag_jax import hf, lora, rag
     from ffrag_jax.models import llama
+    from ffrag_jax.rag import prompts
 
     workdir, _ = ffrag_run
     origin = tmp_path / "origin"
@@ -296,7 +299,7 @@ def test_a_moved_export_loads_in_transformers_and_peft_and_scores_as_the_job(ffr
     conf = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert conf["base_model_name_or_path"] == "../../../generator"  # export/generator
     system = json.loads((moved / "system.json").read_text())
-    assert system["prompt_template"] == synthetic.PROMPT_TEMPLATE
+    assert system["prompt_template"] == prompts.TEMPLATE
 
     tokenizer = AutoTokenizer.from_pretrained(moved / "generator")
     assert tokenizer.model_max_length == 128
@@ -304,7 +307,7 @@ def test_a_moved_export_loads_in_transformers_and_peft_and_scores_as_the_job(ffr
     assert generation.eos_token_id == tokenizer.eos_token_id and not generation.do_sample
     passage, question = "Patient Ab Cd stays in ward G8.", "Which ward is patient Ab Cd in?"
     job_ids = rag.fit_prompt(tokenizer, passage, question, system["prompt_len"]).ids
-    text = synthetic.PROMPT_TEMPLATE.format(context=passage, question=question)
+    text = prompts.TEMPLATE.format(context=passage, question=question)
     assert tokenizer(text)["input_ids"] == job_ids  # <s> first, as in training
 
     base = AutoModelForCausalLM.from_pretrained(moved / "generator")
@@ -321,9 +324,10 @@ def test_a_moved_export_loads_in_transformers_and_peft_and_scores_as_the_job(ffr
 def test_the_demo_reads_with_its_shipped_tokenizer(tmp_path):
     """--config demo reads the tokenizer shipped in the package (the same tokens on every
     install): every question fits the prompt with its passage and every answer its budget."""
-    from ffrag_jax import ffrag_job, rag, synthetic
+    from ffrag_jax import ffrag_job, rag
     from ffrag_jax.base_model import run_tokenizer
     from ffrag_jax.launch import load_config
+    from ffrag_jax.rag import prompts
 
     config = load_config("demo")
     assert config.tokenizer.path == "packaged:demo"
@@ -339,7 +343,7 @@ def test_the_demo_reads_with_its_shipped_tokenizer(tmp_path):
                                     config.rag.prompt_len)
             assert (prompt.passage, prompt.question) == (passages[q["fact"]], q["question"])
             assert len(rag.answer_ids(tokenizer, q["answer"])) <= config.rag.answer_len
-    assert synthetic.PROMPT_TEMPLATE.startswith("Context:")
+    assert prompts.TEMPLATE.startswith("Context:")
 
 
 def test_a_clients_retriever_loads_in_sentence_transformers_with_peft(ffrag_run):
@@ -348,7 +352,7 @@ def test_a_clients_retriever_loads_in_sentence_transformers_with_peft(ffrag_run)
     from peft import PeftModel
     from sentence_transformers import SentenceTransformer
 
-    from ffrag_jax.inference import load_system
+    from ffrag_jax.rag.system import load_system
     from ffrag_jax.retrieval.encoder import default_encoder_path
 
     workdir, _ = ffrag_run
@@ -365,3 +369,28 @@ def test_a_clients_retriever_loads_in_sentence_transformers_with_peft(ffrag_run)
 def test_every_json_the_job_writes_is_strict_json(ffrag_run):
     workdir, _ = ffrag_run
     assert assert_strict_json_everywhere(workdir) > 20
+
+
+def test_the_exported_system_retrieves_and_answers_as_the_job_evaluated(ffrag_run):
+    """Every client's fused model, loaded from the export, retrieves the same passages in the
+    same order for every held-out question as the job's last evaluation did (one multi-source
+    search for both), and generates the same answers."""
+    from ffrag_jax.launch import load_config
+    from ffrag_jax.rag.system import load_system
+
+    config = load_config("demo", SMALL)
+    workdir, _ = ffrag_run
+    rows = [json.loads(x) for x in (workdir / "predictions.jsonl").read_text().splitlines()]
+    assert {(r["client"], r["model"]) for r in rows} == {
+        (c, m) for c in ("0:clinic", "1:legal") for m in ("global", "fused")}
+    assert all(r["round"] == 2 for r in rows)
+    for k, name in enumerate(("0:clinic", "1:legal")):
+        fused = [r for r in rows if r["client"] == name and r["model"] == "fused"]
+        system = load_system(workdir, client=k)
+        got = system.ask([r["question"] for r in fused],
+                         max_new_tokens=config.eval.max_new_tokens,
+                         batch_size=config.eval.batch_size)
+        assert len(got) == len(fused) > 0
+        for want, have in zip(fused, got, strict=True):
+            assert [h["text"] for h in have["sources"]] == want["retrieved"], want["question"]
+            assert have["answer"] == want["prediction"], want["question"]

@@ -10,9 +10,10 @@ import pytest
 from killing import assert_strict_json_everywhere, comparable, kill_and_resume
 from safetensors.numpy import load_file
 
-from ffrag_jax import checkpoint, data, federated, fl, fl_round, lora, train
+from ffrag_jax import checkpoint, data, federated, fl, lora, train
 from ffrag_jax import run as run_lib
 from ffrag_jax.errors import UserError
+from ffrag_jax.federated import round_step as fl_round
 from ffrag_jax.launch import load_config
 from ffrag_jax.models import llama
 
@@ -43,7 +44,7 @@ def test_stack_padded_equals_stack_of_unpadded_clients(params):
     clients = [_random_adapter(params, k, r) for k, r in enumerate(ranks)]
     weights = federated.client_weights([30, 10, 60])
     padded = federated.stack_clients([federated.pad_rank(c, 8) for c in clients])
-    got = lora.delta(fl_round.stack_padded(padded, jnp.asarray(weights, jnp.float32)))
+    got = lora.delta(federated.stack_padded(padded, jnp.asarray(weights, jnp.float32)))
     want = lora.delta(federated.stack(clients, weights))
     for path in want:
         rel = float(jnp.linalg.norm(got[path] - want[path]) / jnp.linalg.norm(want[path]))
@@ -163,7 +164,7 @@ def test_alpaca_template_and_splits():
 
 TINY_FL = {
     "fl.num_clients": 4,
-    "fl.ranks": (4, 2, 2, 1),
+    "lora.generator.ranks": (4, 2, 2, 1),
     "fl.rounds": 3,
     "fl.batch_size": 8,
     "fl.micro_batch_size": 4,
@@ -284,8 +285,8 @@ def test_federated_job_killed_at_5_random_points(ff_full, tmp_path):
 
 
 def test_federated_bad_input(tmp_path):
-    with pytest.raises(UserError, match=r"fl.ranks has 3 entries but fl.num_clients=4"):
-        run_lib.run(_fl_config(**{"fl.ranks": (4, 2, 2)}), tmp_path / "a")
+    with pytest.raises(UserError, match=r"lora.generator.ranks has 3 entries but fl.num_clients=4"):
+        run_lib.run(_fl_config(**{"lora.generator.ranks": (4, 2, 2)}), tmp_path / "a")
     with pytest.raises(UserError, match="fusion='chain' needs square targets.*v_proj"):
         run_lib.run(_fl_config(**{"fl.strategy": "ff", "fl.fusion": "chain"}), tmp_path / "b")
     with pytest.raises(UserError, match="fedavg' needs one rank"):
@@ -319,7 +320,8 @@ def test_client_without_examples_gets_weight_zero_and_mmlu_is_logged(tmp_path):
 def test_clients_sharded_over_8_devices_equal_one_device(tmp_path):
     """The whole job (FF-LoRA, 8 clients per round): the clients axis over 8 devices gives the
     result of the same run on one device."""
-    eight_clients = {"fl.num_clients": 8, "fl.ranks": (4, 2, 2, 1, 4, 2, 2, 1), "fl.rounds": 2,
+    eight_clients = {"fl.num_clients": 8, "lora.generator.ranks": (4, 2, 2, 1, 4, 2, 2, 1),
+                     "fl.rounds": 2,
                      "fl.strategy": "ff", "data.examples_per_client": 10, "export": False}
     one = run_lib.run(_fl_config(**eight_clients, **{"mesh.data": 1}), tmp_path / "one")
     eight = run_lib.run(_fl_config(**eight_clients, **{"mesh.clients": 8, "mesh.data": 1}),
@@ -374,7 +376,8 @@ def test_more_clients_than_records_warns_and_writes_strict_json(tmp_path, caplog
     data_file = _alpaca(tmp_path / "three.jsonl", ["one", "two", "three"])
     summary = run_lib.run(_fl_config(**{
         "data.source": "file", "data.path": str(data_file), "fl.num_clients": 10,
-        "fl.ranks": (1,) * 10, "fl.rounds": 1, "fl.strategy": "stack", "export": False}),
+        "lora.generator.ranks": (1,) * 10, "fl.rounds": 1, "fl.strategy": "stack",
+        "export": False}),
         tmp_path / "run")
     assert "have no held-out examples" in caplog.text
     assert summary["final_held_out_loss"] == {}
@@ -383,7 +386,7 @@ def test_more_clients_than_records_warns_and_writes_strict_json(tmp_path, caplog
     with pytest.raises(UserError, match="no client has a training example"):
         run_lib.run(_fl_config(**{"data.source": "file", "data.path": str(
             _alpaca(tmp_path / "one.jsonl", ["one"])), "data.held_out": 0.99,
-            "fl.num_clients": 1, "fl.ranks": (1,)}), tmp_path / "none")
+            "fl.num_clients": 1, "lora.generator.ranks": (1,)}), tmp_path / "none")
 
 
 def test_every_json_the_federated_job_writes_is_strict_json(ff_full):

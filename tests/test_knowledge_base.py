@@ -15,8 +15,8 @@ from ffrag_jax.retrieval.encoder import TextEncoder
 from ffrag_jax.retrieval.knowledge_base import (
     KnowledgeBase,
     reciprocal_rank_fusion,
-    search_sources,
 )
+from ffrag_jax.retrieval.multi_source import search_sources
 
 CASES = [
     "Patient Ab Cd was prescribed Rimexol for chronic migraine after two visits.",
@@ -216,3 +216,32 @@ def test_damaged_knowledge_base_files_are_one_line(tmp_path, capsys, damage):
     assert cli.main(["search", str(tmp_path / "kb"), "hand hygiene"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "kb" in err[0], err
+
+
+def test_multi_source_rank_merges_each_bases_top_hits_by_score(encoder):
+    """``rank`` against a brute-force reference: each base's top ``quota`` by inner product,
+    all hits sorted by score (ties: base order), a base smaller than its quota padded last."""
+    from ffrag_jax.retrieval.multi_source import Sources, rank
+
+    cases = KnowledgeBase.from_passages("cases", CASES, encoder)
+    guides = KnowledgeBase.from_passages("guidelines", GUIDELINES[:1], encoder)
+    queries = ["amoxicillin allergy rash", "migraine treatment", "who treats asthma?"]
+    vectors = encoder.embed(queries)
+    scores, base, chunk = rank([cases, guides], [2, 3], queries, query_vectors=vectors)
+    assert scores.shape == (3, 5)
+    for i, v in enumerate(vectors):
+        hits = []
+        for b, kb in enumerate((cases, guides)):
+            s = kb.embeddings @ v
+            top = np.argsort(-s, kind="stable")[: (2, 3)[b]]
+            hits += [(float(s[j]), b, int(j)) for j in top]
+        hits.sort(key=lambda h: -h[0])
+        assert [(b, c) for _, b, c in hits] == list(zip(base[i][:3], chunk[i][:3], strict=True))
+        np.testing.assert_allclose(scores[i][:3], [h[0] for h in hits], rtol=1e-5)
+        assert list(base[i][3:]) == [-1, -1] and np.all(np.isinf(scores[i][3:]))
+    sources = Sources([cases, guides], [2, 3])
+    _, ids = sources.search(vectors)
+    assert ids[0][ids[0] >= 0].tolist() == [
+        c if b == 0 else len(CASES) + c for b, c in zip(base[0], chunk[0], strict=True) if c >= 0]
+    with pytest.raises(UserError, match="every quota is 0"):
+        rank([cases], [0], queries)

@@ -16,13 +16,13 @@ from ffrag_jax.launch import load_config
 # The single-LoRA job small enough for a test: same code path, a few steps.
 TINY = {
     "pretrain.steps": 6,
-    "lora.steps": 4,
+    "train.steps": 4,
     "pretrain.num_examples": 64,
     "data.num_task_train": 64,
     "data.num_eval": 8,
     "eval.batch_size": 8,
     "pretrain.batch_size": 8,
-    "lora.batch_size": 8,
+    "train.batch_size": 8,
     "model.hidden_size": 32,
     "model.intermediate_size": 64,
     "model.num_layers": 2,
@@ -53,17 +53,17 @@ def test_unknown_config_name_lists_configs():
 
 
 def test_unknown_override_key_lists_keys():
-    line = _error_line(_launch("--config=lora", "--config.lora.rnak=4"))
-    assert "unknown config key 'lora.rnak'" in line and "rank" in line
+    line = _error_line(_launch("--config=lora", "--config.lora.generator.rnak=4"))
+    assert "unknown config key 'lora.generator.rnak'" in line and "rank" in line
 
 
 def test_bad_override_value_is_one_line():
-    assert "--config.lora.rank=abc" in _error_line(_launch("--config", "lora",
-                                                           "--config.lora.rank=abc"))
+    assert "--config.lora.generator.rank=abc" in _error_line(_launch("--config", "lora",
+                                                           "--config.lora.generator.rank=abc"))
 
 
 def test_bad_lora_rank_fails_before_any_work(tmp_path):
-    line = _error_line(_launch("--config", "lora", "--config.lora.rank=0",
+    line = _error_line(_launch("--config", "lora", "--config.lora.generator.rank=0",
                                "--workdir", str(tmp_path / "w")))
     assert "LoRA rank must be a positive integer" in line
     assert not (tmp_path / "w" / "checkpoints").exists()
@@ -122,8 +122,10 @@ def test_workdir_guards(tmp_path):
 
     partial = tmp_path / "partial"
     run_lib.prepare_workdir(_tiny_config(), partial, overwrite=False)
-    with pytest.raises(run_lib.UserError, match=r"different config \(lora.rank: 8 -> 4\)"):
-        run_lib.prepare_workdir(_tiny_config(**{"lora.rank": 4}), partial, overwrite=False)
+    with pytest.raises(run_lib.UserError,
+                       match=r"different config \(lora.generator.rank: 8 -> 4\)"):
+        run_lib.prepare_workdir(_tiny_config(**{"lora.generator.rank": 4}), partial,
+                                overwrite=False)
     # same config: resume is allowed
     run_lib.prepare_workdir(_tiny_config(), partial, overwrite=False)
 
@@ -140,7 +142,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     calls = {"lora": 0}
 
     def dying_batch_at(data, step, batch_size, num_micro, seed):
-        if seed == config.lora.seed and step == 3:  # after step 3 was logged, checkpoint at 2
+        if seed == config.train.seed and step == 3:  # after step 3 was logged, checkpoint at 2
             calls["lora"] += 1
             raise KeyboardInterrupt("simulated kill")
         return real_batch_at(data, step, batch_size, num_micro, seed)
@@ -178,10 +180,11 @@ def test_lora_job_on_a_local_hf_checkpoint(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from ffrag_jax import hf, lora, synthetic, text
+    from ffrag_jax.rag import prompts
 
     examples = synthetic.make_examples("clinic", 200, seed=0)
     tokenizer = text.train_bpe_tokenizer(
-        [synthetic.prompt(e) + synthetic.response(e) for e in examples], 400)
+        [prompts.prompt(e) + prompts.response(e) for e in examples], 400)
     tokenizer.pad_token = None  # like most Llama tokenizers
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(
@@ -271,10 +274,10 @@ def test_fflora_demo_killed_at_5_random_points(fflora_run, tmp_path):
 def test_a_learning_rate_far_too_large_is_reported(tmp_path, caplog):
     """lr=1e6: Adam's normalised steps keep the loss finite while the adapter explodes; the
     run says so, with the step and the setting to change."""
-    run_lib.run(_tiny_config(**{"lora.lr": 1e6, "export": False, "log_every": 1}),
+    run_lib.run(_tiny_config(**{"train.lr": 1e6, "export": False, "log_every": 1}),
                 tmp_path / "run")
     assert "lora: the trainable weights' norm grew from" in caplog.text
-    assert "lower lora.lr (now 1e+06)" in caplog.text
+    assert "lower train.lr (now 1e+06)" in caplog.text
 
 
 def test_a_tokenizer_larger_than_the_model_is_named_before_any_work(tmp_path):
@@ -282,10 +285,11 @@ def test_a_tokenizer_larger_than_the_model_is_named_before_any_work(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from ffrag_jax import synthetic, text
+    from ffrag_jax.rag import prompts
 
     examples = synthetic.make_examples("clinic", 100, seed=0)
     tokenizer = text.train_bpe_tokenizer(
-        [synthetic.prompt(e) + synthetic.response(e) for e in examples], 400)
+        [prompts.prompt(e) + prompts.response(e) for e in examples], 400)
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(
         vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -297,3 +301,24 @@ def test_a_tokenizer_larger_than_the_model_is_named_before_any_work(tmp_path):
                                                 "the model's vocab_size is 300"):
         run_lib.run(_tiny_config(**{"model.path": str(folder)}), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("config_name", ["lora", "heter", "demo", "rag_e2e", "retriever"])
+def test_every_config_reads_one_typed_lora_section_that_refuses_unknown_keys(config_name):
+    """A typo in a config file's LoRA section is one line naming the key and the valid ones
+    (before any work: validate); a task that is no job lists the tasks."""
+    from ffrag_jax.config_types import LoRASection
+
+    config = load_config(config_name)
+    names = [n for n in ("generator", "retriever") if n in config.lora]
+    assert names and all(LoRASection.read(config, n).targets for n in names)
+    with config.unlocked():
+        config.lora[names[0]].rnk = 4
+    with pytest.raises(run_lib.UserError, match=rf"unknown LoRA key lora\.{names[0]}\.rnk; "
+                       rf"lora\.{names[0]} keys: targets, rank, ranks, alpha_ratio, dropout"):
+        run_lib.validate(config)
+    with config.unlocked():
+        del config.lora[names[0]]["rnk"]
+        config.task = "finetune"
+    with pytest.raises(run_lib.UserError, match="unknown task 'finetune'; tasks: lora, "):
+        run_lib.validate(config)

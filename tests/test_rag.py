@@ -10,6 +10,7 @@ import pytest
 from ffrag_jax import lora, rag, synthetic, text, train
 from ffrag_jax.errors import UserError
 from ffrag_jax.models import llama
+from ffrag_jax.rag import prompts
 from ffrag_jax.retrieval.encoder import EncoderConfig
 from ffrag_jax.retrieval.encoder import init_params as init_encoder
 
@@ -17,7 +18,7 @@ from ffrag_jax.retrieval.encoder import init_params as init_encoder
 @pytest.fixture(scope="module")
 def setup():
     examples = synthetic.make_examples("clinic", 60, seed=0, distractors=1)
-    tok = text.train_bpe_tokenizer([synthetic.prompt(e) + synthetic.response(e)
+    tok = text.train_bpe_tokenizer([prompts.prompt(e) + prompts.response(e)
                                     for e in examples], 300)
     gen_cfg = llama.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
                                 num_layers=2, num_heads=4, num_kv_heads=2,
@@ -214,7 +215,7 @@ def test_fit_prompt_cuts_what_costs_the_least_evidence():
     """A long question loses its start and the passage stays whole; a long passage loses its
     end and the question stays whole; a question too long even alone keeps its last
     MIN_QUESTION_TOKENS tokens and the passage is cut too."""
-    from ffrag_jax import synthetic, text
+    from ffrag_jax import text
     from ffrag_jax.rag import MIN_QUESTION_TOKENS, fit_prompt
 
     corpus = ("patient ward drug doctor case court judge team coach stadium price aisle "
@@ -240,5 +241,5 @@ def test_fit_prompt_cuts_what_costs_the_least_evidence():
     p = fit_prompt(tok, long_passage, huge, budget)
     assert length(p.question) == MIN_QUESTION_TOKENS and huge.endswith(p.question)
     assert len(p.ids) <= budget and p.ids == fit_prompt(tok, p.passage, p.question, budget).ids
-    assert synthetic.prompt({"context": p.passage, "question": p.question}).startswith(
+    assert prompts.prompt({"context": p.passage, "question": p.question}).startswith(
         "Context:")

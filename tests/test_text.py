@@ -5,13 +5,14 @@ import pytest
 
 from ffrag_jax import synthetic, text
 from ffrag_jax.errors import UserError
+from ffrag_jax.rag import prompts
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
     examples = synthetic.make_examples("geography", 300, seed=0)
     return text.train_bpe_tokenizer(
-        [synthetic.prompt(e) + synthetic.response(e) for e in examples], 400)
+        [prompts.prompt(e) + prompts.response(e) for e in examples], 400)
 
 
 def test_synthetic_data_is_deterministic_and_answerable():

@@ -21,9 +21,9 @@ from ffrag_jax.metrics import MetricsLog, read_jsonl
 
 # The single-LoRA job at its smallest: a few seconds of work after compilation.
 TINY_LORA = {
-    "pretrain.steps": 2, "lora.steps": 4, "pretrain.num_examples": 32,
+    "pretrain.steps": 2, "train.steps": 4, "pretrain.num_examples": 32,
     "data.num_task_train": 32, "data.num_eval": 8, "eval.batch_size": 8,
-    "pretrain.batch_size": 8, "lora.batch_size": 8, "model.hidden_size": 32,
+    "pretrain.batch_size": 8, "train.batch_size": 8, "model.hidden_size": 32,
     "model.intermediate_size": 64, "model.num_layers": 2, "tokenizer.vocab_size": 300,
     "log_every": 1, "checkpoint_every": 2,
 }
@@ -135,7 +135,7 @@ def test_a_start_that_failed_on_its_input_does_not_hold_the_workdir(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "no instruction field"}\n' * 8)
     overrides = {"data.source": "file", "data.path": str(bad), "fl.num_clients": 2,
-                 "fl.ranks": (2, 1), "tokenizer.vocab_size": 300}
+                 "lora.generator.ranks": (2, 1), "tokenizer.vocab_size": 300}
     with pytest.raises(UserError, match="record without 'instruction'/'output'"):
         run_lib.run(load_config("heter", overrides), tmp_path / "w")
     good = {**overrides, "data.path": str(tmp_path / "good.jsonl")}
@@ -266,7 +266,7 @@ def test_ctrl_c_and_sigterm_end_with_one_line_and_the_same_command_resumes(tmp_p
     run = tmp_path / "w"
     steps = 400  # long enough (a few seconds) for a signal to land mid-phase
     args = ["--config", "lora", "--workdir", str(run),
-            *flags({**TINY_LORA, "lora.steps": steps, "checkpoint_every": 50})]
+            *flags({**TINY_LORA, "train.steps": steps, "checkpoint_every": 50})]
 
     def lora_steps():
         path = run / "metrics.jsonl"

@@ -30,14 +30,13 @@ def get_config() -> ConfigDict:
     ))
     c.fl.update(dict(
         num_clients=4,
-        ranks=(8, 8, 4, 4),
         strategy="ff",
         rounds=3,
-        targets="all-linear",
         local_epochs=1.0,
         batch_size=32,
         micro_batch_size=32,
         lr=3e-3,
     ))
+    c.lora.generator.update(dict(targets="all-linear", ranks=(8, 8, 4, 4)))
     c.eval.update(dict(exact_match=True, batch_size=50))
     return c

@@ -11,6 +11,7 @@ exact match, for the base, global and fused (personalised) models.
 
 from ml_collections import ConfigDict, config_dict
 
+from ffrag_jax.config_types import lora_section
 from ffrag_jax.configs import _common
 
 
@@ -44,13 +45,15 @@ def get_config() -> ConfigDict:
     ))
     c.fl = ConfigDict(dict(
         strategy="ff",  # ff: personal + stacked global adapters; stack: FLoRA, merged
-        num_clients=4, rounds=3, ranks=(8, 8, 4, 4), alpha_ratio=2.0,
-        targets="all-linear",  # generator LoRA
-        retriever_rank=8, retriever_targets="query,value",  # query-encoder LoRA
+        num_clients=4, rounds=3,
         local_steps=30, batch_size=16, lr=3e-3, retriever_lr=1e-3,
         # True: each round's batches are retrieved up front (the round-start encoder) and all
         # clients train in one vmapped program; False: clients in turn, retrieval per step.
         vmap_clients=False,
+    ))
+    c.lora = ConfigDict(dict(
+        generator=lora_section("all-linear", ranks=(8, 8, 4, 4)),  # one rank per client
+        retriever=lora_section("query,value", 8),  # the query encoder's
     ))
     c.eval = ConfigDict(dict(max_new_tokens=8, batch_size=50))
     return c

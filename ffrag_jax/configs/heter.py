@@ -12,5 +12,5 @@ from ffrag_jax.configs import homo
 
 def get_config() -> ConfigDict:
     c = homo.get_config()
-    c.fl.ranks = (64, 32, 16, 16, 8, 8, 4, 4, 4, 4)
+    c.lora.generator.ranks = (64, 32, 16, 16, 8, 8, 4, 4, 4, 4)
     return c

@@ -17,6 +17,7 @@ test of the whole loop on a CPU, not a meaningful experiment).
 
 from ml_collections import ConfigDict, config_dict
 
+from ffrag_jax.config_types import lora_section
 from ffrag_jax.configs import _common
 
 
@@ -57,11 +58,6 @@ def get_config() -> ConfigDict:
         rounds=3,
         strategy="stack",  # stack (FLoRA) | fedavg (FedIT) | zeropad (HetLoRA-style) | ff
         fusion="add",  # ff only: add (W + G + P_k) | chain (reference's literal variant)
-        rank=16,
-        ranks=config_dict.placeholder(tuple),  # one rank per client: "(8, 4)"; overrides rank
-        alpha_ratio=2.0,  # alpha = alpha_ratio * rank, so every client's scale is 2
-        targets="q_proj,v_proj",
-        dropout=0.05,
         local_epochs=1.0,
         batch_size=128,  # effective batch per optimizer step
         micro_batch_size=16,
@@ -69,6 +65,9 @@ def get_config() -> ConfigDict:
         weight_decay=0.0,
         max_grad_norm=1.0,
     ))
+    # The clients' adapters: rank 16 (lora.generator.ranks: one per client, "(8, 4)"),
+    # alpha = alpha_ratio * rank, so every client's scale is 2.
+    c.lora = ConfigDict(dict(generator=lora_section("q_proj,v_proj", 16, dropout=0.05)))
     c.eval = ConfigDict(dict(
         batch_size=32,  # held-out loss batches
         # Exact match of generated answers on each client's held-out split (base model before

@@ -8,6 +8,7 @@ then skipped and the checkpoint's tokenizer is used).
 
 from ml_collections import ConfigDict
 
+from ffrag_jax.config_types import lora_section
 from ffrag_jax.configs import _common
 
 
@@ -31,8 +32,8 @@ def get_config() -> ConfigDict:
     c.tokenizer = ConfigDict(dict(vocab_size=1536))
     c.model = _common.tiny_llama()
     c.pretrain = _common.pretrain(800)
-    c.lora = ConfigDict(dict(
-        targets="all-linear", rank=8, alpha=16.0, dropout=0.05,
+    c.lora = ConfigDict(dict(generator=lora_section("all-linear", 8, dropout=0.05)))
+    c.train = ConfigDict(dict(  # the adapter's training (the "lora" phase)
         steps=300, batch_size=32, grad_accum=1, lr=3e-3, warmup_steps=10, weight_decay=0.0,
         max_grad_norm=1.0, response_only=True, seed=1,
     ))

@@ -9,6 +9,7 @@ closed-book vs RAG exact match on held-out questions, before and after.
 
 from ml_collections import ConfigDict, config_dict
 
+from ffrag_jax.config_types import lora_section
 from ffrag_jax.configs import _common
 
 
@@ -34,9 +35,10 @@ def get_config() -> ConfigDict:
         refresh_every=50,  # steps between index rebuilds (passage-side training only)
     ))
     c.train = ConfigDict(dict(
-        steps=150, batch_size=16, rank=8, retriever_targets="query,value",
+        steps=150, batch_size=16,
         retriever_lr=1e-3, warmup_steps=10,
         passage_side=False,  # also train the passage side (then the index is refreshed)
     ))
+    c.lora = ConfigDict(dict(retriever=lora_section("query,value", 8)))  # query side
     c.eval = ConfigDict(dict(max_new_tokens=8, batch_size=50))
     return c

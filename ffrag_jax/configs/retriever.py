@@ -8,6 +8,8 @@ and their paragraphs, evaluated on held-out articles before and after.
 
 from ml_collections import ConfigDict, config_dict
 
+from ffrag_jax.config_types import lora_section
+
 
 def get_config() -> ConfigDict:
     c = ConfigDict()
@@ -24,14 +26,14 @@ def get_config() -> ConfigDict:
         max_test_questions=config_dict.placeholder(int),  # None: all of them
     ))
     c.train = ConfigDict(dict(
-        mode="lora",  # lora | full
-        targets="query,key,value,attention_output,intermediate,output",
-        rank=8, alpha=16.0, dropout=0.0,
+        mode="lora",  # lora (lora.retriever) | full
         steps=150, batch_size=32, lr=5e-4, warmup_steps=15, weight_decay=0.0,
         max_grad_norm=1.0,
         logit_scale=100.0, symmetric=True,
         hard_negatives=False,  # one BM25-mined wrong paragraph per question (1.5x the compute)
         max_query_len=48, max_passage_len=128,  # training truncation (evaluation uses 256)
     ))
+    c.lora = ConfigDict(dict(retriever=lora_section(
+        "query,key,value,attention_output,intermediate,output", 8)))
     c.eval = ConfigDict(dict(batch_size=64))
     return c

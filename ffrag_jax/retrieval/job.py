@@ -26,6 +26,7 @@ from ml_collections import ConfigDict
 from tqdm import tqdm
 
 from ffrag_jax import checkpoint, health, hf, lora, train
+from ffrag_jax.config_types import LoRASection
 from ffrag_jax.errors import UserError
 from ffrag_jax.metrics import MetricsLog, plot_training_loss, read_jsonl
 from ffrag_jax.retrieval import beir, contrastive
@@ -100,6 +101,7 @@ def validate(config: ConfigDict, mesh: jax.sharding.Mesh) -> None:
     t, d = config.train, config.data
     if t.mode not in contrastive.MODES:
         raise UserError(f"train.mode={t.mode!r}; choose one of {', '.join(contrastive.MODES)}")
+    LoRASection.read(config, "retriever")
     if not d.path:
         raise UserError("data.path must name a SQuAD v1.1 JSON file (e.g. "
                         "../shared/data/squad/dev-v1.1.json)")
@@ -141,7 +143,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
 
     rng = jax.random.key(config.seed)
     if t.mode == "lora":
-        trainable = lora.init(rng, base.params, t.targets, t.rank, t.alpha, dropout=t.dropout)
+        trainable = LoRASection.read(config, "retriever").init(rng, base.params)
     else:
         trainable = base.params
     optimizer = train.make_optimizer(t.lr, t.steps, warmup_steps=t.warmup_steps,

@@ -1,5 +1,6 @@
 """Knowledge bases: chunks + embeddings + a dense index + BM25, saved as one folder; dense,
-BM25 and hybrid (reciprocal rank fusion) search; several bases queried together with quotas.
+BM25 and hybrid (reciprocal rank fusion) search. Several bases queried together with quotas:
+:mod:`ffrag_jax.retrieval.multi_source`.
 
 A knowledge base folder holds ``chunks.jsonl``, ``embeddings.npy``, ``index/`` (exact or
 ScaNN), ``bm25/`` and ``manifest.json``: the encoder's identity (folder name and weight hash,
@@ -144,6 +145,32 @@ class KnowledgeBase:
         }
         return cls(name, chunks, embeddings, dense, bm25, manifest, encoder)
 
+    @classmethod
+    def from_passages(cls, name: str, texts: Sequence[str], encoder: TextEncoder, *,
+                      vectors: np.ndarray | None = None, metric: str = "dot",
+                      index_kind: str = "auto") -> KnowledgeBase:
+        """A base of whole passages, one chunk each (no chunking: short facts), embedded by
+        ``encoder`` unless their ``vectors`` are given (a job's, so that an exported base
+        searches exactly as the job did)."""
+        import bm25s
+
+        chunks = [{"id": f"{name}-{i}#0", "doc_id": f"{name}-{i}", "text": t, "source": name,
+                   "start": 0, "end": len(t)} for i, t in enumerate(texts)]
+        if not chunks:
+            raise UserError(f"knowledge base {name!r} has no passages")
+        embeddings = encoder.embed(list(texts)) if vectors is None else np.asarray(vectors)
+        if len(embeddings) != len(chunks):
+            raise UserError(f"{len(embeddings)} vectors for {len(chunks)} passages of "
+                            f"knowledge base {name!r}")
+        dense = index_lib.build(embeddings, metric, index_kind)
+        bm25 = bm25s.BM25()
+        bm25.index(bm25_tokens(texts), show_progress=False)
+        manifest = {"format": FORMAT, "name": name, "encoder": encoder.identity,
+                    "chunking": None, "corpus_sha256": _corpus_sha256(chunks),
+                    "documents": len(chunks), "chunks": len(chunks), "metric": metric,
+                    "index": dense.kind, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        return cls(name, chunks, embeddings, dense, bm25, manifest, encoder)
+
     # ----------------------------------------------------------------------------------------
 
     def save(self, folder: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -256,34 +283,3 @@ class KnowledgeBase:
         """Per query, up to ``k`` hits (dicts, see the module docstring), best first."""
         return [[self._hit(i, s) for i, s in row]
                 for row in self.search_ids(queries, k, mode, **kwargs)]
-
-
-def search_sources(bases: Sequence[KnowledgeBase], queries: Sequence[str],
-                   quotas: dict[str, int], mode: str = "hybrid") -> list[list[dict]]:
-    """Several knowledge bases queried together (a client's case base and the shared
-    authoritative base): per query, the top ``quotas[kb.name]`` hits of each base, each hit
-    naming its base (``kb``), ordered by base in the order given, then by rank.
-
-    Bases with the same query encoder share the query embeddings (computed once).
-    """
-    names = [kb.name for kb in bases]
-    if len(set(names)) != len(names):
-        raise UserError(f"knowledge base names must be distinct, got {names}")
-    unknown = set(quotas) - set(names)
-    if unknown:
-        raise UserError(f"quotas name unknown knowledge bases {sorted(unknown)}; bases: {names}")
-    queries = list(queries)
-    embedded: dict[str, np.ndarray] = {}
-    out: list[list[dict]] = [[] for _ in queries]
-    for kb in bases:
-        quota = quotas.get(kb.name, 0)
-        if quota <= 0:
-            continue
-        key = json.dumps(kb.query_encoder.identity, sort_keys=True)
-        if mode != "bm25" and key not in embedded:
-            embedded[key] = kb.query_encoder.embed(queries)
-        hits = kb.search(queries, quota, mode,
-                         query_embeddings=embedded.get(key) if mode != "bm25" else None)
-        for row, more in zip(out, hits, strict=True):
-            row.extend(more)
-    return out

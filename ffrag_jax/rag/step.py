@@ -14,31 +14,23 @@ current index returned. Inside one jit:
    stop-gradient) and RALT (generator only: the response-only NLL, mean over the K passages),
    :mod:`ffrag_jax.losses`.
 
-Generator sequences are laid out so that every answer starts at the same position: the prompt
-``<s> Context: {passage}\\nQuestion: {question}\\nAnswer:`` (``synthetic.prompt``) is
-left-padded to ``P`` tokens (a passage too long for ``P`` loses tokens from its end, never the
-question or the answer), then the answer and ``</s>`` right-padded to ``T``. Positions count
-real tokens only, so the left padding changes nothing. The answer's log-probs are then
-``[B, K, T]`` for every ``k`` alike, which RAG-token needs.
+The batch layout (answers aligned at one position for every passage) is in
+:mod:`ffrag_jax.rag.batches`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from absl import logging
 
-from ffrag_jax import losses, synthetic
+from ffrag_jax import losses
 from ffrag_jax.errors import UserError
 from ffrag_jax.models.llama import LlamaConfig, forward
 from ffrag_jax.retrieval.encoder import EncoderConfig, encode
-from ffrag_jax.retrieval.encoder import tokenize as encode_tokenize
 from ffrag_jax.train import TrainState
 
 LOSSES = ("rag_sequence", "rag_token", "lsr", "ralt")
@@ -64,147 +56,6 @@ class RagLossConfig:
         unknown = [name for name, _ in self.weights if name not in LOSSES]
         if unknown:
             raise UserError(f"unknown RAG loss {unknown[0]!r}; losses: {', '.join(LOSSES)}")
-
-
-def question_batch(tokenizer, query_tokenizer, questions: Sequence[dict],
-                   passages: Sequence[Sequence[str]], *, prompt_len: int, answer_len: int,
-                   query_len: int) -> dict[str, np.ndarray]:
-    """The question-side arrays of one step for ``questions`` (``{question, answer}``) and
-    their ``K`` passages each: the generator arrays (:func:`encode_generator_batch`) and the
-    query encoder's ``query_ids``/``query_mask`` ``[B, query_len]``. The caller adds the
-    passage side (``passage_emb``, or ``passage_ids``/``passage_mask``)."""
-    texts = [q["question"] for q in questions]
-    gen = encode_generator_batch(tokenizer, texts, [q["answer"] for q in questions], passages,
-                                 prompt_len, answer_len)
-    q_tok = encode_tokenize(query_tokenizer, texts, query_len)
-    return {**gen, "query_ids": q_tok["input_ids"], "query_mask": q_tok["attention_mask"]}
-
-
-def encode_generator_batch(tokenizer, questions: Sequence[str], answers: Sequence[str],
-                           passages: Sequence[Sequence[str]], prompt_len: int,
-                           answer_len: int) -> dict[str, np.ndarray]:
-    """Generator arrays for ``B`` questions x ``K`` passages: ``gen_ids``/``gen_mask``
-    ``[B, K, P + T]`` and the answer ``targets``/``answer_mask`` ``[B, T]`` (see the module
-    docstring). An answer longer than ``T - 1`` tokens (EOS included) is an error; a question
-    with fewer than ``K`` passages must be padded by the caller (:func:`pad_passages`)."""
-    if len({len(p) for p in passages}) != 1:
-        raise UserError("every question needs the same number of passages (pad_passages)")
-    pad = tokenizer.pad_token_id
-    b, k = len(questions), len(passages[0])
-    ids = np.full((b, k, prompt_len + answer_len), pad, np.int32)
-    mask = np.zeros_like(ids)
-    targets = np.full((b, answer_len), pad, np.int32)
-    answer_mask = np.zeros((b, answer_len), np.int32)
-    for i, (question, answer) in enumerate(zip(questions, answers, strict=True)):
-        ans = answer_ids(tokenizer, answer)
-        if len(ans) > answer_len:
-            raise UserError(f"answer {i} has {len(ans)} tokens (EOS included); the budget is "
-                            f"{answer_len} (rag answer_len)")
-        targets[i, : len(ans)] = ans
-        answer_mask[i, : len(ans)] = 1
-        for j, passage in enumerate(passages[i]):
-            prompt = fit_prompt(tokenizer, passage, question, prompt_len,
-                                where=f"question {i}").ids
-            ids[i, j, prompt_len - len(prompt) : prompt_len] = prompt
-            mask[i, j, prompt_len - len(prompt) : prompt_len] = 1
-            ids[i, j, prompt_len : prompt_len + len(ans)] = ans
-            mask[i, j, prompt_len : prompt_len + len(ans)] = 1
-    return {"gen_ids": ids, "gen_mask": mask, "targets": targets, "answer_mask": answer_mask}
-
-
-def answer_ids(tokenizer, answer: str) -> list[int]:
-    """The answer's target tokens: `` answer`` (as it follows ``Answer:``) and EOS."""
-    return tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"] + [
-        tokenizer.eos_token_id]
-
-
-def drop_long_answers(tokenizer, questions: Sequence[dict], answer_len: int, where: str
-                      ) -> list[dict]:
-    """``questions`` (dicts with an ``answer``) without those whose answer does not fit
-    ``answer_len`` tokens, EOS included: an answer is never cut (its loss would teach a wrong
-    answer), so they are left out of training, with a warning. None left is an error."""
-    kept = [q for q in questions if len(answer_ids(tokenizer, q["answer"])) <= answer_len]
-    if len(kept) < len(questions):
-        logging.warning("%s: %d of %d questions have answers longer than rag.answer_len=%d "
-                        "tokens (EOS included); they are left out of training", where,
-                        len(questions) - len(kept), len(questions), answer_len)
-    if questions and not kept:
-        raise UserError(f"{where}: no answer fits rag.answer_len={answer_len} tokens")
-    return kept
-
-
-# A question cut to make room for its passage keeps at least this many of its last tokens;
-# below that the passage is cut instead (the question would no longer say what is asked).
-MIN_QUESTION_TOKENS = 8
-
-
-@dataclasses.dataclass(frozen=True)
-class Prompt:
-    """A prompt fitted to a token budget: its ids, and the passage and question text that
-    they hold (either may have been cut)."""
-
-    ids: list[int]
-    passage: str
-    question: str
-
-
-def fit_prompt(tokenizer, passage: str, question: str, budget: int, *,
-               where: str = "question") -> Prompt:
-    """``<s>`` + the prompt tokenized as one string (exactly as at generation time and in
-    pretraining: tokenizing its pieces apart would change the tokens at their seams), at most
-    ``budget`` tokens, for training, evaluation and serving alike.
-
-    What does not fit is cut where it costs the least evidence: the question, from its start,
-    when keeping its last :data:`MIN_QUESTION_TOKENS` tokens or more makes the prompt fit (a
-    long question's filler goes, the passage the answer is read from stays whole); otherwise
-    the passage, from its end, with the whole question (a long passage); and only when the
-    question does not fit even alone, both."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-
-    def encode(p: str, q: str) -> list[int]:
-        full = synthetic.prompt({"context": p, "question": q})  # the one template
-        return bos + tokenizer(full, add_special_tokens=False)["input_ids"]
-
-    ids = encode(passage, question)
-    if len(ids) <= budget:
-        return Prompt(ids, passage, question)
-    q_offsets = tokenizer(question, add_special_tokens=False,
-                          return_offsets_mapping=True)["offset_mapping"]
-    # Re-tokenizing can merge differently at a cut, so step one token at a time until it fits.
-    for keep in range(len(q_offsets) - (len(ids) - budget), MIN_QUESTION_TOKENS - 1, -1):
-        if keep <= 0 or keep >= len(q_offsets):
-            continue
-        cut = question[q_offsets[-keep][0]:]
-        ids = encode(passage, cut)
-        if len(ids) <= budget:
-            return Prompt(ids, passage, cut)
-    if len(encode("", question)) > budget and len(q_offsets) > MIN_QUESTION_TOKENS:
-        question = question[q_offsets[-MIN_QUESTION_TOKENS][0]:]  # too long even alone
-    ids = encode(passage, question)
-    offsets = tokenizer(passage, add_special_tokens=False,
-                        return_offsets_mapping=True)["offset_mapping"]
-    for keep in range(len(offsets) - (len(ids) - budget), 0, -1):
-        cut = passage[: offsets[keep - 1][1]]
-        ids = encode(cut, question)
-        if len(ids) <= budget:
-            return Prompt(ids, cut, question)
-    ids = encode("", question)
-    if len(ids) > budget:
-        raise UserError(f"{where} does not fit prompt_len={budget} even without a passage")
-    return Prompt(ids, "", question)
-
-
-def pad_passages(passages: Sequence[Sequence[str]], k: int) -> tuple[list[list[str]],
-                                                                      np.ndarray]:
-    """Each question's passages cut or padded to ``k`` (padding: empty passages) and a
-    ``[B, k]`` mask of the real ones (a question with no passage gets one empty passage,
-    unmasked, so it is scored closed-book)."""
-    out, valid = [], np.zeros((len(passages), k), bool)
-    for i, ps in enumerate(passages):
-        ps = list(ps)[:k]
-        valid[i, : max(len(ps), 1)] = True
-        out.append(ps + [""] * (k - len(ps)))
-    return out, valid
 
 
 def answer_logits(gen_params: dict, gen_cfg: LlamaConfig, batch: dict, gen_lora=None,

@@ -27,15 +27,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import jax
+import numpy as np
 from absl import logging
 
-from ffrag_jax import federated, files, hf, lora, rag_eval, synthetic
+from ffrag_jax import federated, files, hf, lora
 from ffrag_jax.errors import UserError
 from ffrag_jax.lora import LoRA
 from ffrag_jax.models.llama import LlamaConfig
+from ffrag_jax.rag import prompts
+from ffrag_jax.rag.evaluate import answer_prompts
 from ffrag_jax.retrieval import encoder as encoder_lib
+from ffrag_jax.retrieval import multi_source
 from ffrag_jax.retrieval.encoder import TextEncoder, default_encoder_path, params_sha256
-from ffrag_jax.retrieval.knowledge_base import KnowledgeBase, search_sources
+from ffrag_jax.retrieval.knowledge_base import KnowledgeBase
 
 FORMAT = 1
 
@@ -51,6 +55,16 @@ class RagSystem:
     bases: list[KnowledgeBase]
     quotas: dict[str, int]
     prompt_len: int
+
+    def search(self, questions: Sequence[str], mode: str = "dense"
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:func:`multi_source.rank` of ``questions`` over the system's bases with its quotas
+        (the jobs' own search: what a job evaluated is what this retrieves)."""
+        for name in self.quotas:
+            if name not in [kb.name for kb in self.bases]:
+                raise UserError(f"quotas name unknown knowledge base {name!r}")
+        return multi_source.rank(self.bases, [self.quotas.get(kb.name, 0) for kb in self.bases],
+                                 list(questions), mode=mode)
 
     def ask(self, questions: Sequence[str], *, mode: str = "dense", max_new_tokens: int = 16,
             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
@@ -71,16 +85,15 @@ class RagSystem:
         if max_new_tokens > room:
             raise UserError(f"--max-new-tokens {max_new_tokens}: this reader has room for "
                             f"{room} new tokens after its {self.prompt_len}-token prompt")
-        hits = search_sources(self.bases, questions, self.quotas, mode)
-        hits = [sorted(row, key=lambda h: -h["score"]) for row in hits]
+        hits = multi_source.hits(self.bases, self.search(questions, mode))
         contexts = []
         for question, row in zip(questions, hits, strict=True):
             if not row:
                 logging.warning("no passage retrieved for %r: answering closed-book", question)
             contexts.append(row[0]["text"] if row else "")
-        prompts = rag_eval.fit_prompts(self.tokenizer, questions, contexts, self.prompt_len)
+        fitted = prompts.fit_prompts(self.tokenizer, questions, contexts, self.prompt_len)
         cuts = []
-        for i, (q, c, p) in enumerate(zip(questions, contexts, prompts, strict=True)):
+        for i, (q, c, p) in enumerate(zip(questions, contexts, fitted, strict=True)):
             cut = [name for name, full, kept in (("question", q, p.question),
                                                  ("passage", c, p.passage)) if kept != full]
             if cut:
@@ -89,27 +102,30 @@ class RagSystem:
                                 self.prompt_len, p.question if "question" in cut else p.passage)
             cuts.append(cut)
         rng = jax.random.key(seed) if temperature > 0 else None
-        answers = rag_eval.answer_prompts(
-            self.gen_params, self.gen_cfg, self.tokenizer, prompts, lora=self.gen_lora,
+        answers = answer_prompts(
+            self.gen_params, self.gen_cfg, self.tokenizer, fitted, lora=self.gen_lora,
             prompt_len=self.prompt_len, max_new_tokens=max_new_tokens, batch_size=batch_size,
             rng=rng, temperature=temperature, top_p=top_p, top_k=top_k)
         return [{"question": q, "answer": a, "context": p.passage, "sources": row, "cut": cut}
-                for q, a, p, row, cut in zip(questions, answers, prompts, hits, cuts,
+                for q, a, p, row, cut in zip(questions, answers, fitted, hits, cuts,
                                              strict=True)]
 
 
 def export_system(folder: Path, *, gen_cfg: LlamaConfig, gen_params: dict, tokenizer,
                   encoder: TextEncoder, retriever_path: str | None,
-                  global_retriever: LoRA | None, bases: dict[str, list[str]],
+                  global_retriever: LoRA | None,
+                  bases: dict[str, list[str] | KnowledgeBase],
                   quotas: dict[str, int], prompt_len: int, clients: Sequence[dict] = (),
                   retriever_sides: str = "query", query_params: dict | None = None) -> Path:
     """Writes the system folder (see the module docstring). ``bases`` maps a base name to its
-    passages; ``clients`` are ``{"name", "base", "generator": LoRA, "retriever": LoRA}``
-    (``base``: the name of the client's private base, searched with ``quotas["private"]``).
+    passages, or to the :class:`KnowledgeBase` a job searched (saved as it is, so the system
+    searches exactly as the job evaluated); ``clients`` are ``{"name", "base", "generator":
+    LoRA, "retriever": LoRA}`` (``base``: the name of the client's private base, searched with
+    ``quotas["private"]``).
     ``retriever_sides="both"``: the global retriever LoRA was trained on passages too, so the
     bases are embedded with it (merged); ``"query"``: by the plain ``encoder``.
-    ``query_params``: full query-encoder weights instead of a LoRA (the ``stack`` strategy
-    merges every round's adapters into them), saved as a sentence-transformers folder."""
+    ``query_params``: full query-encoder weights instead of a LoRA (strategies that merge
+    every round's adapters into the base), saved as a sentence-transformers folder."""
     folder = Path(folder)
     if retriever_sides not in ("query", "both"):
         raise ValueError(f"retriever_sides must be 'query' or 'both', got {retriever_sides!r}")
@@ -124,10 +140,11 @@ def export_system(folder: Path, *, gen_cfg: LlamaConfig, gen_params: dict, token
         source = default_encoder_path() if retriever_path is None else retriever_path
         encoder_lib.save(folder / "query_encoder", encoder.cfg, jax.device_get(query_params),
                          source, overwrite=True)
-    for name, passages in bases.items():
-        docs = [{"id": f"{name}-{i}", "text": t, "source": name} for i, t in enumerate(passages)]
-        KnowledgeBase.build(name, docs, encoder, index_kind="exact").save(
-            folder / "knowledge" / name, overwrite=True)
+    for name, base in bases.items():
+        if not isinstance(base, KnowledgeBase):  # passages: embedded by the export's encoder
+            docs = [{"id": f"{name}-{i}", "text": t, "source": name} for i, t in enumerate(base)]
+            base = KnowledgeBase.build(name, docs, encoder, index_kind="exact")
+        base.save(folder / "knowledge" / name, overwrite=True)
     base_name = retriever_path or "sentence-transformers/all-MiniLM-L6-v2"
     for k, client in enumerate(clients):
         where = folder / "clients" / str(k)
@@ -145,7 +162,7 @@ def export_system(folder: Path, *, gen_cfg: LlamaConfig, gen_params: dict, token
               "prompt_len": prompt_len,
               # How the reader was trained to be prompted: <s> + this template, fitted to
               # prompt_len tokens by rag.fit_prompt, then " <answer></s>".
-              "prompt_template": synthetic.PROMPT_TEMPLATE,
+              "prompt_template": prompts.TEMPLATE,
               "quotas": quotas, "clients": [{"name": c["name"], "base": c["base"]}
                                             for c in clients]}
     files.atomic_write_json(folder / "system.json", system)

@@ -1,0 +1,64 @@
+"""One federated round of the language-model job as one jitted pure function: vmapped client
+updates (:func:`~ffrag_jax.federated.clients.update_clients`), server checks, and the
+strategy's aggregation (:mod:`ffrag_jax.federated.strategies`).
+
+A client update that is not finite is rejected: its weight becomes 0 (its values are zeroed
+before any arithmetic, since ``0 * NaN`` is NaN), the round goes on without it, and if no
+client is accepted the state is left as it was.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ffrag_jax.federated import strategies
+from ffrag_jax.federated.aggregation import finite_clients, zero_rejected
+from ffrag_jax.federated.clients import update_clients
+from ffrag_jax.lora import LoRA
+
+
+def accept(updated: LoRA, weights: jax.Array) -> tuple[LoRA, jax.Array, jax.Array]:
+    """The server's check of a round's client updates ``[K, ...]`` with weights ``[K]``:
+    ``(updates with the rejected zeroed, normalised weights [K] (0 for the rejected),
+    accepted [K])``. A client is rejected when its update is not finite or its weight is 0."""
+    accepted = finite_clients(updated) & (weights > 0)
+    total = jnp.sum(jnp.where(accepted, weights, 0.0))
+    w = jnp.where(accepted, weights, 0.0) / jnp.where(total > 0, total, 1.0)
+    return zero_rejected(updated, accepted), w, accepted
+
+
+def run_round(
+    server: dict,
+    fresh: LoRA | None,
+    selected: jax.Array,
+    weights: jax.Array,
+    masks: jax.Array,
+    batches: dict,
+    rngs: jax.Array,
+    num_steps: jax.Array,
+    *,
+    cfg,
+    optimizer,
+    strategy: strategies.Strategy | str,
+    fusion: str | None = None,
+) -> tuple[dict, LoRA, dict]:
+    """One round. ``selected`` ``[K]`` client ids, ``weights`` ``[K]`` their ``p_k`` (0 for
+    clients without data), ``masks`` ``[K, R]`` rank masks, ``batches`` ``[K, S, A, B, T]``,
+    ``rngs`` ``[K]``, ``num_steps`` ``[K]``; ``fresh`` ``[K, ...]`` new adapters (strategies
+    that start from them; None otherwise). ``strategy`` a :class:`strategies.Strategy` (or its
+    name); ``fusion`` how clients see the global adapter this round (default: the
+    strategy's). Returns ``(server, client adapters [K], info)`` where ``info`` has
+    ``accepted`` ``[K]`` and the per-step client metrics ``[K, S]``."""
+    if isinstance(strategy, str):
+        strategy = strategies.get(strategy)
+    start = strategy.client_start(server, selected, fresh)
+    params, chain_global = strategy.round_params(server, fusion or strategy.fusion)
+    updated, metrics = update_clients(
+        start, masks, params, batches, rngs, cfg=cfg, optimizer=optimizer,
+        num_steps=num_steps, chain_global=chain_global)
+    safe, w, accepted = accept(updated, weights)
+    new = strategy.aggregate(server, safe, w, accepted, selected)
+    any_accepted = jnp.any(accepted)
+    new = jax.tree.map(lambda n, o: jnp.where(any_accepted, n, o), new, server)
+    return new, updated, {"accepted": accepted, **metrics}

@@ -1,0 +1,268 @@
+"""Federated strategies as objects: each variant is a small class behind one interface, chosen
+once by name (:func:`get`) from ``fl.strategy``; every job calls the same implementation of
+each rule.
+
+The server state is a dict of fixed-shape pytrees, so a round compiles once and an orbax
+checkpoint restores into the same structure:
+
+* ``params``: the base weights (:class:`Stack` merges each round's stacked adapter into them);
+* ``global``: the carried global adapter (:class:`FedAvg`, :class:`ZeroPad`: rank ``R``, the
+  largest client rank), or the last round's stacked one (:class:`FF`);
+* ``personal``: :class:`FF` only: every client's personal adapter, ``[N, ..., R]``.
+
+Client adapters travel as a client batch: leaves ``[K, ...]``, every client zero-padded to
+``R``. ``ranks`` (static client ranks), where a job gives them, lets stacking cut the padding
+first; without them a stacked adapter has rank ``K*R`` whatever clients a round selected.
+
+The interface is pure and engine-neutral (no I/O, no loop, no device placement): a round in
+one jit (:func:`ffrag_jax.federated.round_step.run_round`), clients trained one by one on the host,
+or a federation engine whose clients are other processes all call the same methods.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ffrag_jax import lora
+from ffrag_jax.errors import UserError
+from ffrag_jax.federated.aggregation import (
+    client,
+    fuse,
+    stack_padded,
+    weighted_mean,
+)
+from ffrag_jax.lora import LoRA, module_weights
+
+FUSIONS = ("add", "chain")
+
+
+def adapter_bytes(template: LoRA, rank: int) -> int:
+    """Bytes of an adapter with ``template``'s modules at ``rank`` (``r (in + out)`` per
+    module and layer)."""
+    total = 0
+    for ab in module_weights(template.weights).values():
+        a = ab["a"]
+        layers = int(np.prod(a.shape[:-2]))
+        total += layers * rank * (a.shape[-2] + ab["b"].shape[-1]) * a.dtype.itemsize
+    return total
+
+
+def _broadcast(tree, count: int):
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (count,) + x.shape), tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """The interface. Frozen and hashable: a jitted round takes it as a static argument."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    personalised: ClassVar[bool] = False  # keeps one adapter per client across rounds
+    fresh_adapters: ClassVar[bool] = False  # clients start every round from new adapters
+    changes_base: ClassVar[bool] = False  # aggregation merges into the base weights
+    fusion: str = "add"
+
+    def __post_init__(self):
+        if self.fusion not in FUSIONS:
+            raise UserError(f"fl.fusion={self.fusion!r}; choose one of {', '.join(FUSIONS)}")
+
+    # -- checks ---------------------------------------------------------------------------
+
+    def check(self, ranks: Sequence[int], template: LoRA | None = None) -> None:
+        """A UserError for client ranks (or an adapter ``template``, shapes only) that the
+        strategy cannot aggregate."""
+
+    # -- server state ---------------------------------------------------------------------
+
+    def init_server(self, params: dict, *, start: LoRA | None = None,
+                    personal: LoRA | None = None, per_round: int = 1,
+                    ranks: Sequence[int] | None = None) -> dict:
+        """The round-0 server state. ``start``: the initial global adapter (strategies that
+        carry one); ``personal``: every client's initial adapter ``[N, ...]`` (personalised
+        strategies)."""
+        return {"params": params}
+
+    def checkpointed(self, server: dict) -> dict:
+        """The part of the server state that rounds change (what a checkpoint must hold; the
+        base weights only when aggregation merges into them)."""
+        if self.changes_base:
+            return server
+        return {k: v for k, v in server.items() if k != "params"}
+
+    # -- a round --------------------------------------------------------------------------
+
+    def client_start(self, server: dict, selected: jax.Array, fresh: LoRA | None) -> LoRA:
+        """Each selected client's starting adapter ``[K, ...]`` (``fresh``: new adapters,
+        for strategies that start from them)."""
+        raise NotImplementedError
+
+    def training_fusion(self, has_global: bool) -> str:
+        """How clients see the global adapter this round."""
+        return "add"
+
+    def round_params(self, server: dict, fusion: str = "add") -> tuple[dict, LoRA | None]:
+        """``(params, chain_global)`` the clients train on (``chain_global``: a frozen global
+        adapter the trained one is chained through)."""
+        return server["params"], None
+
+    def aggregate(self, server: dict, updated: LoRA, weights: jax.Array, accepted: jax.Array,
+                  selected: jax.Array, ranks: Sequence[int] | None = None) -> dict:
+        """The next server state from the selected clients' trained adapters ``[K, ...]``
+        (rejected clients already zeroed) and their normalised weights ``[K]`` (0 for the
+        rejected; ``accepted`` ``[K]``)."""
+        raise NotImplementedError
+
+    # -- models ---------------------------------------------------------------------------
+
+    def global_model(self, server: dict) -> tuple[dict, LoRA | None]:
+        """``(params, adapter)`` of the global model."""
+        return server["params"], server.get("global")
+
+    def personal_base(self, server: dict) -> tuple[dict, LoRA | None]:
+        """Personalised strategies: ``(params, chain_global)`` under every client's personal
+        adapter (computed once per round: at 7B a merge is not free)."""
+        raise NotImplementedError(f"{self.name} keeps no personal adapters")
+
+    def client_adapter(self, server: dict, k: int, chain_global: LoRA | None = None) -> LoRA:
+        """Client ``k``'s adapter on :meth:`personal_base`: its personal one (additive fusion,
+        the global adapter merged into the base) or ``chain(global, personal)``."""
+        raise NotImplementedError(f"{self.name} keeps no personal adapters")
+
+    # -- communication --------------------------------------------------------------------
+
+    def payload_bytes(self, template: LoRA, rank: int, global_rank: int) -> tuple[int, int]:
+        """``(upload, download)`` bytes of one client in one round: the client's trained
+        adapter at its own rank up; the global adapter it starts from down."""
+        up = adapter_bytes(template, rank)
+        return up, up
+
+
+class Stack(Strategy):
+    """FLoRA: fresh adapters every round, stacked exactly (any mix of ranks) and merged into
+    the base weights."""
+
+    name = "stack"
+    description = "FLoRA: fresh adapters each round, stacked exactly and merged into the base"
+    fresh_adapters = True
+    changes_base = True
+
+    def client_start(self, server, selected, fresh):
+        return fresh
+
+    def aggregate(self, server, updated, weights, accepted, selected, ranks=None):
+        stacked = stack_padded(updated, weights, ranks)
+        return {**server, "params": lora.merge(server["params"], stacked)}
+
+    def global_model(self, server):
+        return server["params"], None
+
+    def payload_bytes(self, template, rank, global_rank):
+        return adapter_bytes(template, rank), adapter_bytes(template, global_rank)
+
+
+class FedAvg(Strategy):
+    """FedIT: one global adapter carried across rounds, ``a`` and ``b`` averaged separately
+    (one rank for every client)."""
+
+    name = "fedavg"
+    description = "FedIT: a global adapter, a and b averaged separately (equal ranks)"
+
+    def check(self, ranks, template=None):
+        if len(set(ranks)) > 1:
+            raise UserError(f"fl.strategy={self.name!r} needs one rank for all clients; use "
+                            f"{', '.join(repr(n) for n in REGISTRY if n != self.name)} for "
+                            "heterogeneous ranks")
+
+    def init_server(self, params, *, start=None, personal=None, per_round=1, ranks=None):
+        return {"params": params, "global": start}
+
+    def client_start(self, server, selected, fresh):
+        return _broadcast(server["global"], selected.shape[0])
+
+    def aggregate(self, server, updated, weights, accepted, selected, ranks=None):
+        return {**server, "global": weighted_mean(updated, weights)}
+
+
+class ZeroPad(FedAvg):
+    """HetLoRA-style baseline: every client padded to the largest rank, then averaged like
+    FedIT; a client of rank ``r`` trains (and downloads) the global adapter's first ``r``
+    components."""
+
+    name = "zeropad"
+    description = "HetLoRA-style: clients zero-padded to the largest rank, then averaged"
+
+    def check(self, ranks, template=None):
+        pass
+
+
+class FF(Strategy):
+    """FF-LoRA: every client keeps a personal adapter; the server stacks them (FLoRA, exact)
+    into the next round's frozen global adapter, which clients fuse with their own (``add``:
+    ``W + G + P_k``; ``chain``: the reference's literal variant)."""
+
+    name = "ff"
+    description = "FF-LoRA: personal adapters fused with the stacked global one"
+    personalised = True
+
+    def check(self, ranks, template=None):
+        if self.fusion == "chain" and template is not None:
+            lora.check_square(template)
+
+    def init_server(self, params, *, start=None, personal=None, per_round=1, ranks=None):
+        # An all-zero stacked adapter of the shape every round's will have.
+        zeros = jax.tree.map(lambda x: jnp.zeros((per_round,) + x.shape[1:], x.dtype), personal)
+        return {"params": params, "personal": personal,
+                "global": stack_padded(zeros, jnp.zeros((per_round,)), ranks)}
+
+    def client_start(self, server, selected, fresh):
+        return client(server["personal"], selected)
+
+    def training_fusion(self, has_global):
+        # Chain fusion through an all-zero global adapter has zero gradient, so clients train
+        # plain personal adapters until a global one exists (additive fusion with G = 0).
+        return self.fusion if has_global else "add"
+
+    def round_params(self, server, fusion="add"):
+        if fusion == "add":  # the frozen global adapter merged once, shared by all clients
+            return lora.merge(server["params"], server["global"]), None
+        return server["params"], server["global"]
+
+    def aggregate(self, server, updated, weights, accepted, selected, ranks=None):
+        def put(every, upd):  # a rejected client keeps its previous personal adapter
+            mask = accepted.reshape((-1,) + (1,) * (upd.ndim - 1))
+            return every.at[selected].set(jnp.where(mask, upd, every[selected]))
+
+        return {**server, "personal": jax.tree.map(put, server["personal"], updated),
+                "global": stack_padded(updated, weights, ranks)}
+
+    def personal_base(self, server):
+        return self.round_params(server, self.fusion)
+
+    def client_adapter(self, server, k, chain_global=None):
+        personal = client(server["personal"], k)
+        return personal if chain_global is None else fuse(chain_global, personal, "chain")
+
+    def payload_bytes(self, template, rank, global_rank):
+        return adapter_bytes(template, rank), adapter_bytes(template, global_rank)
+
+
+REGISTRY: dict[str, type[Strategy]] = {cls.name: cls for cls in (Stack, FedAvg, ZeroPad, FF)}
+
+
+def get(name: str, fusion: str = "add", *, allowed: Sequence[type[Strategy]] | None = None,
+        job: str | None = None) -> Strategy:
+    """The strategy called ``name`` (``fl.strategy``); a UserError naming it and the valid
+    ones otherwise (``allowed``: the classes a job runs, ``job`` its name for the message)."""
+    options = {cls.name: cls for cls in (allowed or REGISTRY.values())}
+    if name not in options:
+        if job:
+            raise UserError(f"fl.strategy={name!r}; {job} runs {' or '.join(options)}")
+        raise UserError(f"fl.strategy={name!r}; choose one of {', '.join(options)} ("
+                        + "; ".join(f"{n}: {c.description}" for n, c in options.items()) + ")")
+    return options[name](fusion)
