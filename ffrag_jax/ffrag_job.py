@@ -28,7 +28,6 @@ a killed run resumes at the last finished round.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from pathlib import Path
 
@@ -37,10 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from ml_collections import ConfigDict
-from tqdm import tqdm
 
 from ffrag_jax import (
-    checkpoint,
     federated,
     files,
     health,
@@ -61,13 +58,14 @@ from ffrag_jax.base_model import (
 from ffrag_jax.config_types import LoRASection
 from ffrag_jax.errors import UserError
 from ffrag_jax.federated import strategies
-from ffrag_jax.metrics import MetricsLog, plot_client_rounds, plot_training_loss, read_jsonl
+from ffrag_jax.metrics import open_log, plot_client_rounds, plot_training_loss, read_jsonl
 from ffrag_jax.models.llama import init_params
 from ffrag_jax.rag import evaluate as rag_eval
 from ffrag_jax.rag import prompts, system
 from ffrag_jax.retrieval.encoder import TextEncoder
 from ffrag_jax.retrieval.knowledge_base import KnowledgeBase
 from ffrag_jax.retrieval.multi_source import Sources
+from ffrag_jax.trainer import StepInfo, Trainer, profiling
 from ffrag_jax.workdir import write_summary
 
 STRATEGIES = (strategies.FF, strategies.Stack)  # what this job runs (fl.strategy)
@@ -219,7 +217,7 @@ def validate(config: ConfigDict, mesh: jax.sharding.Mesh) -> None:
 def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     started = time.perf_counter()
     r, fl = config.rag, config.fl
-    metrics = MetricsLog(workdir / "metrics.jsonl")
+    metrics = open_log(workdir)
     shared, clients = client_knowledge(config)
     reading = reading_examples(config)
     tokenizer = run_tokenizer(config, workdir, tokenizer_texts(reading, shared, clients))
@@ -287,12 +285,12 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     server = {name: strategy.init_server(base, personal=personal.get(name), ranks=ranks,
                                          per_round=len(clients))
               for name, (base, ranks) in trees.items()}
-    mngr = checkpoint.manager(workdir / "checkpoints" / "ffrag", max_to_keep=2)
-    done, saved = checkpoint.restore_latest(mngr, sharding.on_one_device(
-        {name: strategy.checkpointed(srv) for name, srv in server.items()}))
-    server = {name: {**server[name], **saved[name]} for name in server}
-    if done:
-        logging.info("resuming after round %d", done)
+    trainer = Trainer(
+        "ffrag", ckpt_dir=workdir / "checkpoints", metrics=metrics, total=fl.rounds,
+        unit="round", wait_each_save=True, **profiling(config, workdir),
+        checkpointed=lambda srv: {name: strategy.checkpointed(x) for name, x in srv.items()},
+        restore_into=lambda srv, saved: {name: {**srv[name], **saved[name]} for name in srv})
+    done, server = trainer.initial_state(sharding.on_one_device(server))
     weights = federated.client_weights([len(c.train) for c in clients])
     loss_cfg = rag.RagLossConfig(weights=tuple((k, float(v)) for k, v in r.losses.items()),
                                  score_scale=r.score_scale, tau_lm=r.tau_lm)
@@ -301,7 +299,10 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
 
     hint = f"lower fl.lr (now {fl.lr:g}) or fl.retriever_lr (now {fl.retriever_lr:g})"
     monitors = [health.Monitor(f"client {c.name}", hint) for c in clients]
-    for rnd in range(done + 1, fl.rounds + 1):
+
+    def one_round(server: dict, t: int):
+        """Every client's local training from the strategy's start, then aggregation."""
+        rnd = t + 1
         fresh = new_adapters(1000 * rnd) if strategy.fresh_adapters else {}
         starts = {name: strategy.client_start(srv, everyone, fresh.get(name))
                   for name, srv in server.items()}
@@ -340,6 +341,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
                 "retriever": jax.vmap(lambda t: train.init_train_state(t, opt_ret))(
                     starts["retriever"])})
             rngs = jnp.stack([jnp.stack(keys) for keys in step_rngs])
+            trainer.within(f"{len(clients)} clients training (one program)", 0, 1)
             states, out = rag.update_clients(states, frozen, batches, rngs, **static)
             out = jax.device_get(out)
             for k in range(len(clients)):
@@ -357,9 +359,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
                         federated.client(starts["generator"], k), gen_ranks[k]), opt_gen),
                     "retriever": train.init_train_state(
                         federated.client(starts["retriever"], k), opt_ret)})
-                bar = tqdm(range(fl.local_steps), desc=f"round {rnd} {c.name}",
-                           disable=not sys.stderr.isatty())
-                for step in bar:
+                for step in range(fl.local_steps):
                     query_enc = dataclasses.replace(enc, params=round_query,
                                                     lora=states["retriever"].trainable)
                     batch = _client_batch(config, tokenizer, query_enc, s, c, (rnd, k, step))
@@ -368,7 +368,9 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
                         step_rngs[k][step], **static)
                     if step + 1 in logged:
                         log(k, step + 1, jax.device_get(out))
-                        bar.set_postfix(loss=f"{float(out['loss']):.3f}")
+                        trainer.show(loss=float(out["loss"]))
+                    trainer.within(f"client {k + 1}/{len(clients)} {c.name} step", step + 1,
+                                   fl.local_steps)
                 new_gen.append(states["generator"].trainable)
                 new_ret.append(states["retriever"].trainable)
         # Each client's update at its own rank (padding cut), as client batches.
@@ -377,10 +379,15 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
                                                                          strict=True)],
                        max(gen_ranks)),
                    "retriever": federated.stack_clients(new_ret)}
-        server = sharding.on_one_device({
+        return sharding.on_one_device({
             name: strategy.aggregate(server[name], updated[name], weights,
                                      np.ones(len(clients), bool), everyone, trees[name][1])
-            for name in server})
+            for name in server}), {}
+
+    def evaluate_round(info: StepInfo) -> None:
+        """The global and (personalised) fused models on every client's held-out questions;
+        after the last round, each question's answer too (``predictions.jsonl``)."""
+        server, rnd = info.state, info.step
         gen_global = merged(strategy.global_model(server["generator"]))
         query_global = dataclasses.replace(
             enc, params=merged(strategy.global_model(server["retriever"])))
@@ -407,10 +414,9 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         if predictions is not None:
             files.atomic_write_text(workdir / "predictions.jsonl", "".join(
                 files.dumps(row) + "\n" for row in predictions))
-        checkpoint.save(mngr, rnd, {name: strategy.checkpointed(srv)
-                                    for name, srv in server.items()}, metrics)
-        mngr.wait_until_finished()  # a round is minutes of work: keep it before going on
-    mngr.close()
+
+    trainer.add_hook(evaluate_round)
+    server = trainer.run(server, one_round, done)
 
     gen_global = merged(strategy.global_model(server["generator"]))
     global_ret = strategy.global_model(server["retriever"])[1]
@@ -434,6 +440,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     plot_training_loss(records, workdir / "loss.png", title="ffrag_jax FF-RAG")
     summary = summarize(records, fl.rounds)
     summary["wall_time_s"] = round(time.perf_counter() - started, 1)
+    metrics.close()
     return write_summary(workdir, summary)
 
 

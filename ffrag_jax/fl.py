@@ -30,10 +30,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
-from tqdm import tqdm
 
 from ffrag_jax import (
-    checkpoint,
     data,
     evaluation,
     federated,
@@ -56,9 +54,10 @@ from ffrag_jax.errors import UserError
 from ffrag_jax.federated import round_step, strategies
 from ffrag_jax.federated.strategies import Strategy
 from ffrag_jax.lora import LoRA
-from ffrag_jax.metrics import MetricsLog, plot_client_rounds, read_jsonl
+from ffrag_jax.metrics import open_log, plot_client_rounds, read_jsonl
 from ffrag_jax.models.llama import init_params
 from ffrag_jax.rag import prompts as rag_prompts
+from ffrag_jax.trainer import StepInfo, Trainer, profiling
 from ffrag_jax.workdir import write_summary
 
 # --------------------------------------------------------------------------------------------
@@ -239,7 +238,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     adapters = LoRASection.read(config, "generator")
     ranks = adapters.client_ranks(fl.num_clients)
     max_rank = max(ranks)
-    metrics = MetricsLog(workdir / "metrics.jsonl")
+    metrics = open_log(workdir)
 
     names, records, is_synthetic = client_records(config)
     pairs = [_pairs(recs, is_synthetic, d) for recs in records]
@@ -300,10 +299,14 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     server = sharding.shard(init_server(strategy, params, template, fl.num_clients,
                                         per_round, max_rank, server_rng), mesh)
     state = {"server": server, "global_rank": jnp.zeros((), jnp.int32)}
-    mngr = checkpoint.manager(workdir / "checkpoints" / "rounds", max_to_keep=2)
-    start, state = checkpoint.restore_latest(mngr, state)
-    if start:
-        logging.info("resuming after round %d", start)
+    trainer = Trainer(
+        "rounds", ckpt_dir=workdir / "checkpoints", metrics=metrics, total=fl.rounds,
+        unit="round", wait_each_save=False, **profiling(config, workdir),
+        # The base weights are saved only by strategies whose rounds change them.
+        checkpointed=lambda st: {**st, "server": strategy.checkpointed(st["server"])},
+        restore_into=lambda st, saved: {**saved,
+                                        "server": {**st["server"], **saved["server"]}})
+    start, state = trainer.initial_state(state)
     evaluate = make_evaluator(cfg)
     held_pairs = []
     for k, (prompts, responses) in enumerate(pairs):
@@ -317,10 +320,13 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
             for rec in exact_match_round(config, strategy, cfg, tokenizer, state["server"],
                                          held_pairs, names, base=True):
                 metrics.write(kind="exact_match", round=0, **rec)
-    bar = tqdm(range(start, fl.rounds), desc="rounds", initial=start, total=fl.rounds,
-               disable=not sys.stderr.isatty())
-    for t in bar:
-        round_start = time.perf_counter()
+
+    clock = {"round_start": time.perf_counter()}
+
+    def one_round(state, t: int):
+        """Selection, the clients' batches, the jitted round; the clients' records."""
+        clock["round_start"] = time.perf_counter()
+        trainer.within("selecting clients and building their batches", 0, 2)
         selected = federated.select_clients(t, fl.num_clients, fl.fraction)
         weights = federated.client_weights([counts[k] for k in selected])
         batches = [data.client_round_batches(train_sets[k], steps[k], max_steps,
@@ -339,13 +345,14 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         inputs = jax.device_put(inputs, by_client)
         global_rank = int(state["global_rank"])
         fusion = strategy.training_fusion(has_global=global_rank > 0)
+        trainer.within(f"{len(selected)} clients training (one program)", 1, 2)
         server, _, info = round_fn(state["server"], *inputs, fusion=fusion)
         info = jax.device_get(info)
+        trainer.within("evaluating", 2, 2)
         accepted = [bool(a) for a in info["accepted"]]
         new_global_rank = sum(ranks[k] for k, ok in zip(selected, accepted, strict=True) if ok)
         state = {"server": server, "global_rank": jnp.asarray(
             new_global_rank if any(accepted) else global_rank, jnp.int32)}
-
         for i, k in enumerate(selected):
             active = info["active"][i].astype(bool)
             loss = float(np.mean(info["loss"][i][active])) if active.any() else float("nan")
@@ -356,6 +363,11 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
             if not accepted[i] and weights[i] > 0:
                 logging.warning("round %d: client %s sent a non-finite update; rejected",
                                 t + 1, names[k])
+        return state, {"selected": selected}
+
+    def after_round(info: StepInfo) -> None:
+        """Held-out loss (and exact match, MMLU) of the round's models; the round record."""
+        server, t = info.state["server"], info.step - 1
         round_eval = evaluate_round(strategy, server, held_batches, names, evaluate)
         for rec in round_eval:
             metrics.write(kind="eval", round=t + 1, **rec)
@@ -377,15 +389,15 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
             metrics.write(kind="mmlu", round=t + 1, model="global", **result)
             logging.info("round %d: MMLU macro accuracy (global model) %.4f over %d items",
                          t + 1, result["macro"], result["count"])
-        metrics.write(kind="round", round=t + 1, selected=selected,
-                      seconds=round(time.perf_counter() - round_start, 2),
-                      mean_global_loss=mean_global)
-        bar.set_postfix(global_loss=f"{mean_global:.4f}")
+        seconds = time.perf_counter() - clock["round_start"]
+        metrics.write(kind="round", round=t + 1, selected=info.out["selected"],
+                      seconds=round(seconds, 2), mean_global_loss=mean_global)
+        trainer.show(global_loss=mean_global)
         logging.info("round %d/%d: clients %s, mean held-out loss (global) %.4f, %.1f s",
-                     t + 1, fl.rounds, selected, mean_global, time.perf_counter() - round_start)
-        checkpoint.save(mngr, t + 1, state, metrics)
-    mngr.wait_until_finished()
-    mngr.close()
+                     t + 1, fl.rounds, info.out["selected"], mean_global, seconds)
+
+    trainer.add_hook(after_round)
+    state = trainer.run(state, one_round, start)
 
     server = state["server"]
     records = read_jsonl(metrics.path)
@@ -412,6 +424,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     }
     if any(r["model"] == "fused" for r in final):  # only FF-LoRA has personalised models
         summary["mean_fused_loss"] = _mean([r["loss"] for r in final if r["model"] == "fused"])
+    metrics.close()
     return write_summary(workdir, summary)
 
 

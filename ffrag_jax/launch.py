@@ -190,6 +190,9 @@ def storage_error(error: BaseException) -> str | None:
 
 
 def _interrupt(signum, frame) -> None:
+    from ffrag_jax import interrupts
+
+    interrupts.request(signal.Signals(signum).name)  # checked again at every step boundary
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
@@ -206,6 +209,7 @@ def main(argv: list[str]) -> None:
     # Single process here; multi-host pods call jax.distributed.initialize() first.
     logging.info("JAX %s on %s", jax.__version__, jax.default_backend())
     signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's stop ends like a Ctrl-C
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         summary = run(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
     except UserError as e:

@@ -1,8 +1,9 @@
-"""The training loop shared by every phase: resumable, logged, checkpointed.
+"""A language-model training phase (pretraining, a LoRA) on the one
+:class:`~ffrag_jax.trainer.Trainer`.
 
 :func:`train_phase` runs the jitted :func:`~ffrag_jax.train.train_step` from the latest
 checkpoint of the phase (or from step 0) to ``steps``, logging loss, gradient norm, learning
-rate and tokens/s to the metrics JSONL and a progress bar, and saving an orbax checkpoint every
+rate and tokens/s every ``log_every`` steps (a hook), and saving an orbax checkpoint every
 ``checkpoint_every`` steps and at the end. Batches come from
 :func:`~ffrag_jax.text.batch_at`, a pure function of the step, so a resumed phase is the same
 computation as an uninterrupted one.
@@ -10,7 +11,6 @@ computation as an uninterrupted one.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -19,12 +19,12 @@ import numpy as np
 import optax
 from absl import logging
 from ml_collections import ConfigDict
-from tqdm import tqdm
 
-from ffrag_jax import checkpoint, health, sharding, text, train
+from ffrag_jax import health, sharding, text, train
 from ffrag_jax.errors import UserError
 from ffrag_jax.metrics import MetricsLog
 from ffrag_jax.models.llama import LlamaConfig
+from ffrag_jax.trainer import StepInfo, Trainer
 
 
 def train_phase(
@@ -43,9 +43,11 @@ def train_phase(
     log_every: int,
     checkpoint_every: int,
     section: str | None = None,
+    profile: dict | None = None,
 ):
     """Trains ``trainable`` for ``phase.steps`` steps; returns the trained tree. ``section``:
-    the config section ``phase`` came from (default: ``name``), for messages."""
+    the config section ``phase`` came from (default: ``name``), for messages; ``profile``:
+    the :class:`~ffrag_jax.trainer.Trainer`'s ``profile_steps``/``profile_dir``."""
     steps = int(phase.steps)
     optimizer = train.make_optimizer(
         phase.lr,
@@ -57,13 +59,11 @@ def train_phase(
     schedule = train.warmup_linear_decay(phase.lr, steps, phase.warmup_steps)
     trainable = sharding.shard(trainable, mesh)
     state = jax.jit(lambda t: train.init_train_state(t, optimizer))(trainable)
-    mngr = checkpoint.manager(ckpt_dir / name)
-    start, state = checkpoint.restore_latest(mngr, state)
-    if start:
-        logging.info("%s: resuming from the checkpoint at step %d", name, start)
+    trainer = Trainer(name, ckpt_dir=ckpt_dir, metrics=metrics, total=steps,
+                      checkpoint_every=checkpoint_every, **(profile or {}))
+    start, state = trainer.initial_state(state)
     if start >= steps:
-        mngr.close()
-        return state.trainable
+        return trainer.run(state, None, start).trainable
 
     per_step = phase.batch_size * phase.grad_accum
     if per_step % (mesh.shape["data"] * mesh.shape["fsdp"]):
@@ -77,40 +77,38 @@ def train_phase(
     seq_len = data["input_ids"].shape[1]
     monitor = health.Monitor(name, f"lower {section or name}.lr (now {phase.lr:g})")
     weight_norm = jax.jit(optax.global_norm)
-    bar = tqdm(range(start, steps), desc=name, initial=start, total=steps,
-               disable=not sys.stderr.isatty(), dynamic_ncols=True)
     # Loss summed on device over the steps since the last log line (no host sync per step).
-    window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
-    for step in bar:
-        batch = text.batch_at(data, step, phase.batch_size, phase.grad_accum, seed=phase.seed)
+    window = {"start": time.perf_counter(), "steps": 0, "loss": 0.0}
+
+    def step(state, i: int):
+        batch = text.batch_at(data, i, phase.batch_size, phase.grad_accum, seed=phase.seed)
         batch = jax.device_put(batch, batch_sharding)
-        state, step_metrics = step_fn(state, frozen, batch, jax.random.fold_in(rng, step))
-        window_steps += 1
-        window_loss = window_loss + step_metrics["loss"]
-        done = step + 1
-        if done % log_every == 0 or done == steps:
-            step_metrics = jax.device_get(step_metrics)
-            mean_loss = float(window_loss) / window_steps
-            elapsed = time.perf_counter() - window_start
-            tokens_per_s = window_steps * per_step * seq_len / elapsed
-            record = metrics.write(
-                kind="train",
-                phase=name,
-                step=done,
-                loss=mean_loss,  # mean over the steps since the previous record
-                grad_norm=float(step_metrics["grad_norm"]),
-                weight_norm=float(weight_norm(state.trainable)),
-                lr=float(schedule(step)),
-                tokens_per_s=round(tokens_per_s, 1),
-            )
-            monitor.check(done, mean_loss, record["grad_norm"], record["weight_norm"])
-            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
-            logging.info("%s step %d/%d  loss %.4f  grad_norm %.3f  lr %.2e  %.0f tokens/s",
-                         name, done, steps, record["loss"], record["grad_norm"], record["lr"],
-                         tokens_per_s)
-            window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
-        if done % checkpoint_every == 0 or done == steps:
-            checkpoint.save(mngr, done, state, metrics)
-    mngr.wait_until_finished()
-    mngr.close()
-    return state.trainable
+        state, out = step_fn(state, frozen, batch, jax.random.fold_in(rng, i))
+        window["steps"] += 1
+        window["loss"] = window["loss"] + out["loss"]
+        return state, out
+
+    def log(info: StepInfo) -> None:
+        out = jax.device_get(info.out)
+        mean_loss = float(window["loss"]) / window["steps"]
+        tokens_per_s = window["steps"] * per_step * seq_len / (
+            time.perf_counter() - window["start"])
+        record = metrics.write(
+            kind="train",
+            phase=name,
+            step=info.step,
+            loss=mean_loss,  # mean over the steps since the previous record
+            grad_norm=float(out["grad_norm"]),
+            weight_norm=float(weight_norm(info.state.trainable)),
+            lr=float(schedule(info.step - 1)),
+            tokens_per_s=round(tokens_per_s, 1),
+        )
+        monitor.check(info.step, mean_loss, record["grad_norm"], record["weight_norm"])
+        trainer.show(loss=record["loss"], tok_s=round(tokens_per_s))
+        logging.info("%s step %d/%d  loss %.4f  grad_norm %.3f  lr %.2e  %.0f tokens/s",
+                     name, info.step, steps, record["loss"], record["grad_norm"], record["lr"],
+                     tokens_per_s)
+        window.update(start=time.perf_counter(), steps=0, loss=0.0)
+
+    trainer.add_hook(log, every=log_every)
+    return trainer.run(state, step, start).trainable

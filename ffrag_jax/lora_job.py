@@ -36,7 +36,7 @@ from ffrag_jax.base_model import (
 )
 from ffrag_jax.config_types import LoRASection
 from ffrag_jax.loop import train_phase
-from ffrag_jax.metrics import MetricsLog, plot_training_loss, read_jsonl
+from ffrag_jax.metrics import open_log, plot_training_loss, read_jsonl
 from ffrag_jax.rag import prompts
 from ffrag_jax.workdir import write_summary
 
@@ -93,7 +93,7 @@ def validate(config: ConfigDict, mesh: jax.sharding.Mesh) -> None:
 def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     """Runs the single-adapter job in ``workdir`` on ``mesh``; returns the summary it writes."""
     started = time.perf_counter()
-    metrics = MetricsLog(workdir / "metrics.jsonl")
+    metrics = open_log(workdir)
     rng = jax.random.key(config.seed)
     init_rng, pretrain_rng, lora_init_rng, lora_rng = jax.random.split(rng, 4)
     common = dict(mesh=mesh, ckpt_dir=workdir / "checkpoints", metrics=metrics,
@@ -150,4 +150,5 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         "lora_trainable_params": adapter.num_params(),
         "exported": exported,
     }
+    metrics.close()
     return write_summary(workdir, summary)

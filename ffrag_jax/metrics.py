@@ -1,4 +1,11 @@
-"""Run metrics: one JSON object per line in ``metrics.jsonl``, and PNG plots made from it."""
+"""Run metrics: one JSON object per line in ``metrics.jsonl`` (the record of the run), the
+same values as live TensorBoard curves (``tensorboard/``), and PNG plots made from the JSONL.
+
+TensorBoard is a mirror: every numeric field of a record becomes a scalar, tagged by the
+record's kind, phase or model and client, at the record's step (or round). A resumed run
+writes with ``purge_step`` at its first step, so TensorBoard drops the curves' points that the
+run is about to redo, as the JSONL is cut back to its checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -22,11 +29,13 @@ class MetricsLog:
     (``repair=True``); a damaged line elsewhere is an error naming the file and the line.
     """
 
-    def __init__(self, path: str | Path, repair: bool = True):
+    def __init__(self, path: str | Path, repair: bool = True,
+                 tensorboard: str | Path | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if repair and self.path.exists():
             self._drop_torn_last_line()
+        self.tensorboard = None if tensorboard is None else TensorBoardMirror(tensorboard)
 
     def write(self, **record) -> dict:
         record = {k: _plain(v) for k, v in record.items()}
@@ -36,7 +45,13 @@ class MetricsLog:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
+        if self.tensorboard is not None:
+            self.tensorboard.write(record)
         return record
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
     def offset(self) -> int:
         """The log's length in bytes: where the next record starts."""
@@ -66,6 +81,59 @@ class MetricsLog:
                             "was stopped while writing it", self.path, len(data) - end,
                             data[end:end + 40])
             self.truncate(end)
+
+
+def open_log(workdir: Path) -> MetricsLog:
+    """A job's log: ``workdir/metrics.jsonl``, mirrored to ``workdir/tensorboard``."""
+    return MetricsLog(Path(workdir) / "metrics.jsonl", tensorboard=Path(workdir) / "tensorboard")
+
+
+# Fields that say what a record is about, not values to plot.
+_LABELS = ("kind", "phase", "model", "client", "name", "step", "round", "time", "metric",
+           "selected", "questions", "count", "accepted")
+
+
+class TensorBoardMirror:
+    """Writes records' numeric fields as TensorBoard scalars (tensorboardX: no TensorFlow),
+    one event folder per kind or phase, so that each can be purged on resume alone."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self._writers: dict = {}
+        try:
+            import tensorboardX  # noqa: F401
+        except ImportError:  # the JSONL and the PNGs still have everything
+            logging.warning("tensorboardX is not installed: no TensorBoard curves (pip install "
+                            "tensorboardX)")
+            self.folder = None
+
+    def write(self, record: dict) -> None:
+        if self.folder is None:
+            return
+        step = record.get("step", record.get("round"))
+        if not isinstance(step, int):
+            return
+        group = str(record.get("phase") or record.get("kind", "metrics"))
+        writer = self._writers.get(group)
+        if writer is None:
+            from tensorboardX import SummaryWriter
+
+            # purge_step: a resumed run's first step; TensorBoard drops the later points of
+            # the interrupted run (the JSONL was cut back the same way).
+            writer = self._writers[group] = SummaryWriter(
+                str(self.folder / group), purge_step=step, flush_secs=10)
+        where = "/".join(str(record[k]) for k in ("model", "name", "client", "metric")
+                         if k in record and not (k == "client" and "name" in record))
+        for key, value in record.items():
+            if key in _LABELS or isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            writer.add_scalar(f"{record.get('kind', 'metrics')}/{where + '/' if where else ''}"
+                              f"{key}", value, step)
+
+    def close(self) -> None:
+        for writer in self._writers.values():
+            writer.close()
+        self._writers.clear()
 
 
 def _plain(value):

@@ -25,7 +25,6 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,10 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from ml_collections import ConfigDict
-from tqdm import tqdm
 
 from ffrag_jax import (
-    checkpoint,
     health,
     hf,
     rag,
@@ -55,13 +52,14 @@ from ffrag_jax.base_model import (
 )
 from ffrag_jax.config_types import LoRASection
 from ffrag_jax.errors import UserError
-from ffrag_jax.metrics import MetricsLog, plot_training_loss, read_jsonl
+from ffrag_jax.metrics import MetricsLog, open_log, plot_training_loss, read_jsonl
 from ffrag_jax.models.llama import init_params
 from ffrag_jax.rag import evaluate as rag_eval
 from ffrag_jax.rag import prompts, system
 from ffrag_jax.retrieval import encoder as encoder_lib
 from ffrag_jax.retrieval import index as index_lib
 from ffrag_jax.retrieval.encoder import TextEncoder
+from ffrag_jax.trainer import StepInfo, Trainer, profiling
 from ffrag_jax.workdir import write_summary
 
 
@@ -122,7 +120,7 @@ def validate(config: ConfigDict, mesh: jax.sharding.Mesh) -> None:
 def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     started = time.perf_counter()
     r, t = config.rag, config.train
-    metrics = MetricsLog(workdir / "metrics.jsonl")
+    metrics = open_log(workdir)
     facts, train_q, test_q = knowledge(config)
     if r.k > len(facts):
         raise UserError(f"rag.k={r.k} is larger than the knowledge base ({len(facts)} facts)")
@@ -157,30 +155,32 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     ret_lora = LoRASection.read(config, "retriever").init(jax.random.fold_in(rng, 2), enc.params)
     opt_r = train.make_optimizer(t.retriever_lr, t.steps, warmup_steps=t.warmup_steps)
     states = {"generator": None, "retriever": train.init_train_state(ret_lora, opt_r)}
-    mngr = checkpoint.manager(workdir / "checkpoints" / "rag")
-    start, states = checkpoint.restore_latest(mngr, states)
+    trainer = Trainer("rag", ckpt_dir=workdir / "checkpoints", metrics=metrics, total=t.steps,
+                      checkpoint_every=config.checkpoint_every, **profiling(config, workdir))
+    start, states = trainer.initial_state(states)
     loss_cfg = rag.RagLossConfig(weights=tuple((k, float(v)) for k, v in r.losses.items()),
                                  score_scale=r.score_scale, tau_lm=r.tau_lm)
     states = sharding.on_one_device(states)  # so the step compiles once (see the helper)
     frozen = sharding.on_one_device({"generator": gen_params, "retriever": enc.params})
-    background, pending = ThreadPoolExecutor(max_workers=1), None
+    background = ThreadPoolExecutor(max_workers=1)
+    live = {"vectors": fact_vectors, "index": index, "pending": None}
     monitor = health.Monitor("rag", f"lower train.retriever_lr (now {t.retriever_lr:g})")
-    bar = tqdm(range(start, t.steps), desc="rag", initial=start, total=t.steps,
-               disable=not sys.stderr.isatty())
-    for step in bar:
+
+    def step_fn(states, step: int):
         enc.lora = states["retriever"].trainable
-        if t.passage_side and step > start and step % r.refresh_every == 0 and not pending:
+        if (t.passage_side and step > start and step % r.refresh_every == 0
+                and not live["pending"]):
             # Rebuilt in the background from a snapshot of the LoRA (the step donates the
             # live one); training searches the stale index until the new one is ready.
             snapshot = dataclasses.replace(enc, lora=jax.tree.map(jnp.copy, enc.lora))
-            pending = background.submit(refresh, snapshot, fact_texts, metrics, step)
-        if pending and pending.done():
-            fact_vectors, index = pending.result()
-            pending = None
+            live["pending"] = background.submit(refresh, snapshot, fact_texts, metrics, step)
+        if live["pending"] and live["pending"].done():
+            live["vectors"], live["index"] = live["pending"].result()
+            live["pending"] = None
         pick = np.random.default_rng([config.seed, step]).choice(len(train_q), t.batch_size,
                                                                  replace=False)
         batch_q = [train_q[i] for i in pick]
-        ids = retrieve(enc, index, batch_q, r.k)
+        ids = retrieve(enc, live["index"], batch_q, r.k)
         batch = rag.question_batch(
             tokenizer, enc.tokenizer, batch_q, [[facts[i]["text"] for i in row] for row in ids],
             prompt_len=r.prompt_len, answer_len=r.answer_len, query_len=r.query_len)
@@ -188,22 +188,22 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
             batch["passage_ids"] = fact_tokens["input_ids"][ids]
             batch["passage_mask"] = fact_tokens["attention_mask"][ids]
         else:
-            batch["passage_emb"] = fact_vectors[ids]
-        states, out = rag.rag_step(states, frozen, {k: jnp.asarray(v) for k, v in batch.items()},
-                                   jax.random.fold_in(rng, step), gen_cfg=gen_cfg,
-                                   enc_cfg=enc.cfg, loss_cfg=loss_cfg, optimizers=(None, opt_r))
-        done = step + 1
-        if done % config.log_every == 0 or done == t.steps:
-            out = jax.device_get(out)
-            monitor.check(done, float(out["loss"]))
-            metrics.write(kind="train", phase="rag", step=done, loss=float(out["loss"]),
-                          top1_is_lm_best=float(out["retrieval_top1_is_lm_best"]))
-            bar.set_postfix(loss=f"{float(out['loss']):.4f}")
-            logging.info("rag step %d/%d loss %.4f", done, t.steps, float(out["loss"]))
-        if done % config.checkpoint_every == 0 or done == t.steps:
-            checkpoint.save(mngr, done, states, metrics)
-    mngr.wait_until_finished()
-    mngr.close()
+            batch["passage_emb"] = live["vectors"][ids]
+        return rag.rag_step(states, frozen, {k: jnp.asarray(v) for k, v in batch.items()},
+                            jax.random.fold_in(rng, step), gen_cfg=gen_cfg, enc_cfg=enc.cfg,
+                            loss_cfg=loss_cfg, optimizers=(None, opt_r))
+
+    def log(info: StepInfo) -> None:
+        out = jax.device_get(info.out)
+        monitor.check(info.step, float(out["loss"]))
+        metrics.write(kind="train", phase="rag", step=info.step, loss=float(out["loss"]),
+                      top1_is_lm_best=float(out["retrieval_top1_is_lm_best"]))
+        trainer.show(loss=float(out["loss"]))
+        logging.info("rag step %d/%d loss %.4f", info.step, t.steps, float(out["loss"]))
+
+    trainer.add_hook(log, every=config.log_every)
+    states = trainer.run(states, step_fn, start)
+    fact_vectors, index, pending = live["vectors"], live["index"], live["pending"]
 
     if pending:
         pending.result()  # a rebuild still running: let it finish (and log) before the last
@@ -228,4 +228,5 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
                "before": {k: round(before[k], 4) for k in keys},
                "after": {k: round(after[k], 4) for k in keys},
                "wall_time_s": round(time.perf_counter() - started, 1)}
+    metrics.close()
     return write_summary(workdir, summary)

@@ -43,7 +43,7 @@ LOCK = ".ffrag_jax.lock"
 # Everything a job writes at the top of its workdir (besides the lock file, which stays). Only
 # these are deleted by --overwrite; tests check that a run writes nothing else.
 OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "loss.png", "rounds.png",
-           "predictions.jsonl",
+           "predictions.jsonl", "tensorboard", "profile",
            "checkpoints", "export", "tokenizer", "data", MARKER)
 
 
@@ -57,6 +57,34 @@ def _first_difference(old: dict, new: dict, prefix: str = "") -> str | None:
         elif a != b:
             return f"{prefix}{key}: {a!r} -> {b!r}"
     return None
+
+
+# Settings a finished run can be continued with, when raised: every federated round starts its
+# clients' optimizers afresh, so 3 rounds continued to 5 are exactly a 5-round run. (More
+# steps of a step-based phase would change its learning-rate schedule: that is a new run.)
+CONTINUABLE = (("fl", "rounds"),)
+
+
+def continuation(old: dict, new: dict) -> str | None:
+    """``"fl.rounds 3 -> 5"`` when ``new`` differs from a finished run's ``old`` config only by
+    raising continuable settings; None otherwise (a UserError when something else differs)."""
+    changed = []
+    for section, key in CONTINUABLE:
+        a, b = old.get(section, {}).get(key), new.get(section, {}).get(key)
+        if a is None or a == b:
+            continue
+        if not (isinstance(a, int) and isinstance(b, int) and b > a):
+            raise UserError(f"a finished run continues only with more {section}.{key} "
+                            f"(it ran {a}, asked {b}); pass --overwrite to replace it")
+        changed.append(f"{section}.{key} {a} -> {b}")
+        old = {**old, section: {**old[section], key: b}}
+    if not changed:
+        return None
+    diff = _first_difference(old, new)
+    if diff:
+        raise UserError(f"a finished run continues with more fl.rounds and nothing else "
+                        f"changed ({diff}); pass --overwrite or choose another --workdir")
+    return ", ".join(changed)
 
 
 def resolved_config(config: ConfigDict) -> dict:
@@ -189,8 +217,17 @@ def prepare(config: ConfigDict, workdir: Path, overwrite: bool) -> str:
             raise UserError(f"--workdir {workdir} holds an incomplete ffrag_jax run with no "
                             "config.json; pass --overwrite to replace it")
         elif (workdir / "summary.json").exists():
-            raise UserError(f"workdir {workdir} already holds a finished run; pass --overwrite "
-                            "to replace it or choose another --workdir")
+            old = _read_config(workdir)
+            more = continuation(old, resolved)
+            if more is None:
+                hint = (f" or raise fl.rounds (now {old['fl']['rounds']}) to continue it"
+                        if "rounds" in old.get("fl", {}) else "")
+                raise UserError(f"workdir {workdir} already holds a finished run; pass "
+                                f"--overwrite to replace it{hint}, or choose another --workdir")
+            logging.info("continuing the finished run in %s: %s", workdir, more)
+            (workdir / "summary.json").unlink()  # unfinished again until the new last round
+            files.atomic_write_json(workdir / "config.json", resolved)
+            return "resume"
         else:
             diff = _first_difference(_read_config(workdir), resolved)
             if not diff:

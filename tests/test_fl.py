@@ -392,3 +392,23 @@ def test_more_clients_than_records_warns_and_writes_strict_json(tmp_path, caplog
 def test_every_json_the_federated_job_writes_is_strict_json(ff_full):
     workdir, _ = ff_full
     assert assert_strict_json_everywhere(workdir) > 20
+
+
+def test_a_finished_run_continues_with_more_rounds_exactly(ff_full, tmp_path):
+    """``--config.fl.rounds=3`` on a finished 2-round workdir continues it (every round's
+    optimizers start afresh): summary, exports and last-round records equal the 3-round
+    run's. Fewer rounds, or another setting changed, is refused in one line."""
+    full_dir, full = ff_full
+    run_lib.run(_fl_config(**FF, **{"fl.rounds": 2}), tmp_path / "w")
+    with pytest.raises(UserError, match=r"continues only with more fl.rounds \(it ran 2, "
+                                        r"asked 1\)"):
+        run_lib.run(_fl_config(**FF, **{"fl.rounds": 1}), tmp_path / "w")
+    with pytest.raises(UserError, match="nothing else changed \\(fl.lr: 0.003 -> 0.01\\)"):
+        run_lib.run(_fl_config(**FF, **{"fl.lr": 1e-2}), tmp_path / "w")
+    continued = run_lib.run(_fl_config(**FF), tmp_path / "w")
+    assert comparable(continued, tmp_path / "w") == comparable(full, full_dir)
+    last = [r for r in _records(tmp_path / "w") if r.get("round") == 3]
+    assert comparable(last) == comparable([r for r in _records(full_dir) if r.get("round") == 3])
+    a, b = _exports(full_dir), _exports(tmp_path / "w")
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)

@@ -29,6 +29,9 @@ def get_config() -> ConfigDict:
     c.mesh = ConfigDict(dict(clients=1, data=-1, fsdp=1, tensor=1))
     c.log_every = 25  # pretraining phase only
     c.checkpoint_every = 100
+    # "(first, last)": a jax.profiler trace of those steps (rounds) of the main loop, to
+    # workdir/profile (open it in TensorBoard or Perfetto); None: no trace.
+    c.profile_steps = config_dict.placeholder(tuple)
     c.model = _common.tiny_llama()  # a tiny Llama unless model.path is given
     c.model.remat = "dots_attn"
     c.pretrain = _common.pretrain(steps=0)  # >0: pretrain the tiny model first (the demo)

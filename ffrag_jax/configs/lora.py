@@ -6,7 +6,7 @@ Point it at a real local checkpoint with --config.model.path=/path/to/hf-llama (
 then skipped and the checkpoint's tokenizer is used).
 """
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_dict
 
 from ffrag_jax.config_types import lora_section
 from ffrag_jax.configs import _common
@@ -18,6 +18,9 @@ def get_config() -> ConfigDict:
     c.seed = 0
     c.log_every = 25
     c.checkpoint_every = 100
+    # "(first, last)": a jax.profiler trace of those steps (rounds) of the main loop, to
+    # workdir/profile (open it in TensorBoard or Perfetto); None: no trace.
+    c.profile_steps = config_dict.placeholder(tuple)
     c.export = True
     # Mesh axis sizes; -1 takes the remaining devices. One CPU: every axis is 1.
     c.mesh = ConfigDict(dict(clients=1, data=-1, fsdp=1, tensor=1))

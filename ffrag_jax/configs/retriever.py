@@ -18,6 +18,9 @@ def get_config() -> ConfigDict:
     c.export = True
     c.log_every = 10
     c.checkpoint_every = 50
+    # "(first, last)": a jax.profiler trace of those steps (rounds) of the main loop, to
+    # workdir/profile (open it in TensorBoard or Perfetto); None: no trace.
+    c.profile_steps = config_dict.placeholder(tuple)
     c.mesh = ConfigDict(dict(clients=1, data=-1, fsdp=1, tensor=1))
     c.encoder = ConfigDict(dict(path=config_dict.placeholder(str)))  # None: packaged MiniLM
     c.data = ConfigDict(dict(

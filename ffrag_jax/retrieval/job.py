@@ -23,16 +23,16 @@ import jax
 import numpy as np
 from absl import logging
 from ml_collections import ConfigDict
-from tqdm import tqdm
 
-from ffrag_jax import checkpoint, health, hf, lora, train
+from ffrag_jax import health, hf, lora, train
 from ffrag_jax.config_types import LoRASection
 from ffrag_jax.errors import UserError
-from ffrag_jax.metrics import MetricsLog, plot_training_loss, read_jsonl
+from ffrag_jax.metrics import open_log, plot_training_loss, read_jsonl
 from ffrag_jax.retrieval import beir, contrastive
 from ffrag_jax.retrieval import encoder as encoder_lib
 from ffrag_jax.retrieval import index as index_lib
 from ffrag_jax.retrieval.encoder import TextEncoder
+from ffrag_jax.trainer import StepInfo, Trainer, profiling
 from ffrag_jax.workdir import write_summary
 
 
@@ -115,7 +115,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     del mesh  # single-device job for now: the encoder is small
     started = time.perf_counter()
     t, d = config.train, config.data
-    metrics = MetricsLog(workdir / "metrics.jsonl")
+    metrics = open_log(workdir)
     base = TextEncoder.load(config.encoder.path)
     paragraphs, questions = beir.load_squad(d.path)
     train_q, test_q = beir.split_by_article(questions, d.test_fraction, config.seed)
@@ -149,43 +149,42 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     optimizer = train.make_optimizer(t.lr, t.steps, warmup_steps=t.warmup_steps,
                                      weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm)
     state = train.init_train_state(trainable, optimizer)
-    mngr = checkpoint.manager(workdir / "checkpoints" / "retriever")
-    start, state = checkpoint.restore_latest(mngr, state)
-    if start:
-        logging.info("resuming retriever training at step %d", start)
+    trainer = Trainer("retriever", ckpt_dir=workdir / "checkpoints", metrics=metrics,
+                      total=t.steps, checkpoint_every=config.checkpoint_every,
+                      **profiling(config, workdir))
+    start, state = trainer.initial_state(state)
     texts = {p["id"]: p["text"] for p in paragraphs}
     negatives = None
     if t.hard_negatives:
         train_ids = {q["paragraph"] for q in train_q}
         negatives = mine_hard_negatives(train_q, {i: texts[i] for i in train_ids})
     frozen = base.params if t.mode == "lora" else None
-    bar = tqdm(range(start, t.steps), desc="retriever", initial=start, total=t.steps,
-               disable=not sys.stderr.isatty())
-    window, window_start = [], time.perf_counter()
+    window = {"outs": [], "start": time.perf_counter()}
     monitor = health.Monitor("retriever", f"lower train.lr (now {t.lr:g})")
-    for step in bar:
+
+    def step_fn(state, step: int):
         batch = batch_at(step, groups, train_q, texts, base.tokenizer, config, negatives)
         state, out = contrastive.train_step(
             state, frozen, batch, jax.random.fold_in(rng, step), cfg=base.cfg,
             optimizer=optimizer, mode=t.mode, scale=t.logit_scale, symmetric=t.symmetric)
-        window.append(out)
-        done = step + 1
-        if done % config.log_every == 0 or done == t.steps:
-            got = jax.device_get(window)
-            loss = float(np.mean([w["loss"] for w in got]))
-            monitor.check(done, loss, float(got[-1]["grad_norm"]))
-            metrics.write(kind="train", phase="retriever", step=done, loss=loss,
-                          accuracy=float(np.mean([w["accuracy"] for w in got])),
-                          grad_norm=float(got[-1]["grad_norm"]),
-                          steps_per_s=round(len(got) / (time.perf_counter() - window_start), 3))
-            logging.info("retriever step %d/%d  loss %.4f  in-batch accuracy %.3f", done,
-                         t.steps, loss, np.mean([w["accuracy"] for w in got]))
-            bar.set_postfix(loss=f"{loss:.4f}")
-            window, window_start = [], time.perf_counter()
-        if done % config.checkpoint_every == 0 or done == t.steps:
-            checkpoint.save(mngr, done, state, metrics)
-    mngr.wait_until_finished()
-    mngr.close()
+        window["outs"].append(out)
+        return state, out
+
+    def log(info: StepInfo) -> None:
+        got = jax.device_get(window["outs"])
+        loss = float(np.mean([w["loss"] for w in got]))
+        monitor.check(info.step, loss, float(got[-1]["grad_norm"]))
+        metrics.write(kind="train", phase="retriever", step=info.step, loss=loss,
+                      accuracy=float(np.mean([w["accuracy"] for w in got])),
+                      grad_norm=float(got[-1]["grad_norm"]),
+                      steps_per_s=round(len(got) / (time.perf_counter() - window["start"]), 3))
+        logging.info("retriever step %d/%d  loss %.4f  in-batch accuracy %.3f", info.step,
+                     t.steps, loss, np.mean([w["accuracy"] for w in got]))
+        trainer.show(loss=loss)
+        window.update(outs=[], start=time.perf_counter())
+
+    trainer.add_hook(log, every=config.log_every)
+    state = trainer.run(state, step_fn, start)
 
     tuned_params = (lora.merge(base.params, state.trainable) if t.mode == "lora"
                     else state.trainable)
@@ -213,4 +212,5 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         "wall_time_s": round(time.perf_counter() - started, 1),
         "exported": exported,
     }
+    metrics.close()
     return write_summary(workdir, summary)
