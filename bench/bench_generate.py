@@ -26,8 +26,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import report  # noqa: E402  (bench/report.py)
 
-from ffrag_jax import hf  # noqa: E402
-from ffrag_jax.generate import generate  # noqa: E402
+from ffrag_jax.models import hf  # noqa: E402
+from ffrag_jax.models.generate import generate  # noqa: E402
 from ffrag_jax.models.llama import forward  # noqa: E402
 
 

@@ -1,6 +1,7 @@
 """LoRA training step: jitted JAX (ffrag_jax) vs PyTorch + peft (eager), side by side.
 
-Same random Llama (built with transformers, loaded into JAX with ffrag_jax.hf.load_llama), same
+Same random Llama (built with transformers, loaded into JAX with
+ffrag_jax.models.hf.load_llama), same
 batch, same LoRA (q_proj, v_proj by default), same optimizer (AdamW, grad clip 1.0, linear
 decay), timed in interleaved rounds (JAX, torch, torch, JAX, ...) so that a drift in the
 machine's speed cannot favour either. Reports tokens/s and model FLOP/s as a fraction of the
@@ -97,7 +98,8 @@ def step_flops(args, cfg, lora_params: int) -> float:
 
 def jax_step(args, folder, ids):
     """``(cfg, lora param count, run(n) -> seconds for n steps, loss(), compile+warm-up s)``."""
-    from ffrag_jax import hf, lora, sharding, train
+    from ffrag_jax.models import hf, lora
+    from ffrag_jax.training import sharding, train
 
     cfg, params = hf.load_llama(folder)
     cfg = cfg.replace(remat=args.remat, attention=args.attention)

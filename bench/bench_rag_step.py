@@ -28,9 +28,10 @@ def worker(k: int, args) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from ffrag_jax import lora, rag, train
-    from ffrag_jax.models import llama
+    from ffrag_jax import rag
+    from ffrag_jax.models import llama, lora
     from ffrag_jax.retrieval.encoder import TextEncoder
+    from ffrag_jax.training import train
 
     enc = TextEncoder.load()
     gen_cfg = llama.LlamaConfig(vocab_size=1536, hidden_size=128, intermediate_size=384,

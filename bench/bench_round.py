@@ -56,7 +56,9 @@ def run_jax(args, approach, k, model_dir):
     import jax
     import jax.numpy as jnp
 
-    from ffrag_jax import federated, hf, lora, train
+    from ffrag_jax import federated
+    from ffrag_jax.models import hf, lora
+    from ffrag_jax.training import train
 
     cfg, params = hf.load_llama(model_dir)
     ids = jnp.asarray(_data(args, k))[:, :, None]  # [K, S, A=1, B, T]
@@ -161,7 +163,7 @@ def main():
     # how close each approach is to the machine's limit, and what the 3x target would need.
     from bench_lora_step import matmul_flops_per_s, step_flops
 
-    from ffrag_jax import hf
+    from ffrag_jax.models import hf
 
     cfg, _ = hf.load_llama(model_dir)
     lora_params = 4 * args.rank * cfg.hidden_size * cfg.num_layers  # A and B on q and v

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import report  # bench/report.py (the script's folder is on sys.path)
 
-from ffrag_jax import evaluation, hf
+from ffrag_jax import evaluation
+from ffrag_jax.models import hf
 from ffrag_jax.rag import evaluate as rag_eval
 from ffrag_jax.retrieval import beir
 from ffrag_jax.retrieval.encoder import TextEncoder

@@ -18,7 +18,8 @@ well as seed 0 does.
 import argparse
 from pathlib import Path
 
-from ffrag_jax import ffrag_job, text
+from ffrag_jax.data import text
+from ffrag_jax.jobs import ffrag as ffrag_job
 from ffrag_jax.launch import load_config
 
 OUT = Path(__file__).parents[1] / "ffrag_jax" / "tokenizers" / "demo"

@@ -1,7 +1,7 @@
 """Writes small samples of the synthetic demo domains to data/synthetic/*.jsonl, and of the
 FF-RAG demo's knowledge (facts and their questions) to data/synthetic/knowledge_*.jsonl.
 
-The demo generates its data at run time with the same function (ffrag_jax.synthetic), so
+The demo generates its data at run time with the same function (ffrag_jax.data.synthetic), so
 these files are for reading, not needed to run anything:
 
     python data/make_synthetic.py [--n 20] [--seed 0] [--distractors 0]
@@ -10,7 +10,7 @@ these files are for reading, not needed to run anything:
 import argparse
 from pathlib import Path
 
-from ffrag_jax import synthetic
+from ffrag_jax.data import synthetic
 
 
 def main():

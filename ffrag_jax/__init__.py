@@ -3,9 +3,9 @@
 The research API is a set of pure functions over pytrees:
 
 * :mod:`ffrag_jax.models.llama`: ``LlamaConfig``, ``init_params``, ``forward``.
-* :mod:`ffrag_jax.lora`: ``init``, ``merge``, ``load_peft_adapter``, ``save_peft_adapter``.
-* :mod:`ffrag_jax.hf`: ``load_llama``, ``save_llama``, ``load_tokenizer``.
-* :mod:`ffrag_jax.train`: ``causal_lm_loss``, ``make_optimizer``, ``init_train_state``,
+* :mod:`ffrag_jax.models.lora`: ``init``, ``merge``, ``load_peft_adapter``, ``save_peft_adapter``.
+* :mod:`ffrag_jax.models.hf`: ``load_llama``, ``save_llama``, ``load_tokenizer``.
+* :mod:`ffrag_jax.training.train`: ``causal_lm_loss``, ``make_optimizer``, ``init_train_state``,
   ``train_step``.
 """
 

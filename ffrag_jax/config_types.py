@@ -11,8 +11,8 @@ import dataclasses
 import jax
 from ml_collections import ConfigDict, config_dict
 
-from ffrag_jax import lora
 from ffrag_jax.errors import UserError
+from ffrag_jax.models import lora
 
 SECTIONS = ("generator", "retriever")
 

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from ffrag_jax import lora, train
+from ffrag_jax.models import lora
 from ffrag_jax.retrieval import contrastive
 from ffrag_jax.retrieval.encoder import EncoderConfig, init_params
+from ffrag_jax.training import train
 
 
 def _unit(x):
@@ -73,9 +74,9 @@ def test_retriever_job_end_to_end(tmp_path):
     records, a resumable checkpoint, and an exported encoder that sentence-transformers loads."""
     import json
 
-    from ffrag_jax import run as run_lib
-    from ffrag_jax import synthetic
+    from ffrag_jax.data import synthetic
     from ffrag_jax.launch import load_config
+    from ffrag_jax.training import run as run_lib
 
     articles = []
     for a, domain in enumerate(["clinic", "legal", "retail", "sports"]):

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ffrag_jax import lora, synthetic
+from ffrag_jax.data import synthetic
 from ffrag_jax.errors import UserError
+from ffrag_jax.models import lora
 from ffrag_jax.retrieval import encoder
 
 SQUAD = Path(__file__).parents[2] / "shared/data/squad/dev-v1.1.json"

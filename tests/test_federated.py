@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ffrag_jax import federated, lora
+from ffrag_jax import federated
 from ffrag_jax.errors import UserError
-from ffrag_jax.models import llama
+from ffrag_jax.models import llama, lora
 
 CFG = llama.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2,
                         num_heads=4, num_kv_heads=2, max_position_embeddings=64)
@@ -134,7 +134,7 @@ def _round_inputs(params, ranks=RANKS, seed=0):
 
 
 def _optimizer():
-    from ffrag_jax import train
+    from ffrag_jax.training import train
 
     return train.make_optimizer(1e-2, STEPS)
 
@@ -161,7 +161,7 @@ def _vmapped(params, inputs, optimizer=None):
 def test_vmapped_clients_equal_a_sequential_loop(params, optimizer_name):
     import optax
 
-    from ffrag_jax import train
+    from ffrag_jax.training import train
 
     optimizer = {"sgd": optax.sgd(0.5),
                  "adamw": train.make_optimizer(1e-2, STEPS, eps=1e-5)}[optimizer_name]
@@ -208,7 +208,7 @@ def test_clients_sharded_over_8_devices_match_one_device(params):
     import optax
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from ffrag_jax import sharding
+    from ffrag_jax.training import sharding
 
     ranks = [8, 4, 2, 2, 8, 4, 2, 1]
     inputs = _round_inputs(params, ranks, seed=3)

@@ -26,8 +26,8 @@ SMALL = {"pretrain.steps": 4, "pretrain.num_examples": 64, "pretrain.batch_size"
 
 @pytest.fixture(scope="module")
 def ffrag_run(tmp_path_factory):
-    from ffrag_jax import run as run_lib
     from ffrag_jax.launch import load_config
+    from ffrag_jax.training import run as run_lib
 
     workdir = tmp_path_factory.mktemp("ffrag") / "run"
     summary = run_lib.run(load_config("demo", SMALL), workdir)  # the README's first command
@@ -61,8 +61,8 @@ def test_ffrag_job_rounds_metrics_and_export(ffrag_run):
 def test_ffrag_resumes_after_the_last_finished_round(ffrag_run, tmp_path):
     """A run killed after round 1 (round 2's checkpoint and the summary gone) redoes round 2
     only, logs it once, and ends where the uninterrupted run ended."""
-    from ffrag_jax import run as run_lib
     from ffrag_jax.launch import load_config
+    from ffrag_jax.training import run as run_lib
 
     workdir, summary = ffrag_run
     copy = tmp_path / "run"
@@ -82,9 +82,9 @@ def test_ffrag_stack_strategy_merges_the_rounds_into_the_bases(tmp_path):
     """FLoRA without personalisation: fresh adapters every round, merged into the generator
     and the query encoder; only the global model is evaluated; ask answers with the merged
     query encoder. The clients train in one vmapped program (ranks 4 and 2, padded)."""
-    from ffrag_jax import ask
-    from ffrag_jax import run as run_lib
+    from ffrag_jax.cli import ask
     from ffrag_jax.launch import load_config
+    from ffrag_jax.training import run as run_lib
 
     summary = run_lib.run(load_config("demo", {**SMALL, "fl.strategy": "stack",
                                                 "fl.rounds": 1, "fl.vmap_clients": True}),
@@ -107,7 +107,7 @@ def test_ffrag_stack_strategy_merges_the_rounds_into_the_bases(tmp_path):
 
 
 def test_ask_cli_answers_with_sources(ffrag_run, tmp_path, capsys):
-    from ffrag_jax import ask
+    from ffrag_jax.cli import ask
 
     workdir, _ = ffrag_run
     assert ask.main(["--workdir", str(workdir), "--client", "0",
@@ -144,7 +144,7 @@ def test_ask_cli_answers_with_sources(ffrag_run, tmp_path, capsys):
     (["--top-p", "0", "q"], "--top-p in (0, 1]"),
 ])
 def test_ask_bad_input_is_one_line(ffrag_run, capsys, argv, message):
-    from ffrag_jax import ask
+    from ffrag_jax.cli import ask
 
     workdir, _ = ffrag_run
     assert ask.main(["--workdir", str(workdir), *argv]) == 2
@@ -153,7 +153,7 @@ def test_ask_bad_input_is_one_line(ffrag_run, capsys, argv, message):
 
 
 def test_ask_refuses_a_folder_without_a_system(tmp_path, capsys):
-    from ffrag_jax import ask
+    from ffrag_jax.cli import ask
 
     assert ask.main(["--workdir", str(tmp_path), "q"]) == 2
     assert "no system.json" in capsys.readouterr().err
@@ -192,8 +192,8 @@ def test_ffrag_demo_killed_at_5_random_points(ffrag_run, tmp_path):
 
 
 def test_ffrag_divergence_names_the_learning_rates(tmp_path):
-    from ffrag_jax import run as run_lib
     from ffrag_jax.launch import load_config
+    from ffrag_jax.training import run as run_lib
 
     with pytest.raises(UserError, match=r"diverged; lower fl\.(retriever_)?lr \(now 1e\+06\)"):
         run_lib.run(load_config("demo", {**SMALL, "fl.lr": 1e6, "fl.retriever_lr": 1e6}),
@@ -227,7 +227,7 @@ def test_ask_keeps_the_passage_and_cuts_a_long_question(ffrag_run, caplog):
     (["--max-new-tokens", "1000", "q"], "--max-new-tokens 1000: this reader has room for"),
 ])
 def test_ask_refuses_nonsense_in_one_line(ffrag_run, capsys, argv, message):
-    from ffrag_jax import ask
+    from ffrag_jax.cli import ask
 
     workdir, _ = ffrag_run
     assert ask.main(["--workdir", str(workdir), *argv]) == 2
@@ -237,7 +237,7 @@ def test_ask_refuses_nonsense_in_one_line(ffrag_run, capsys, argv, message):
 
 def test_ask_checks_its_output_and_inputs_before_answering(ffrag_run, tmp_path, capsys,
                                                            monkeypatch):
-    from ffrag_jax import ask
+    from ffrag_jax.cli import ask
     from ffrag_jax.rag import system as inference
 
     workdir, _ = ffrag_run
@@ -263,7 +263,7 @@ def test_ask_checks_its_output_and_inputs_before_answering(ffrag_run, tmp_path, 
 
 
 def test_ask_with_a_damaged_export_is_one_line(ffrag_run, tmp_path, capsys):
-    from ffrag_jax import ask
+    from ffrag_jax.cli import ask
 
     workdir, _ = ffrag_run
     copy = tmp_path / "export"
@@ -285,8 +285,8 @@ def test_a_moved_export_loads_in_transformers_and_peft_and_scores_as_the_job(ffr
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from ffrag_jax import hf, lora, rag
-    from ffrag_jax.models import llama
+    from ffrag_jax import rag
+    from ffrag_jax.models import hf, llama, lora
     from ffrag_jax.rag import prompts
 
     workdir, _ = ffrag_run
@@ -324,8 +324,9 @@ def test_a_moved_export_loads_in_transformers_and_peft_and_scores_as_the_job(ffr
 def test_the_demo_reads_with_its_shipped_tokenizer(tmp_path):
     """--config demo reads the tokenizer shipped in the package (the same tokens on every
     install): every question fits the prompt with its passage and every answer its budget."""
-    from ffrag_jax import ffrag_job, rag
-    from ffrag_jax.base_model import run_tokenizer
+    from ffrag_jax import rag
+    from ffrag_jax.jobs import ffrag as ffrag_job
+    from ffrag_jax.jobs.base_model import run_tokenizer
     from ffrag_jax.launch import load_config
     from ffrag_jax.rag import prompts
 

@@ -10,12 +10,14 @@ import pytest
 from killing import assert_strict_json_everywhere, comparable, kill_and_resume
 from safetensors.numpy import load_file
 
-from ffrag_jax import checkpoint, data, federated, fl, lora, train
-from ffrag_jax import run as run_lib
+from ffrag_jax import data, federated
 from ffrag_jax.errors import UserError
 from ffrag_jax.federated import round_step as fl_round
+from ffrag_jax.jobs import federated as fl
 from ffrag_jax.launch import load_config
-from ffrag_jax.models import llama
+from ffrag_jax.models import llama, lora
+from ffrag_jax.training import checkpoint, train
+from ffrag_jax.training import run as run_lib
 
 CFG = llama.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2,
                         num_heads=4, num_kv_heads=2, max_position_embeddings=64)

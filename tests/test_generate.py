@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from ffrag_jax import hf, lora, mmlu, text
+from ffrag_jax.data import text
 from ffrag_jax.errors import UserError
-from ffrag_jax.generate import filter_logits, generate
+from ffrag_jax.evaluation import mmlu
+from ffrag_jax.models import hf, lora
+from ffrag_jax.models.generate import filter_logits, generate
 from ffrag_jax.models.llama import forward, forward_cached, init_cache
 
 MMLU_FILE = Path(__file__).parents[2] / "shared/data/mmlu-1444/mmlu_test_1444.jsonl"

@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 
-from ffrag_jax import hf
 from ffrag_jax.errors import UserError
+from ffrag_jax.models import hf
 
 
 def test_missing_folder(tmp_path):
@@ -77,7 +77,7 @@ def test_save_refuses_non_empty_folder(hf_llama_dir, tmp_path):
 
 
 def test_tokenizer_without_pad_token(tmp_path):
-    from ffrag_jax import text
+    from ffrag_jax.data import text
 
     tok = text.train_bpe_tokenizer(["hello world"] * 10, 300)
     tok.pad_token = None

@@ -8,8 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from ffrag_jax import lora
 from ffrag_jax.errors import UserError
+from ffrag_jax.models import lora
 from ffrag_jax.retrieval import documents
 from ffrag_jax.retrieval.encoder import TextEncoder
 from ffrag_jax.retrieval.knowledge_base import (
@@ -131,7 +131,7 @@ def test_multi_source_search_with_quotas(encoder):
 
 
 def test_command_line_build_and_search(tmp_path, capsys):
-    from ffrag_jax.retrieval import kb as cli
+    from ffrag_jax.cli import kb as cli
 
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -157,7 +157,7 @@ def _hashes(folder):
 
 
 def test_build_never_writes_into_or_over_its_documents(tmp_path, capsys):
-    from ffrag_jax.retrieval import kb as cli
+    from ffrag_jax.cli import kb as cli
 
     docs = tmp_path / "docs"
     (docs / "more").mkdir(parents=True)
@@ -182,7 +182,7 @@ def test_build_never_writes_into_or_over_its_documents(tmp_path, capsys):
 
 
 def test_binary_or_non_utf8_documents_are_refused(tmp_path, capsys):
-    from ffrag_jax.retrieval import kb as cli
+    from ffrag_jax.cli import kb as cli
 
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -201,7 +201,7 @@ def test_binary_or_non_utf8_documents_are_refused(tmp_path, capsys):
 @pytest.mark.parametrize("damage", ["chunks.jsonl", "embeddings.npy", "manifest.json",
                                     "bm25/params.index.json"])
 def test_damaged_knowledge_base_files_are_one_line(tmp_path, capsys, damage):
-    from ffrag_jax.retrieval import kb as cli
+    from ffrag_jax.cli import kb as cli
 
     docs = tmp_path / "docs"
     docs.mkdir()

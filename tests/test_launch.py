@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from killing import comparable, kill_and_resume
 
-from ffrag_jax import run as run_lib
 from ffrag_jax.launch import load_config
+from ffrag_jax.training import run as run_lib
 
 # The single-LoRA job small enough for a test: same code path, a few steps.
 TINY = {
@@ -92,8 +92,7 @@ def test_lora_job_end_to_end_via_launcher(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ffrag_jax import hf, lora
-    from ffrag_jax.models import llama
+    from ffrag_jax.models import hf, llama, lora
 
     model = AutoModelForCausalLM.from_pretrained(workdir / "export/base_model")
     model = PeftModel.from_pretrained(model, workdir / "export/lora_adapter").eval()
@@ -133,7 +132,7 @@ def test_workdir_guards(tmp_path):
 def test_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     """Kill the LoRA phase after its step-2 checkpoint; the resumed run ends where an
     uninterrupted run does, bit for bit."""
-    from ffrag_jax import text
+    from ffrag_jax.data import text
 
     config = _tiny_config(**{"export": False, "log_every": 1})  # step 3 is logged, then lost
     full = run_lib.run(config, tmp_path / "full")
@@ -155,7 +154,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     resumed = run_lib.run(config, tmp_path / "killed")
     assert resumed["task_domain_em_with_lora"] == full["task_domain_em_with_lora"]
 
-    from ffrag_jax import checkpoint
+    from ffrag_jax.training import checkpoint
 
     def final_adapter(workdir):
         mngr = checkpoint.manager(workdir / "checkpoints" / "lora")
@@ -179,7 +178,8 @@ def test_lora_job_on_a_local_hf_checkpoint(tmp_path):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ffrag_jax import hf, lora, synthetic, text
+    from ffrag_jax.data import synthetic, text
+    from ffrag_jax.models import hf, lora
     from ffrag_jax.rag import prompts
 
     examples = synthetic.make_examples("clinic", 200, seed=0)
@@ -284,7 +284,7 @@ def test_a_tokenizer_larger_than_the_model_is_named_before_any_work(tmp_path):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ffrag_jax import synthetic, text
+    from ffrag_jax.data import synthetic, text
     from ffrag_jax.rag import prompts
 
     examples = synthetic.make_examples("clinic", 100, seed=0)

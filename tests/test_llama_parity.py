@@ -11,8 +11,7 @@ import torch
 from conftest import LLAMA_VARIANTS
 from transformers import LlamaForCausalLM
 
-from ffrag_jax import hf
-from ffrag_jax.models import llama
+from ffrag_jax.models import hf, llama
 
 TOL = 1e-4  # float32, max abs logit difference
 forward = jax.jit(llama.forward, static_argnums=1)

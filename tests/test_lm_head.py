@@ -60,8 +60,8 @@ def test_chunk_tokens_keeps_a_chunk_of_logits_near_4_mb():
 
 
 def test_causal_lm_loss_with_the_chunked_head_equals_the_plain_one():
-    from ffrag_jax import lora, train
-    from ffrag_jax.models import llama
+    from ffrag_jax.models import llama, lora
+    from ffrag_jax.training import train
 
     cfg = llama.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=2,
                             num_heads=4, num_kv_heads=2)

@@ -8,9 +8,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaForCausalLM
 
-from ffrag_jax import hf, lora
 from ffrag_jax.errors import UserError
-from ffrag_jax.models import llama
+from ffrag_jax.models import hf, llama, lora
 
 TOL = 1e-4
 forward = jax.jit(llama.forward, static_argnums=1)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ffrag_jax import losses
+from ffrag_jax.rag import losses
 
 B, K, T, V, PAD = 3, 4, 7, 11, 0
 

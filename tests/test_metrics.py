@@ -7,7 +7,7 @@ matplotlib.use("Agg")
 import matplotlib.figure  # noqa: E402
 import pytest  # noqa: E402
 
-from ffrag_jax import metrics  # noqa: E402
+from ffrag_jax.training import metrics  # noqa: E402
 
 
 @pytest.fixture

@@ -7,12 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ffrag_jax import lora, rag, synthetic, text, train
+from ffrag_jax import rag
+from ffrag_jax.data import synthetic, text
 from ffrag_jax.errors import UserError
-from ffrag_jax.models import llama
+from ffrag_jax.models import llama, lora
 from ffrag_jax.rag import prompts
 from ffrag_jax.retrieval.encoder import EncoderConfig
 from ffrag_jax.retrieval.encoder import init_params as init_encoder
+from ffrag_jax.training import train
 
 
 @pytest.fixture(scope="module")
@@ -187,8 +189,8 @@ def test_rag_job_end_to_end(tmp_path):
     through the launcher's library entry point; K beyond the knowledge base is refused."""
     import json
 
-    from ffrag_jax import run as run_lib
     from ffrag_jax.launch import load_config
+    from ffrag_jax.training import run as run_lib
 
     small = {"pretrain.steps": 4, "pretrain.num_examples": 64, "pretrain.batch_size": 8,
              "data.num_entities": 10, "data.num_test": 10, "train.steps": 2,
@@ -215,7 +217,7 @@ def test_fit_prompt_cuts_what_costs_the_least_evidence():
     """A long question loses its start and the passage stays whole; a long passage loses its
     end and the question stays whole; a question too long even alone keeps its last
     MIN_QUESTION_TOKENS tokens and the passage is cut too."""
-    from ffrag_jax import text
+    from ffrag_jax.data import text
     from ffrag_jax.rag import MIN_QUESTION_TOKENS, fit_prompt
 
     corpus = ("patient ward drug doctor case court judge team coach stadium price aisle "

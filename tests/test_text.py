@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ffrag_jax import synthetic, text
+from ffrag_jax.data import synthetic, text
 from ffrag_jax.errors import UserError
 from ffrag_jax.rag import prompts
 

@@ -6,8 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from ffrag_jax import lora, sharding, train
-from ffrag_jax.models import llama
+from ffrag_jax.models import llama, lora
+from ffrag_jax.training import sharding, train
 
 CFG = llama.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2,
                         num_heads=4, num_kv_heads=2, max_position_embeddings=64)

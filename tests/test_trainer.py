@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import pytest
 from absl import logging
 
-from ffrag_jax import checkpoint, interrupts
-from ffrag_jax.metrics import MetricsLog, read_jsonl
-from ffrag_jax.progress import Progress
-from ffrag_jax.trainer import Trainer, profile_range
+from ffrag_jax.training import checkpoint, interrupts
+from ffrag_jax.training.metrics import MetricsLog, read_jsonl
+from ffrag_jax.training.progress import Progress
+from ffrag_jax.training.trainer import Trainer, profile_range
 
 
 def _count_step(state, step):

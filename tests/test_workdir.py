@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from ffrag_jax import checkpoint, files, workdir
-from ffrag_jax import run as run_lib
+from ffrag_jax import files
 from ffrag_jax.errors import UserError
 from ffrag_jax.launch import load_config
-from ffrag_jax.metrics import MetricsLog, read_jsonl
+from ffrag_jax.training import checkpoint, workdir
+from ffrag_jax.training import run as run_lib
+from ffrag_jax.training.metrics import MetricsLog, read_jsonl
 
 # The single-LoRA job at its smallest: a few seconds of work after compilation.
 TINY_LORA = {

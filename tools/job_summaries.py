@@ -83,7 +83,7 @@ def _run(config, workdir: Path) -> dict:
     try:
         from ffrag_jax.training.run import run
     except ImportError:
-        from ffrag_jax.run import run
+        from ffrag_jax.training.run import run
     return run(config, workdir)
 
 

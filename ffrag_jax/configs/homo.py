@@ -78,7 +78,8 @@ def get_config() -> ConfigDict:
         exact_match=False,
         max_new_tokens=8,
         generate_batch_size=50,
-        # The reference's MMLU harness on the global model (ffrag_jax.mmlu), optional: the
+        # The reference's MMLU harness on the global model (ffrag_jax.evaluation.mmlu),
+        # optional: the
         # mmlu_test_1444 file (not shipped), items per subject (None: all), every n rounds
         # (the last round always).
         mmlu_path=config_dict.placeholder(str),

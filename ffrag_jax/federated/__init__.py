@@ -27,7 +27,7 @@ from ffrag_jax.federated.clients import (
 )
 from ffrag_jax.federated.strategies import FF, REGISTRY, FedAvg, Stack, Strategy, ZeroPad
 from ffrag_jax.federated.strategies import get as get_strategy
-from ffrag_jax.lora import module_weights
+from ffrag_jax.models.lora import module_weights
 
 __all__ = [
     "FF", "REGISTRY", "FedAvg", "Stack", "Strategy", "ZeroPad", "apply_rank_mask", "client",

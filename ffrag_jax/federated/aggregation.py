@@ -1,4 +1,4 @@
-"""The aggregation rules of federated LoRA as pure functions of :class:`~ffrag_jax.lora.LoRA`
+"""The aggregation rules of federated LoRA as pure functions of :class:`~ffrag_jax.models.lora.LoRA`
 pytrees (``a`` ``[..., in, r]``, ``b`` ``[..., r, out]``): each rule is written once here and
 used by every job through :mod:`ffrag_jax.federated.strategies`.
 
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from ffrag_jax.errors import UserError
-from ffrag_jax.lora import LoRA, chain, module_weights
+from ffrag_jax.models.lora import LoRA, chain, module_weights
 
 
 def _check_same_modules(loras: Sequence[LoRA]) -> list[tuple[str, ...]]:

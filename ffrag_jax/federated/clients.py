@@ -20,11 +20,11 @@ import numpy as np
 import optax
 from absl import logging
 
-from ffrag_jax import train
 from ffrag_jax.errors import UserError
 from ffrag_jax.federated.aggregation import apply_rank_mask
-from ffrag_jax.lora import LoRA
 from ffrag_jax.models.llama import LlamaConfig
+from ffrag_jax.models.lora import LoRA
+from ffrag_jax.training import train
 
 
 def select_clients(round_index: int, num_clients: int, fraction: float) -> list[int]:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from ffrag_jax.federated import strategies
 from ffrag_jax.federated.aggregation import finite_clients, zero_rejected
 from ffrag_jax.federated.clients import update_clients
-from ffrag_jax.lora import LoRA
+from ffrag_jax.models.lora import LoRA
 
 
 def accept(updated: LoRA, weights: jax.Array) -> tuple[LoRA, jax.Array, jax.Array]:

@@ -29,7 +29,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ffrag_jax import lora
 from ffrag_jax.errors import UserError
 from ffrag_jax.federated.aggregation import (
     client,
@@ -37,7 +36,8 @@ from ffrag_jax.federated.aggregation import (
     stack_padded,
     weighted_mean,
 )
-from ffrag_jax.lora import LoRA, module_weights
+from ffrag_jax.models import lora
+from ffrag_jax.models.lora import LoRA, module_weights
 
 FUSIONS = ("add", "chain")
 

@@ -11,7 +11,7 @@ target names obvious.
 
 LoRA never lives in ``params``: it is passed as the separate ``lora`` variable collection with
 the same paths (``layers/self_attn/q_proj/{a,b}``), and each projection adds
-``scale * dropout(x) @ a @ b`` when its entry is present. See :mod:`ffrag_jax.lora`.
+``scale * dropout(x) @ a @ b`` when its entry is present. See :mod:`ffrag_jax.models.lora`.
 """
 
 from __future__ import annotations
@@ -405,7 +405,8 @@ def forward(
 
     ``attention_mask`` ``[B, T]`` is 1 for real tokens, 0 for padding (keys that are masked
     out). ``positions`` ``[B, T]`` defaults to ``arange(T)`` as in transformers when no
-    position ids are given. ``lora`` is a :class:`ffrag_jax.lora.LoRA` or None; LoRA dropout is
+    position ids are given. ``lora`` is a :class:`ffrag_jax.models.lora.LoRA` or None; LoRA
+    dropout is
     active only when ``dropout_rng`` is given. ``return_hidden``: the final normed hidden states
     ``[B, T, D]`` in the compute dtype instead (``hidden @ lm_head_kernel(params, cfg)`` are
     the logits).

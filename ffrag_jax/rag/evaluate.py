@@ -10,7 +10,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ffrag_jax import evaluation, text
+from ffrag_jax import evaluation
+from ffrag_jax.data import text
 from ffrag_jax.models.llama import LlamaConfig
 from ffrag_jax.rag.prompts import Prompt, fit_prompts
 

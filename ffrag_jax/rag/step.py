@@ -12,7 +12,7 @@ current index returned. Inside one jit:
    in one batched forward over ``B*K`` sequences;
 4. the loss is a weighted sum of RAG-sequence, RAG-token, LSR (retriever only, LM side
    stop-gradient) and RALT (generator only: the response-only NLL, mean over the K passages),
-   :mod:`ffrag_jax.losses`.
+   :mod:`ffrag_jax.rag.losses`.
 
 The batch layout (answers aligned at one position for every passage) is in
 :mod:`ffrag_jax.rag.batches`.
@@ -27,11 +27,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ffrag_jax import losses
 from ffrag_jax.errors import UserError
 from ffrag_jax.models.llama import LlamaConfig, forward
+from ffrag_jax.rag import losses
 from ffrag_jax.retrieval.encoder import EncoderConfig, encode
-from ffrag_jax.train import TrainState
+from ffrag_jax.training.train import TrainState
 
 LOSSES = ("rag_sequence", "rag_token", "lsr", "ralt")
 

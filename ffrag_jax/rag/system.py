@@ -30,10 +30,11 @@ import jax
 import numpy as np
 from absl import logging
 
-from ffrag_jax import federated, files, hf, lora
+from ffrag_jax import federated, files
 from ffrag_jax.errors import UserError
-from ffrag_jax.lora import LoRA
+from ffrag_jax.models import hf, lora
 from ffrag_jax.models.llama import LlamaConfig
+from ffrag_jax.models.lora import LoRA
 from ffrag_jax.rag import prompts
 from ffrag_jax.rag.evaluate import answer_prompts
 from ffrag_jax.retrieval import encoder as encoder_lib

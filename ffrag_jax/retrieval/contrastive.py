@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from ffrag_jax.retrieval.encoder import EncoderConfig, encode
-from ffrag_jax.train import TrainState
+from ffrag_jax.training.train import TrainState
 
 MODES = ("lora", "full")
 

@@ -8,7 +8,7 @@ normalisation. Layers are one ``nn.scan`` with stacked ``[L]`` params, like the 
 Weights come straight from ``model.safetensors`` through :data:`BERT_KEY_MAP` (HF name ->
 Flax path + transpose), and :func:`save` writes them back the same way, so a fine-tuned
 encoder is again a sentence-transformers folder. The projections are the Llama's
-``LoRALinear``: ``ffrag_jax.lora.init(rng, params, ["query", "value"], ...)`` adapts them and
+``LoRALinear``: ``ffrag_jax.models.lora.init(rng, params, ["query", "value"], ...)`` adapts them and
 ``encode(..., lora=adapter)`` applies it.
 
 The embedded default is all-MiniLM-L6-v2 as shipped inside the PyPI package
@@ -32,8 +32,8 @@ import numpy as np
 from flax import traverse_util
 from tqdm import tqdm
 
-from ffrag_jax import hf
 from ffrag_jax.errors import UserError
+from ffrag_jax.models import hf
 from ffrag_jax.models.attention import attention
 from ffrag_jax.models.llama import LoRALinear
 
@@ -203,7 +203,7 @@ def pool(cfg: EncoderConfig, states: jax.Array, attention_mask: jax.Array) -> ja
 def encode(params: dict, cfg: EncoderConfig, input_ids: jax.Array, attention_mask: jax.Array,
            lora=None, *, dropout_rng: jax.Array | None = None) -> jax.Array:
     """Sentence embeddings ``[B, D]`` (float32) of right-padded ``input_ids`` ``[B, T]`` with
-    ``attention_mask`` ``[B, T]`` (1 = real token). ``lora`` is an ``ffrag_jax.lora.LoRA`` on
+    ``attention_mask`` ``[B, T]`` (1 = real token). ``lora`` is an ``ffrag_jax.models.lora.LoRA`` on
     the encoder's projections or None; its dropout is active only with ``dropout_rng``."""
     if input_ids.shape[1] > cfg.max_position_embeddings:
         raise UserError(f"sequence length {input_ids.shape[1]} is longer than the encoder's "
@@ -259,7 +259,7 @@ def save_peft_adapter(path: str | os.PathLike, adapter, cfg: EncoderConfig, *,
     """A retriever LoRA as a PEFT adapter on the HF BERT model, so that a sentence-transformers
     model of the base folder runs it (``st[0].auto_model = PeftModel.from_pretrained(
     st[0].auto_model, path)``); the names come from :data:`BERT_KEY_MAP`."""
-    from ffrag_jax import lora as lora_lib
+    from ffrag_jax.models import lora as lora_lib
 
     lora_lib.save_peft_adapter(path, adapter, None, key_map=BERT_KEY_MAP,
                                num_layers=cfg.num_layers, task_type="FEATURE_EXTRACTION",

@@ -35,8 +35,9 @@ from pathlib import Path
 from absl import logging
 from ml_collections import ConfigDict
 
-from ffrag_jax import checkpoint, files
+from ffrag_jax import files
 from ffrag_jax.errors import UserError
+from ffrag_jax.training import checkpoint
 
 MARKER = ".ffrag_jax_run"
 LOCK = ".ffrag_jax.lock"
@@ -264,7 +265,7 @@ def open_run(config: ConfigDict, workdir: str | Path, overwrite: bool):
 
 def rewind_metrics(workdir: Path) -> None:
     """Cuts ``metrics.jsonl`` back to what it held when the latest checkpoint was saved."""
-    from ffrag_jax.metrics import MetricsLog
+    from ffrag_jax.training.metrics import MetricsLog
 
     offsets = checkpoint.metrics_offsets(workdir / "checkpoints")
     if None in offsets.values():
@@ -284,7 +285,7 @@ def write_summary(workdir: Path, summary: dict) -> dict:
 def describe_progress(workdir: Path) -> str:
     """Where a run stands, for the interrupt message: the last metrics record and the latest
     checkpoint of each phase."""
-    from ffrag_jax.metrics import read_jsonl
+    from ffrag_jax.training.metrics import read_jsonl
 
     try:
         records = read_jsonl(workdir / "metrics.jsonl")

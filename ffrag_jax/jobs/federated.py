@@ -31,34 +31,28 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
-from ffrag_jax import (
-    data,
-    evaluation,
-    federated,
-    hf,
-    lora,
-    mmlu,
-    sharding,
-    synthetic,
-    text,
-)
-from ffrag_jax import train as train_lib
-from ffrag_jax.base_model import (
+from ffrag_jax import data, evaluation, federated
+from ffrag_jax.config_types import LoRASection
+from ffrag_jax.data import synthetic, text
+from ffrag_jax.errors import UserError
+from ffrag_jax.evaluation import mmlu
+from ffrag_jax.federated import round_step, strategies
+from ffrag_jax.federated.strategies import Strategy
+from ffrag_jax.jobs.base_model import (
     abstract_model,
     model_config,
     pretrain,
     run_tokenizer,
 )
-from ffrag_jax.config_types import LoRASection
-from ffrag_jax.errors import UserError
-from ffrag_jax.federated import round_step, strategies
-from ffrag_jax.federated.strategies import Strategy
-from ffrag_jax.lora import LoRA
-from ffrag_jax.metrics import open_log, plot_client_rounds, read_jsonl
+from ffrag_jax.models import hf, lora
 from ffrag_jax.models.llama import init_params
+from ffrag_jax.models.lora import LoRA
 from ffrag_jax.rag import prompts as rag_prompts
-from ffrag_jax.trainer import StepInfo, Trainer, profiling
-from ffrag_jax.workdir import write_summary
+from ffrag_jax.training import sharding
+from ffrag_jax.training import train as train_lib
+from ffrag_jax.training.metrics import open_log, plot_client_rounds, read_jsonl
+from ffrag_jax.training.trainer import StepInfo, Trainer, profiling
+from ffrag_jax.training.workdir import write_summary
 
 # --------------------------------------------------------------------------------------------
 # Client data

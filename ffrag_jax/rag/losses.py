@@ -14,7 +14,8 @@ the caller does the causal shift). ``mask`` ``[B, T]`` is 1 on answer tokens, 0 
 * :func:`lsr_loss` - LM-supervised retrieval (REPLUG, RA-DIT): the retriever's distribution
   over the K passages is pulled towards the LM's preference ``softmax(lm_scores / tau_lm)``,
   with a stop-gradient on the LM side.
-* ``ffrag_jax.retrieval.contrastive.info_nce`` and ``ffrag_jax.train.causal_lm_loss`` (response
+* ``ffrag_jax.retrieval.contrastive.info_nce`` and
+  ``ffrag_jax.training.train.causal_lm_loss`` (response
   only) complete the set: the latter is RALT's loss when the prompt holds retrieved passages.
 """
 

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ffrag_jax import files, text
+from ffrag_jax import files
+from ffrag_jax.data import text
 from ffrag_jax.errors import UserError
 
 # The Alpaca template of the reference code (templates/alpaca.json in FLoRA / FF_RAG).
@@ -202,7 +203,7 @@ def client_round_batches(data: dict[str, np.ndarray], num_steps: int, max_steps:
                          ) -> dict[str, np.ndarray]:
     """One client's batches for a round: leaves ``[max_steps, grad_accum, micro_batch, T]``.
 
-    Steps ``< num_steps`` are :func:`~ffrag_jax.text.batch_at` of a permutation seeded by
+    Steps ``< num_steps`` are :func:`~ffrag_jax.data.text.batch_at` of a permutation seeded by
     ``seed`` (say ``[run seed, round, client]``); the rest are all padding (attention and loss
     masks 0) and are skipped by the client update. Fixed shapes: a round compiles once.
     """

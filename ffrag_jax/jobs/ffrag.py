@@ -37,36 +37,29 @@ import numpy as np
 from absl import logging
 from ml_collections import ConfigDict
 
-from ffrag_jax import (
-    federated,
-    files,
-    health,
-    hf,
-    lora,
-    rag,
-    sharding,
-    synthetic,
-    train,
-)
-from ffrag_jax.base_model import (
+from ffrag_jax import federated, files, rag
+from ffrag_jax.config_types import LoRASection
+from ffrag_jax.data import synthetic
+from ffrag_jax.errors import UserError
+from ffrag_jax.federated import strategies
+from ffrag_jax.jobs.base_model import (
     abstract_model,
     check_lengths,
     model_config,
     pretrain,
     run_tokenizer,
 )
-from ffrag_jax.config_types import LoRASection
-from ffrag_jax.errors import UserError
-from ffrag_jax.federated import strategies
-from ffrag_jax.metrics import open_log, plot_client_rounds, plot_training_loss, read_jsonl
+from ffrag_jax.models import hf, lora
 from ffrag_jax.models.llama import init_params
 from ffrag_jax.rag import evaluate as rag_eval
 from ffrag_jax.rag import prompts, system
 from ffrag_jax.retrieval.encoder import TextEncoder
 from ffrag_jax.retrieval.knowledge_base import KnowledgeBase
 from ffrag_jax.retrieval.multi_source import Sources
-from ffrag_jax.trainer import StepInfo, Trainer, profiling
-from ffrag_jax.workdir import write_summary
+from ffrag_jax.training import health, sharding, train
+from ffrag_jax.training.metrics import open_log, plot_client_rounds, plot_training_loss, read_jsonl
+from ffrag_jax.training.trainer import StepInfo, Trainer, profiling
+from ffrag_jax.training.workdir import write_summary
 
 STRATEGIES = (strategies.FF, strategies.Stack)  # what this job runs (fl.strategy)
 

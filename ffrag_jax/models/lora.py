@@ -25,8 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct, traverse_util
 
-from ffrag_jax import files, hf
+from ffrag_jax import files
 from ffrag_jax.errors import UserError
+from ffrag_jax.models import hf
 from ffrag_jax.models.llama import LINEAR_MODULES, LlamaConfig
 
 

@@ -44,7 +44,8 @@ def check_room(directory: Path, state) -> None:
 
 def save(mngr: ocp.CheckpointManager, step: int, state, metrics) -> None:
     """Saves asynchronously, with the current length of ``metrics`` (a
-    :class:`~ffrag_jax.metrics.MetricsLog`); call ``mngr.wait_until_finished()`` before reading
+    :class:`~ffrag_jax.training.metrics.MetricsLog`); call ``mngr.wait_until_finished()``
+    before reading
     it back."""
     mngr.wait_until_finished()  # the previous save's room is taken before this one is checked
     check_room(Path(mngr.directory), state)

@@ -11,9 +11,9 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from ffrag_jax.generate import generate
+from ffrag_jax.data.text import encode_prompts
+from ffrag_jax.models.generate import generate
 from ffrag_jax.models.llama import LlamaConfig
-from ffrag_jax.text import encode_prompts
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation)

@@ -4,7 +4,8 @@ Order of work, so that a bad input never costs a user anything already written:
 
 1. the config is validated whole (:func:`validate`: the task's own checks, the mesh), before
    the workdir is touched;
-2. the workdir is locked and prepared (:mod:`ffrag_jax.workdir`: a new run, a resume from the
+2. the workdir is locked and prepared (:mod:`ffrag_jax.training.workdir`: a new run, a resume
+   from the
    last checkpoint, or, with ``overwrite``, the previous run's own outputs deleted);
 3. the task runs; it writes its summary last, so ``summary.json`` marks a finished run.
 """
@@ -18,20 +19,14 @@ import jax
 from absl import logging
 from ml_collections import ConfigDict
 
-from ffrag_jax import checkpoint, sharding
-from ffrag_jax import workdir as workdir_lib
 from ffrag_jax.errors import UserError
+from ffrag_jax.training import checkpoint, sharding
+from ffrag_jax.training import workdir as workdir_lib
 
-# config.task -> the module that runs it (``validate(config)`` and ``run(config, workdir,
-# mesh)``).
-JOBS = {
-    "lora": "ffrag_jax.lora_job",
-    "federated": "ffrag_jax.fl",
-    "retriever": "ffrag_jax.retrieval.job",
-    "rag": "ffrag_jax.rag_job",
-    "ffrag": "ffrag_jax.ffrag_job",
-}
-TASKS = tuple(JOBS)
+# config.task is the name of its module in ffrag_jax/jobs/ (``validate(config, mesh)`` and
+# ``run(config, workdir, mesh)``).
+TASKS = ("lora", "federated", "retriever", "rag", "ffrag")
+JOBS = {task: f"ffrag_jax.jobs.{task}" for task in TASKS}
 
 
 def job_module(task: str):

@@ -35,32 +35,28 @@ import numpy as np
 from absl import logging
 from ml_collections import ConfigDict
 
-from ffrag_jax import (
-    health,
-    hf,
-    rag,
-    sharding,
-    synthetic,
-    train,
-)
-from ffrag_jax.base_model import (
+from ffrag_jax import rag
+from ffrag_jax.config_types import LoRASection
+from ffrag_jax.data import synthetic
+from ffrag_jax.errors import UserError
+from ffrag_jax.jobs.base_model import (
     abstract_model,
     check_lengths,
     model_config,
     pretrain,
     run_tokenizer,
 )
-from ffrag_jax.config_types import LoRASection
-from ffrag_jax.errors import UserError
-from ffrag_jax.metrics import MetricsLog, open_log, plot_training_loss, read_jsonl
+from ffrag_jax.models import hf
 from ffrag_jax.models.llama import init_params
 from ffrag_jax.rag import evaluate as rag_eval
 from ffrag_jax.rag import prompts, system
 from ffrag_jax.retrieval import encoder as encoder_lib
 from ffrag_jax.retrieval import index as index_lib
 from ffrag_jax.retrieval.encoder import TextEncoder
-from ffrag_jax.trainer import StepInfo, Trainer, profiling
-from ffrag_jax.workdir import write_summary
+from ffrag_jax.training import health, sharding, train
+from ffrag_jax.training.metrics import MetricsLog, open_log, plot_training_loss, read_jsonl
+from ffrag_jax.training.trainer import StepInfo, Trainer, profiling
+from ffrag_jax.training.workdir import write_summary
 
 
 def knowledge(config: ConfigDict) -> tuple[list[dict], list[dict], list[dict]]:

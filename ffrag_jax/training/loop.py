@@ -1,11 +1,11 @@
 """A language-model training phase (pretraining, a LoRA) on the one
-:class:`~ffrag_jax.trainer.Trainer`.
+:class:`~ffrag_jax.training.trainer.Trainer`.
 
-:func:`train_phase` runs the jitted :func:`~ffrag_jax.train.train_step` from the latest
+:func:`train_phase` runs the jitted :func:`~ffrag_jax.training.train.train_step` from the latest
 checkpoint of the phase (or from step 0) to ``steps``, logging loss, gradient norm, learning
 rate and tokens/s every ``log_every`` steps (a hook), and saving an orbax checkpoint every
 ``checkpoint_every`` steps and at the end. Batches come from
-:func:`~ffrag_jax.text.batch_at`, a pure function of the step, so a resumed phase is the same
+:func:`~ffrag_jax.data.text.batch_at`, a pure function of the step, so a resumed phase is the same
 computation as an uninterrupted one.
 """
 
@@ -20,11 +20,12 @@ import optax
 from absl import logging
 from ml_collections import ConfigDict
 
-from ffrag_jax import health, sharding, text, train
+from ffrag_jax.data import text
 from ffrag_jax.errors import UserError
-from ffrag_jax.metrics import MetricsLog
 from ffrag_jax.models.llama import LlamaConfig
-from ffrag_jax.trainer import StepInfo, Trainer
+from ffrag_jax.training import health, sharding, train
+from ffrag_jax.training.metrics import MetricsLog
+from ffrag_jax.training.trainer import StepInfo, Trainer
 
 
 def train_phase(
@@ -47,7 +48,7 @@ def train_phase(
 ):
     """Trains ``trainable`` for ``phase.steps`` steps; returns the trained tree. ``section``:
     the config section ``phase`` came from (default: ``name``), for messages; ``profile``:
-    the :class:`~ffrag_jax.trainer.Trainer`'s ``profile_steps``/``profile_dir``."""
+    the :class:`~ffrag_jax.training.trainer.Trainer`'s ``profile_steps``/``profile_dir``."""
     steps = int(phase.steps)
     optimizer = train.make_optimizer(
         phase.lr,

@@ -24,16 +24,17 @@ import numpy as np
 from absl import logging
 from ml_collections import ConfigDict
 
-from ffrag_jax import health, hf, lora, train
 from ffrag_jax.config_types import LoRASection
 from ffrag_jax.errors import UserError
-from ffrag_jax.metrics import open_log, plot_training_loss, read_jsonl
+from ffrag_jax.models import hf, lora
 from ffrag_jax.retrieval import beir, contrastive
 from ffrag_jax.retrieval import encoder as encoder_lib
 from ffrag_jax.retrieval import index as index_lib
 from ffrag_jax.retrieval.encoder import TextEncoder
-from ffrag_jax.trainer import StepInfo, Trainer, profiling
-from ffrag_jax.workdir import write_summary
+from ffrag_jax.training import health, train
+from ffrag_jax.training.metrics import open_log, plot_training_loss, read_jsonl
+from ffrag_jax.training.trainer import StepInfo, Trainer, profiling
+from ffrag_jax.training.workdir import write_summary
 
 
 def evaluate(encoder: TextEncoder, paragraphs: list[dict], questions: list[dict],

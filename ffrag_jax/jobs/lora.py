@@ -3,7 +3,7 @@ with one LoRA (the centralised counterpart of the federated demo).
 
 Steps (each resumable from the workdir):
 
-1. Data: two synthetic reading-comprehension domains (:mod:`ffrag_jax.synthetic`), written to
+1. Data: two synthetic reading-comprehension domains (:mod:`ffrag_jax.data.synthetic`), written to
    ``workdir/data/*.jsonl`` for inspection.
 2. Tokenizer: a byte-level BPE trained on the training text (``workdir/tokenizer``), or the
    tokenizer of ``model.path`` when a real checkpoint is given.
@@ -25,8 +25,10 @@ import jax
 from absl import logging
 from ml_collections import ConfigDict
 
-from ffrag_jax import evaluation, hf, lora, sharding, synthetic
-from ffrag_jax.base_model import (
+from ffrag_jax import evaluation
+from ffrag_jax.config_types import LoRASection
+from ffrag_jax.data import synthetic
+from ffrag_jax.jobs.base_model import (
     abstract_model,
     check_lengths,
     encode_synthetic,
@@ -34,11 +36,12 @@ from ffrag_jax.base_model import (
     pretrain,
     run_tokenizer,
 )
-from ffrag_jax.config_types import LoRASection
-from ffrag_jax.loop import train_phase
-from ffrag_jax.metrics import open_log, plot_training_loss, read_jsonl
+from ffrag_jax.models import hf, lora
 from ffrag_jax.rag import prompts
-from ffrag_jax.workdir import write_summary
+from ffrag_jax.training import sharding
+from ffrag_jax.training.loop import train_phase
+from ffrag_jax.training.metrics import open_log, plot_training_loss, read_jsonl
+from ffrag_jax.training.workdir import write_summary
 
 
 def _examples(config: ConfigDict, workdir: Path) -> dict[str, list[dict]]:

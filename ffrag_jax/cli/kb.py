@@ -1,7 +1,7 @@
 """Build and query knowledge bases from the command line.
 
-    python -m ffrag_jax.retrieval.kb build DOCS OUT [--encoder DIR] [--chunk-tokens 200]
-    python -m ffrag_jax.retrieval.kb search KB "a question" [--k 5] [--mode hybrid]
+    python -m ffrag_jax.kb build DOCS OUT [--encoder DIR] [--chunk-tokens 200]
+    python -m ffrag_jax.kb search KB "a question" [--k 5] [--mode hybrid]
 
 ``DOCS`` is a file or folder (.txt, .md, .jsonl, .csv, .pdf); ``OUT`` a new folder (an
 existing knowledge base is only replaced with ``--overwrite``). ``--encoder`` is a local
@@ -19,7 +19,7 @@ from ffrag_jax.errors import UserError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m ffrag_jax.retrieval.kb",
+    p = argparse.ArgumentParser(prog="python -m ffrag_jax.kb",
                                 description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="chunk, embed and index documents into a folder")

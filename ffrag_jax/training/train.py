@@ -1,6 +1,7 @@
 """Causal-LM training: loss, optimizer and one jitted step over a trainable pytree.
 
-The step is generic over what is trained: ``mode='lora'`` trains a :class:`~ffrag_jax.lora.LoRA`
+The step is generic over what is trained: ``mode='lora'`` trains a
+:class:`~ffrag_jax.models.lora.LoRA`
 with the base params frozen (only the LoRA tree gets gradients and optimizer state);
 ``mode='full'`` trains the params themselves. Gradient accumulation is a ``lax.scan`` over
 micro-batches inside the one jitted call, and the loss is the token-weighted mean over the
@@ -17,11 +18,11 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from ffrag_jax import lora as lora_lib
-from ffrag_jax import sharding
 from ffrag_jax.errors import UserError
+from ffrag_jax.models import lora as lora_lib
 from ffrag_jax.models.llama import LlamaConfig, forward, lm_head_kernel
 from ffrag_jax.models.lm_head import linear_cross_entropy
+from ffrag_jax.training import sharding
 
 Batch = dict[str, jax.Array]
 MODES = ("lora", "lora_chain", "full")
@@ -222,7 +223,8 @@ BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask")
 
 def check_batch(batch) -> None:
     """A UserError for a batch that is not ``{input_ids, attention_mask, loss_mask}`` of
-    ``[accum, B, T]`` (what :func:`ffrag_jax.text.batch_at` returns): otherwise a missing key is
+    ``[accum, B, T]`` (what :func:`ffrag_jax.data.text.batch_at` returns): otherwise a missing
+    key is
     a bare KeyError and a ``[B, T]`` batch a sharding error deep inside jit."""
     missing = [k for k in BATCH_KEYS if k not in batch]
     if missing:

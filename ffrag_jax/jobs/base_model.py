@@ -12,12 +12,13 @@ from pathlib import Path
 import jax
 from ml_collections import ConfigDict
 
-from ffrag_jax import hf, text
+from ffrag_jax.data import text
 from ffrag_jax.errors import UserError
-from ffrag_jax.loop import train_phase
-from ffrag_jax.metrics import MetricsLog
+from ffrag_jax.models import hf
 from ffrag_jax.models.llama import LlamaConfig, init_params
 from ffrag_jax.rag import prompts
+from ffrag_jax.training.loop import train_phase
+from ffrag_jax.training.metrics import MetricsLog
 
 PACKAGED = "packaged:"  # tokenizer.path = "packaged:demo": a tokenizer shipped in the package
 
@@ -33,7 +34,7 @@ def tokenizer_folder(path: str) -> Path:
     """A tokenizer folder: ``packaged:NAME`` (``ffrag_jax/tokenizers/NAME``), or a path; a
     UserError unless it holds a ``tokenizer.json``."""
     if path.startswith(PACKAGED):
-        folder = Path(__file__).parent / "tokenizers" / path[len(PACKAGED):]
+        folder = Path(__file__).parents[1] / "tokenizers" / path[len(PACKAGED):]
         if not folder.is_dir():
             shipped = sorted(p.name for p in folder.parent.iterdir() if p.is_dir())
             raise UserError(f"tokenizer.path={path!r}: no such packaged tokenizer; packaged: "

@@ -13,7 +13,7 @@ reports its clients through :meth:`Progress.within`).
 
 Everything a step needs is a pure function of its index (data order, random keys), so a
 resumed run is the same computation as an uninterrupted one; the metrics log is cut back to
-the checkpoint it resumes from (:mod:`ffrag_jax.workdir`).
+the checkpoint it resumes from (:mod:`ffrag_jax.training.workdir`).
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from typing import Any
 import jax
 from absl import logging
 
-from ffrag_jax import checkpoint, interrupts
 from ffrag_jax.errors import UserError
-from ffrag_jax.metrics import MetricsLog
-from ffrag_jax.progress import Progress
+from ffrag_jax.training import checkpoint, interrupts
+from ffrag_jax.training.metrics import MetricsLog
+from ffrag_jax.training.progress import Progress
 
 
 @dataclasses.dataclass
