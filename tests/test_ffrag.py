@@ -45,7 +45,7 @@ def test_ffrag_job_rounds_metrics_and_export(ffrag_run):
                                     "rag_f1", "closed_book_em", "closed_book_f1"}
     assert "closed_book_em" in summary["fused"] and "closed_book_em" not in summary["global"]
     records = _records(workdir)
-    evals = sorted((r["round"], r["client"], r["model"]) for r in records if r["kind"] == "eval")
+    evals = sorted((r["round"], r["name"], r["model"]) for r in records if r["kind"] == "eval")
     assert evals == sorted([(0, c, "base") for c in ("0:clinic", "1:legal")] + [
         (n, c, m) for n in (1, 2) for c in ("0:clinic", "1:legal") for m in ("global", "fused")])
     steps = [(r["round"], r["client"], r["step"]) for r in records if r.get("phase") == "ffrag"]
@@ -74,7 +74,7 @@ def test_ffrag_resumes_after_the_last_finished_round(ffrag_run, tmp_path):
     for model in ("base", "global", "fused"):
         for key, value in summary[model].items():
             assert again[model][key] == pytest.approx(value, abs=1e-9), (model, key)
-    evals = [(r["round"], r["client"], r["model"]) for r in _records(copy) if r["kind"] == "eval"]
+    evals = [(r["round"], r["name"], r["model"]) for r in _records(copy) if r["kind"] == "eval"]
     assert len(evals) == len(set(evals)) == 2 + 2 * 2 * 2
 
 
@@ -382,11 +382,11 @@ def test_the_exported_system_retrieves_and_answers_as_the_job_evaluated(ffrag_ru
     config = load_config("demo", SMALL)
     workdir, _ = ffrag_run
     rows = [json.loads(x) for x in (workdir / "predictions.jsonl").read_text().splitlines()]
-    assert {(r["client"], r["model"]) for r in rows} == {
+    assert {(r["name"], r["model"]) for r in rows} == {
         (c, m) for c in ("0:clinic", "1:legal") for m in ("global", "fused")}
     assert all(r["round"] == 2 for r in rows)
     for k, name in enumerate(("0:clinic", "1:legal")):
-        fused = [r for r in rows if r["client"] == name and r["model"] == "fused"]
+        fused = [r for r in rows if r["name"] == name and r["model"] == "fused"]
         system = load_system(workdir, client=k)
         got = system.ask([r["question"] for r in fused],
                          max_new_tokens=config.eval.max_new_tokens,
@@ -395,3 +395,16 @@ def test_the_exported_system_retrieves_and_answers_as_the_job_evaluated(ffrag_ru
         for want, have in zip(fused, got, strict=True):
             assert [h["text"] for h in have["sources"]] == want["retrieved"], want["question"]
             assert have["answer"] == want["prediction"], want["question"]
+
+
+def test_one_metrics_schema_client_index_and_name_steps_count_on(ffrag_run):
+    """FF-RAG's records use the federated job's schema: ``client`` is the index and ``name``
+    the client's name; a client's training steps count on across rounds."""
+    workdir, _ = ffrag_run
+    records = _records(workdir)
+    assert {(r["client"], r["name"]) for r in records if "client" in r} == {
+        (0, "0:clinic"), (1, "1:legal")}
+    for k in (0, 1):
+        steps = [(r["round"], r["step"]) for r in records
+                 if r.get("phase") == "ffrag" and r["client"] == k]
+        assert steps == [(1, 1), (1, 2), (2, 3), (2, 4)]

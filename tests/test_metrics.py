@@ -27,9 +27,9 @@ def figures(monkeypatch):
 def test_federated_training_loss_has_a_line_per_client_across_rounds(tmp_path, figures):
     records = [{"kind": "train", "phase": "pretrain", "step": s, "loss": 5.0 / s, "time": s}
                for s in (1, 2)]
-    records += [{"kind": "train", "phase": "ffrag", "round": r, "client": c, "step": s,
-                 "loss": 10.0 - r - s, "time": 10 + r}
-                for r in (1, 2) for c in ("0:clinic", "1:legal") for s in (10, 20)]
+    records += [{"kind": "train", "phase": "ffrag", "round": r, "client": k, "name": c,
+                 "step": (r - 1) * 20 + s, "loss": 10.0 - r - s, "time": 10 + r}
+                for r in (1, 2) for k, c in enumerate(("0:clinic", "1:legal")) for s in (10, 20)]
     metrics.plot_training_loss(records, tmp_path / "loss.png", title="t")
     (fig,) = figures
     pretrain, ffrag = fig.axes[:2]

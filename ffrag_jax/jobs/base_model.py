@@ -131,6 +131,18 @@ def check_lengths(cfg: LlamaConfig, lengths: dict[str, int]) -> None:
                             f"max_position_embeddings={cfg.max_position_embeddings}")
 
 
+def check_rag_models(config: ConfigDict) -> dict:
+    """The checks every RAG job shares, on shapes only: the reader's positions hold
+    ``rag.prompt_len + rag.answer_len``, and ``retriever.path`` (if given) is a model folder.
+    Returns the reader's abstract params (for adapter checks)."""
+    cfg, shapes = abstract_model(config)
+    r = config.rag
+    check_lengths(cfg, {"rag.prompt_len + rag.answer_len": r.prompt_len + r.answer_len})
+    if config.retriever.path:
+        hf.check_model_dir(config.retriever.path)
+    return shapes
+
+
 def encode_synthetic(tokenizer, examples: list[dict], max_len: int, response_only: bool):
     """Synthetic examples as training arrays ``[N, max_len]`` (:func:`text.encode_pairs`)."""
     return text.encode_pairs(tokenizer, [prompts.prompt(e) for e in examples],

@@ -43,13 +43,12 @@ from ffrag_jax.data import synthetic
 from ffrag_jax.errors import UserError
 from ffrag_jax.federated import strategies
 from ffrag_jax.jobs.base_model import (
-    abstract_model,
-    check_lengths,
+    check_rag_models,
     model_config,
     pretrain,
     run_tokenizer,
 )
-from ffrag_jax.models import hf, lora
+from ffrag_jax.models import lora
 from ffrag_jax.models.llama import init_params
 from ffrag_jax.rag import evaluate as rag_eval
 from ffrag_jax.rag import prompts, system
@@ -198,13 +197,10 @@ def validate(config: ConfigDict, mesh: jax.sharding.Mesh) -> None:
     for name in ("lr", "retriever_lr"):
         if fl[name] <= 0:
             raise UserError(f"fl.{name} must be positive, got {fl[name]}")
-    cfg, shapes = abstract_model(config)
-    check_lengths(cfg, {"rag.prompt_len + rag.answer_len": r.prompt_len + r.answer_len})
+    shapes = check_rag_models(config)
     for rank in sorted(set(ranks)):
         jax.eval_shape(lambda p, rank=rank: gen_section.init(jax.random.key(0), p, rank),
                        shapes)
-    if config.retriever.path:
-        hf.check_model_dir(config.retriever.path)
 
 
 def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
@@ -254,10 +250,10 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
 
     records = read_jsonl(metrics.path)
     if not any(x.get("kind") == "eval" and x.get("round") == 0 for x in records):
-        for c, s in zip(clients, sources, strict=True):
+        for k, (c, s) in enumerate(zip(clients, sources, strict=True)):
             m = evaluate_client(config, c, s, enc, params, None, gen_cfg, tokenizer,
                                 closed_book=True)
-            metrics.write(kind="eval", round=0, client=c.name, model="base", **m)
+            metrics.write(kind="eval", round=0, client=k, name=c.name, model="base", **m)
             logging.info("round 0 %s base: %s", c.name, _short(m))
 
     strategy = strategy_of(config)
@@ -312,8 +308,10 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         def log(k: int, step: int, out: dict, rnd: int = rnd) -> None:
             out = {n: float(v) for n, v in out.items()}
             monitors[k].check(step, out["loss"])
-            metrics.write(kind="train", phase="ffrag", round=rnd, client=clients[k].name,
-                          step=step, **out)
+            # One schema for every job: client index + name; the step counts on across
+            # rounds (round r's local step s is (r - 1) * local_steps + s).
+            metrics.write(kind="train", phase="ffrag", round=rnd, client=k,
+                          name=clients[k].name, step=(rnd - 1) * fl.local_steps + step, **out)
             logging.info("round %d %s step %d/%d loss %.4f", rnd, clients[k].name, step,
                          fl.local_steps, out["loss"])
 
@@ -399,11 +397,11 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
                                     gen_global, gen_lora, gen_cfg, tokenizer,
                                     closed_book=rnd == fl.rounds and model == models[-1][0],
                                     predictions=rows)
-                metrics.write(kind="eval", round=rnd, client=c.name, model=model, **m)
+                metrics.write(kind="eval", round=rnd, client=k, name=c.name, model=model, **m)
                 logging.info("round %d %s %s: %s", rnd, c.name, model, _short(m))
                 if rows is not None:
-                    predictions.extend({"round": rnd, "client": c.name, "model": model, **row}
-                                       for row in rows)
+                    predictions.extend({"round": rnd, "client": k, "name": c.name,
+                                        "model": model, **row} for row in rows)
         if predictions is not None:
             files.atomic_write_text(workdir / "predictions.jsonl", "".join(
                 files.dumps(row) + "\n" for row in predictions))

@@ -40,13 +40,11 @@ from ffrag_jax.config_types import LoRASection
 from ffrag_jax.data import synthetic
 from ffrag_jax.errors import UserError
 from ffrag_jax.jobs.base_model import (
-    abstract_model,
-    check_lengths,
+    check_rag_models,
     model_config,
     pretrain,
     run_tokenizer,
 )
-from ffrag_jax.models import hf
 from ffrag_jax.models.llama import init_params
 from ffrag_jax.rag import evaluate as rag_eval
 from ffrag_jax.rag import prompts, system
@@ -107,10 +105,7 @@ def validate(config: ConfigDict, mesh: jax.sharding.Mesh) -> None:
     if t.steps < 0:
         raise UserError(f"train.steps must be >= 0, got {t.steps}")
     LoRASection.read(config, "retriever")
-    cfg, _ = abstract_model(config)
-    check_lengths(cfg, {"rag.prompt_len + rag.answer_len": r.prompt_len + r.answer_len})
-    if config.retriever.path:
-        hf.check_model_dir(config.retriever.path)
+    check_rag_models(config)
 
 
 def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:

@@ -180,15 +180,16 @@ def plot_training_loss(records: list[dict], path: str | Path, title: str = "") -
     for ax, phase in zip(axes[0], phases, strict=False):
         rows = [r for r in records if r.get("phase") == phase and r.get("kind") == "train"]
         if all("client" in r and "round" in r for r in rows):
-            per_round = max(r["step"] for r in rows)
-            for client in sorted({r["client"] for r in rows}, key=str):
+            # Clients' steps count on across rounds; a dotted line marks each round's end.
+            for client in sorted({r["client"] for r in rows}):
                 mine = sorted((r for r in rows if r["client"] == client),
-                              key=lambda r: (r["round"], r["step"]))
-                ax.plot([(r["round"] - 1) * per_round + r["step"] for r in mine],
-                        [r["loss"] for r in mine], marker=".", markersize=3, label=str(client))
-            for rnd in range(1, max(r["round"] for r in rows)):
-                ax.axvline(rnd * per_round, color="grey", linestyle=":", linewidth=0.8)
-            ax.set_xlabel(f"client step ({per_round} per round)")
+                              key=lambda r: r["step"])
+                ax.plot([r["step"] for r in mine], [r["loss"] for r in mine], marker=".",
+                        markersize=3, label=str(mine[0].get("name", client)))
+            for rnd in sorted({r["round"] for r in rows})[:-1]:
+                ax.axvline(max(r["step"] for r in rows if r["round"] == rnd), color="grey",
+                           linestyle=":", linewidth=0.8)
+            ax.set_xlabel("client step (dotted: end of a round)")
             ax.legend(fontsize=7)
         else:
             ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker=".")
