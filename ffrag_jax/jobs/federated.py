@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
 import sys
 import time
 from pathlib import Path
@@ -31,11 +30,20 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
-from ffrag_jax import data, evaluation, federated
+from ffrag_jax import data, federated
 from ffrag_jax.config_types import LoRASection
-from ffrag_jax.data import synthetic, text
+from ffrag_jax.data import synthetic
+from ffrag_jax.data.clients import client_records, encode_clients, held_out_split, pairs_of
 from ffrag_jax.errors import UserError
 from ffrag_jax.evaluation import mmlu
+from ffrag_jax.evaluation.rounds import (
+    eval_batches,
+    evaluate_round,
+    exact_match_round,
+    exact_match_summary,
+    make_evaluator,
+    mean,
+)
 from ffrag_jax.federated import round_step, strategies
 from ffrag_jax.federated.strategies import Strategy
 from ffrag_jax.jobs.base_model import (
@@ -53,109 +61,6 @@ from ffrag_jax.training import train as train_lib
 from ffrag_jax.training.metrics import open_log, plot_client_rounds, read_jsonl
 from ffrag_jax.training.trainer import StepInfo, Trainer, profiling
 from ffrag_jax.training.workdir import write_summary
-
-# --------------------------------------------------------------------------------------------
-# Client data
-
-
-def client_records(config: ConfigDict) -> tuple[list[str], list[list[dict]], bool]:
-    """``(client names, records per client, synthetic?)`` from ``config.data``."""
-    d, n = config.data, config.fl.num_clients
-    if d.source == "synthetic":
-        domains = [x.strip() for x in d.synthetic_domains.split(",") if x.strip()]
-        sizes = list(d.client_sizes) if d.client_sizes else [d.examples_per_client] * n
-        if len(sizes) != n:
-            raise UserError(f"data.client_sizes has {len(sizes)} entries for "
-                            f"fl.num_clients={n}")
-        records = [synthetic.make_examples(domains[k % len(domains)], sizes[k],
-                                           seed=config.seed + 100 + k, distractors=d.distractors)
-                   for k in range(n)]
-        return [f"{k}:{domains[k % len(domains)]}" for k in range(n)], records, True
-    if d.source == "client_files":
-        if not d.path:
-            raise UserError("data.source='client_files' needs data.path")
-        return [str(k) for k in range(n)], data.load_client_files(d.path, n), False
-    if d.source == "file":
-        if not d.path:
-            raise UserError("data.source='file' needs data.path")
-        records = data.read_records(d.path)
-        if d.split == "iid":
-            parts = data.split_iid(len(records), n, config.seed)
-        elif d.split == "dirichlet":
-            parts = data.split_dirichlet([r.get(d.field, "") for r in records], n,
-                                         d.dirichlet_alpha, config.seed)
-        elif d.split == "field":
-            names, parts = data.split_by_field(records, d.field)
-            if len(parts) != n:
-                raise UserError(f"data.field={d.field!r} has {len(parts)} values "
-                                f"({', '.join(names[:8])}...) but fl.num_clients={n}")
-        else:
-            raise UserError(f"data.split={d.split!r}; choose iid, dirichlet or field")
-        return [str(k) for k in range(n)], [[records[i] for i in p] for p in parts], False
-    raise UserError(f"data.source={d.source!r}; choose synthetic, client_files or file")
-
-
-def _pairs(records: list[dict], is_synthetic: bool, d: ConfigDict) -> tuple[list, list]:
-    if is_synthetic:
-        return [rag_prompts.prompt(r) for r in records], [rag_prompts.response(r) for r in records]
-    pairs = [data.render(r, d.prompt_field, d.response_field) for r in records]
-    return [p for p, _ in pairs], [r for _, r in pairs]
-
-
-def held_out_split(config: ConfigDict, client: int, num_examples: int
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """``(train, held_out)`` example indices of a client (seeded by the client)."""
-    return data.holdout(np.arange(num_examples), config.data.held_out,
-                        seed=config.seed + client)
-
-
-def encode_clients(config, tokenizer, pairs) -> tuple[list[dict], list[dict]]:
-    """Per client ``(train, held_out)`` encoded arrays of its ``(prompts, responses)``, all
-    trimmed to one common length (the longest example, rounded up to 8, at most
-    ``data.max_len``)."""
-    d = config.data
-    train_sets, held_sets = [], []
-    for k, (prompts, responses) in enumerate(pairs):
-        enc = (text.encode_pairs(tokenizer, prompts, responses, d.max_len,
-                                 response_only=d.response_only) if prompts else None)
-        tr, ho = held_out_split(config, k, len(prompts))
-        for out, idx in ((train_sets, tr), (held_sets, ho)):
-            out.append({key: v[idx] for key, v in enc.items()} if enc else
-                       {key: np.zeros((0, d.max_len), np.int32) for key in
-                        ("input_ids", "attention_mask", "loss_mask")})
-    trim = text.trim_padding(train_sets + held_sets, d.max_len)
-    return trim[:len(pairs)], trim[len(pairs):]
-
-
-# --------------------------------------------------------------------------------------------
-# Evaluation
-
-
-def _eval_batches(split: dict, batch_size: int) -> list[dict]:
-    """Held-out examples in ``[batch_size, T]`` chunks, the last padded with masked rows."""
-    n = len(split["input_ids"])
-    chunks = []
-    for start in range(0, n, batch_size):
-        chunk = {k: split[k][start:start + batch_size]
-                 for k in ("input_ids", "attention_mask", "loss_mask")}
-        pad = batch_size - len(chunk["input_ids"])
-        chunks.append({k: np.pad(v, ((0, pad), (0, 0))) for k, v in chunk.items()})
-    return chunks
-
-
-def make_evaluator(cfg):
-    sums = jax.jit(lambda params, adapter, batch: train_lib.causal_lm_loss(
-        params, cfg, batch, adapter))
-
-    def evaluate(params, adapter, batches: list[dict]) -> float:
-        total, count = 0.0, 0.0
-        for batch in batches:
-            s, c = sums(params, adapter, batch)
-            total, count = total + float(s), count + float(c)
-        return total / max(count, 1.0)
-
-    return evaluate
-
 
 # --------------------------------------------------------------------------------------------
 # The job
@@ -235,7 +140,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     metrics = open_log(workdir)
 
     names, records, is_synthetic = client_records(config)
-    pairs = [_pairs(recs, is_synthetic, d) for recs in records]
+    pairs = [pairs_of(recs, is_synthetic, d) for recs in records]
     pretraining = not config.model.path and config.pretrain.steps > 0
     base_examples = (synthetic.make_examples(config.pretrain.domain, config.pretrain.num_examples,
                                              config.seed, distractors=d.distractors)
@@ -274,7 +179,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     steps = [data.local_steps(n, fl.local_epochs, fl.batch_size) for n in counts]
     max_steps = max(max(steps), 1)
     per_round = clients_per_round(fl)
-    held_batches = [_eval_batches(s, config.eval.batch_size) for s in held_sets]
+    held_batches = [eval_batches(s, config.eval.batch_size) for s in held_sets]
     mmlu_items = (mmlu.load(config.eval.mmlu_path, config.eval.mmlu_limit)
                   if config.eval.mmlu_path else None)  # a bad file stops the run here
 
@@ -365,13 +270,13 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         round_eval = evaluate_round(strategy, server, held_batches, names, evaluate)
         for rec in round_eval:
             metrics.write(kind="eval", round=t + 1, **rec)
-        mean_global = _mean([r["loss"] for r in round_eval if r["model"] == "global"])
+        mean_global = mean([r["loss"] for r in round_eval if r["model"] == "global"])
         if config.eval.exact_match:
             em = exact_match_round(config, strategy, cfg, tokenizer, server, held_pairs, names)
             for rec in em:
                 metrics.write(kind="exact_match", round=t + 1, **rec)
             logging.info("round %d: mean exact match %s", t + 1, {
-                m: round(_mean([r["exact_match"] for r in em if r["model"] == m]), 3)
+                m: round(mean([r["exact_match"] for r in em if r["model"] == m]), 3)
                 for m in ("global", "fused") if any(r["model"] == m for r in em)})
         if mmlu_items and ((t + 1) % max(config.eval.mmlu_every, 1) == 0
                            or t + 1 == fl.rounds):
@@ -405,9 +310,9 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         "rounds": fl.rounds,
         "clients": fl.num_clients,
         "final_held_out_loss": {r["name"] + " " + r["model"]: round(r["loss"], 4) for r in final},
-        "mean_base_loss": _mean([r["loss"] for r in records
+        "mean_base_loss": mean([r["loss"] for r in records
                                  if r.get("kind") == "eval" and r["model"] == "base"]),
-        "mean_global_loss": _mean([r["loss"] for r in final if r["model"] == "global"]),
+        "mean_global_loss": mean([r["loss"] for r in final if r["model"] == "global"]),
         "mmlu_macro": next((r["macro"] for r in reversed(records)
                             if r.get("kind") == "mmlu"), None),
         **exact_match_summary(records, fl.rounds),
@@ -417,58 +322,9 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         "exported": exported,
     }
     if any(r["model"] == "fused" for r in final):  # only FF-LoRA has personalised models
-        summary["mean_fused_loss"] = _mean([r["loss"] for r in final if r["model"] == "fused"])
+        summary["mean_fused_loss"] = mean([r["loss"] for r in final if r["model"] == "fused"])
     metrics.close()
     return write_summary(workdir, summary)
-
-
-def round_models(strategy: Strategy, server: dict, base: bool):
-    """``(name, params, adapter)`` of the models evaluated for every client, as a function of
-    the client: the base model (``base``: before any round), or the global model and
-    (personalised strategies) the client's fused one. Shared weights are made once."""
-    if base:
-        return lambda k: [("base", server["params"], None)]
-    params, adapter = strategy.global_model(server)
-    if not strategy.personalised:
-        return lambda k: [("global", params, adapter)]
-    fused_params, chain_global = strategy.personal_base(server)
-    return lambda k: [("global", params, adapter),
-                      ("fused", fused_params, strategy.client_adapter(server, k, chain_global))]
-
-
-def evaluate_round(strategy: Strategy, server, held_batches, names, evaluate, *,
-                   base: bool = False) -> list[dict]:
-    """Held-out loss and perplexity per client of the models of :func:`round_models`."""
-    models_of = round_models(strategy, server, base)
-    out = []
-    for k, batches in enumerate(held_batches):
-        if not batches:
-            continue
-        for model, model_params, ad in models_of(k):
-            loss = evaluate(model_params, ad, batches)
-            out.append({"client": k, "name": names[k], "model": model, "loss": loss,
-                        "ppl": math.exp(min(loss, 50.0))})
-    return out
-
-
-def exact_match_round(config, strategy: Strategy, cfg, tokenizer, server, held_pairs, names,
-                      *, base: bool = False) -> list[dict]:
-    """Exact match of generated answers on each client's held-out split, for the models of
-    :func:`round_models`."""
-    e = config.eval
-    max_prompt_len = min(config.data.max_len, cfg.max_position_embeddings) - e.max_new_tokens
-    models_of = round_models(strategy, server, base)
-    out = []
-    for k, (prompts, responses) in enumerate(held_pairs):
-        if not prompts:
-            continue
-        for model, model_params, ad in models_of(k):
-            answers = evaluation.generate_answers(
-                model_params, cfg, tokenizer, prompts, lora=ad, max_prompt_len=max_prompt_len,
-                max_new_tokens=e.max_new_tokens, batch_size=e.generate_batch_size)
-            out.append({"client": k, "name": names[k], "model": model,
-                        "exact_match": evaluation.exact_match_score(answers, responses)})
-    return out
 
 
 def export(config, strategy: Strategy, workdir: Path, cfg, server: dict, tokenizer,
@@ -497,24 +353,3 @@ def export(config, strategy: Strategy, workdir: Path, cfg, server: dict, tokeniz
                                    base_model_name_or_path=str(base_dir), overwrite=True)
         out["personal_adapters"] = str(workdir / "export" / "personal")
     return out
-
-
-def exact_match_summary(records: list[dict], rounds: int) -> dict:
-    """Per client exact match of the base (before round 1), global and fused models (last
-    round), and their means; empty when exact match was not evaluated."""
-    em = [r for r in records if r.get("kind") == "exact_match"
-          and (r["round"] == rounds or r["model"] == "base")]
-    if not em:
-        return {}
-    per_client: dict[str, dict] = {}
-    for r in em:
-        per_client.setdefault(r["name"], {})[r["model"]] = round(r["exact_match"], 4)
-    models = sorted({r["model"] for r in em})
-    return {"exact_match": per_client,
-            **{f"mean_exact_match_{m}": round(_mean([r["exact_match"] for r in em
-                                                      if r["model"] == m]), 4) for m in models}}
-
-
-def _mean(values) -> float:
-    values = [v for v in values if v == v]
-    return float(np.mean(values)) if values else float("nan")
