@@ -93,16 +93,12 @@ def client_update(
     else:
         mode, frozen = "lora_chain", (params, chain_global)
 
-    def step(state, xs):
-        batch, i = xs
+    def step(state, batch, i):
         new, metrics = train.train_step(state, frozen, batch, jax.random.fold_in(rng, i),
                                         cfg=cfg, optimizer=optimizer, mode=mode)
-        new = new.replace(trainable=apply_rank_mask(new.trainable, mask))
-        active = i < num_steps
-        state = jax.tree.map(lambda n, o: jnp.where(active, n, o), new, state)
-        return state, {**metrics, "active": active}
+        return new.replace(trainable=apply_rank_mask(new.trainable, mask)), metrics
 
-    state, metrics = jax.lax.scan(step, state, (batches, jnp.arange(max_steps)))
+    state, metrics = train.scan_steps(step, state, batches, num_steps)
     return state.trainable, metrics
 
 

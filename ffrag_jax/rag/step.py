@@ -31,7 +31,7 @@ from ffrag_jax.errors import UserError
 from ffrag_jax.models.llama import LlamaConfig, forward
 from ffrag_jax.rag import losses
 from ffrag_jax.retrieval.encoder import EncoderConfig, encode
-from ffrag_jax.training.train import TrainState
+from ffrag_jax.training.train import apply_gradients, scan_steps
 
 LOSSES = ("rag_sequence", "rag_token", "lsr", "ralt")
 
@@ -171,10 +171,7 @@ def update(states: dict, frozen: dict, batch: dict, rng: jax.Array, *, gen_cfg: 
     for name, optimizer in zip(("generator", "retriever"), optimizers, strict=True):
         if name not in trained:
             continue
-        state = states[name]
-        updates, opt_state = optimizer.update(grads[name], state.opt_state, state.trainable)
-        new_states[name] = TrainState(state.step + 1, optax.apply_updates(state.trainable,
-                                                                          updates), opt_state)
+        new_states[name] = apply_gradients(states[name], grads[name], optimizer)
         metrics[f"grad_norm_{name}"] = optax.global_norm(grads[name])
     return new_states, {"loss": loss, **metrics}
 
@@ -190,11 +187,11 @@ def client_update(states: dict, frozen: dict, batches: dict, rngs: jax.Array, **
     of ``batches`` (every leaf ``[S, ...]``) with ``rngs`` ``[S]``. Returns the final states
     and the per-step metrics ``[S]``. The batches are made before the scan, so retrieval for
     all of them uses the encoder of the round's start (a stale index within the round)."""
-    def step(carry, xs):
+    def step(carry, xs, i):
         batch, rng = xs
         return update(carry, frozen, batch, rng, **static)
 
-    return jax.lax.scan(step, states, (batches, rngs))
+    return scan_steps(step, states, (batches, rngs))
 
 
 @functools.partial(jax.jit, static_argnames=("gen_cfg", "enc_cfg", "loss_cfg", "optimizers"))

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from ffrag_jax.retrieval.encoder import EncoderConfig, encode
-from ffrag_jax.training.train import TrainState
+from ffrag_jax.training.train import TrainState, apply_gradients
 
 MODES = ("lora", "full")
 
@@ -73,7 +73,5 @@ def train_step(state: TrainState, frozen, batch: dict, rng: jax.Array, *, cfg: E
     state and ``{loss, accuracy, grad_norm}``."""
     (loss, aux), grads = jax.value_and_grad(retriever_loss, has_aux=True)(
         state.trainable, frozen, cfg, batch, rng, mode=mode, scale=scale, symmetric=symmetric)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
-    trainable = optax.apply_updates(state.trainable, updates)
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
-    return TrainState(state.step + 1, trainable, opt_state), metrics
+    return apply_gradients(state, grads, optimizer), metrics

@@ -177,10 +177,38 @@ def train_step(
     (grads, loss_sum, count), _ = jax.lax.scan(accumulate, init, (batch, jnp.arange(num_micro)))
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.trainable)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
-    trainable = optax.apply_updates(state.trainable, updates)
     metrics = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads), "tokens": count}
-    return TrainState(state.step + 1, trainable, opt_state), metrics
+    return apply_gradients(state, grads, optimizer), metrics
+
+
+def apply_gradients(state: TrainState, grads, optimizer: optax.GradientTransformation
+                    ) -> TrainState:
+    """The one optimizer-update path of every step (the LM, RAG and contrastive steps): the
+    optimizer's update of ``state.trainable`` for ``grads``, applied, and the step counted."""
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+    return TrainState(state.step + 1, optax.apply_updates(state.trainable, updates), opt_state)
+
+
+def scan_steps(step_fn, state, xs, num_steps: jax.Array | int | None = None):
+    """A client's local training as one ``lax.scan`` (the one client update of every federated
+    job; ``jax.vmap`` of it trains a batch of clients in one program).
+
+    ``state, metrics = step_fn(state, x, i)`` for step ``i`` with ``x`` the ``i``-th slice of
+    ``xs`` (every leaf ``[S, ...]``). With ``num_steps``, steps from ``num_steps`` on leave the
+    state as it was (a client with less data shares the vmap) and the metrics get ``active``.
+    Returns the final state and the per-step metrics ``[S]``."""
+    total = jax.tree.leaves(xs)[0].shape[0]
+
+    def body(state, x_i):
+        x, i = x_i
+        new, metrics = step_fn(state, x, i)
+        if num_steps is None:
+            return new, metrics
+        active = i < num_steps
+        state = jax.tree.map(lambda n, o: jnp.where(active, n, o), new, state)
+        return state, {**metrics, "active": active}
+
+    return jax.lax.scan(body, state, (xs, jnp.arange(total)))
 
 
 def jit_train_step(
