@@ -45,6 +45,7 @@ from ffrag_jax.evaluation.rounds import (
     mean,
 )
 from ffrag_jax.federated import round_step, strategies
+from ffrag_jax.federated.driver import RoundDriver
 from ffrag_jax.federated.strategies import Strategy
 from ffrag_jax.jobs.base_model import (
     abstract_model,
@@ -59,7 +60,7 @@ from ffrag_jax.rag import prompts as rag_prompts
 from ffrag_jax.training import sharding
 from ffrag_jax.training import train as train_lib
 from ffrag_jax.training.metrics import open_log, plot_client_rounds, read_jsonl
-from ffrag_jax.training.trainer import StepInfo, Trainer, profiling
+from ffrag_jax.training.trainer import StepInfo, profiling
 from ffrag_jax.training.workdir import write_summary
 
 # --------------------------------------------------------------------------------------------
@@ -198,14 +199,11 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     server = sharding.shard(init_server(strategy, params, template, fl.num_clients,
                                         per_round, max_rank, server_rng), mesh)
     state = {"server": server, "global_rank": jnp.zeros((), jnp.int32)}
-    trainer = Trainer(
-        "rounds", ckpt_dir=workdir / "checkpoints", metrics=metrics, total=fl.rounds,
-        unit="round", wait_each_save=False, **profiling(config, workdir),
-        # The base weights are saved only by strategies whose rounds change them.
-        checkpointed=lambda st: {**st, "server": strategy.checkpointed(st["server"])},
-        restore_into=lambda st, saved: {**saved,
-                                        "server": {**st["server"], **saved["server"]}})
-    start, state = trainer.initial_state(state)
+    driver = RoundDriver(strategy, name="rounds", ckpt_dir=workdir / "checkpoints",
+                         metrics=metrics, rounds=fl.rounds, client_sizes=counts,
+                         fraction=fl.fraction, profile=profiling(config, workdir))
+    trainer = driver.trainer
+    start, state = driver.initial_state(state)
     evaluate = make_evaluator(cfg)
     held_pairs = []
     for k, (prompts, responses) in enumerate(pairs):
@@ -222,12 +220,10 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
 
     clock = {"round_start": time.perf_counter()}
 
-    def one_round(state, t: int):
-        """Selection, the clients' batches, the jitted round; the clients' records."""
+    def one_round(state, t: int, selected: list[int], weights: np.ndarray):
+        """The selected clients' batches, the jitted round; the clients' records."""
         clock["round_start"] = time.perf_counter()
-        trainer.within("selecting clients and building their batches", 0, 2)
-        selected = federated.select_clients(t, fl.num_clients, fl.fraction)
-        weights = federated.client_weights([counts[k] for k in selected])
+        trainer.within("building the clients' batches", 0, 2)
         batches = [data.client_round_batches(train_sets[k], steps[k], max_steps,
                                              fl.micro_batch_size, grad_accum,
                                              seed=[config.seed, t, k]) for k in selected]
@@ -295,8 +291,8 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         logging.info("round %d/%d: clients %s, mean held-out loss (global) %.4f, %.1f s",
                      t + 1, fl.rounds, info.out["selected"], mean_global, seconds)
 
-    trainer.add_hook(after_round)
-    state = trainer.run(state, one_round, start)
+    driver.add_hook(after_round)
+    state = driver.run(state, one_round, start)
 
     server = state["server"]
     records = read_jsonl(metrics.path)

@@ -39,6 +39,7 @@ from ffrag_jax.config_types import LoRASection
 from ffrag_jax.data.knowledge import Client, client_knowledge, reading_examples, tokenizer_texts
 from ffrag_jax.errors import UserError
 from ffrag_jax.federated import strategies
+from ffrag_jax.federated.driver import RoundDriver
 from ffrag_jax.jobs.base_model import (
     check_rag_models,
     model_config,
@@ -54,7 +55,7 @@ from ffrag_jax.retrieval.knowledge_base import KnowledgeBase
 from ffrag_jax.retrieval.multi_source import Sources
 from ffrag_jax.training import health, sharding, train
 from ffrag_jax.training.metrics import open_log, plot_client_rounds, plot_training_loss, read_jsonl
-from ffrag_jax.training.trainer import StepInfo, Trainer, profiling
+from ffrag_jax.training.trainer import StepInfo, profiling
 from ffrag_jax.training.workdir import write_summary
 
 STRATEGIES = (strategies.FF, strategies.Stack)  # what this job runs (fl.strategy)
@@ -198,7 +199,6 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
             logging.info("round 0 %s base: %s", c.name, _short(m))
 
     strategy = strategy_of(config)
-    everyone = np.arange(len(clients))
 
     def new_adapters(offset: int) -> dict:
         """Fresh generator and query-encoder adapters for every client, as client batches
@@ -215,13 +215,15 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     server = {name: strategy.init_server(base, personal=personal.get(name), ranks=ranks,
                                          per_round=len(clients))
               for name, (base, ranks) in trees.items()}
-    trainer = Trainer(
-        "ffrag", ckpt_dir=workdir / "checkpoints", metrics=metrics, total=fl.rounds,
-        unit="round", wait_each_save=True, **profiling(config, workdir),
-        checkpointed=lambda srv: {name: strategy.checkpointed(x) for name, x in srv.items()},
-        restore_into=lambda srv, saved: {name: {**srv[name], **saved[name]} for name in srv})
-    done, server = trainer.initial_state(sharding.on_one_device(server))
-    weights = federated.client_weights([len(c.train) for c in clients])
+    # Every client takes part in every round (FF-RAG's clients are few, and each keeps a
+    # personal adapter); a round is minutes of work, so its checkpoint is finished at once.
+    driver = RoundDriver(strategy, name="ffrag", ckpt_dir=workdir / "checkpoints",
+                         metrics=metrics, rounds=fl.rounds,
+                         client_sizes=[len(c.train) for c in clients],
+                         servers=("generator", "retriever"), wait_each_save=True,
+                         profile=profiling(config, workdir))
+    trainer = driver.trainer
+    done, server = driver.initial_state(sharding.on_one_device(server))
     loss_cfg = rag.RagLossConfig(weights=tuple((k, float(v)) for k, v in r.losses.items()),
                                  score_scale=r.score_scale, tau_lm=r.tau_lm)
     opt_gen = train.make_optimizer(fl.lr, fl.local_steps, warmup_steps=0)
@@ -230,9 +232,10 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     hint = f"lower fl.lr (now {fl.lr:g}) or fl.retriever_lr (now {fl.retriever_lr:g})"
     monitors = [health.Monitor(f"client {c.name}", hint) for c in clients]
 
-    def one_round(server: dict, t: int):
+    def one_round(server: dict, t: int, selected: list[int], weights: np.ndarray):
         """Every client's local training from the strategy's start, then aggregation."""
         rnd = t + 1
+        everyone = np.asarray(selected)
         fresh = new_adapters(1000 * rnd) if strategy.fresh_adapters else {}
         starts = {name: strategy.client_start(srv, everyone, fresh.get(name))
                   for name, srv in server.items()}
@@ -347,8 +350,8 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
             files.atomic_write_text(workdir / "predictions.jsonl", "".join(
                 files.dumps(row) + "\n" for row in predictions))
 
-    trainer.add_hook(evaluate_round)
-    server = trainer.run(server, one_round, done)
+    driver.add_hook(evaluate_round)
+    server = driver.run(server, one_round, done)
 
     gen_global = merged(strategy.global_model(server["generator"]))
     global_ret = strategy.global_model(server["retriever"])[1]
