@@ -17,17 +17,16 @@ the same paths (``layers/self_attn/q_proj/{a,b}``), and each projection adds
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.ad_checkpoint import checkpoint_name
 
 from ffrag_jax.errors import UserError
 from ffrag_jax.models.attention import causal_attention
+from ffrag_jax.models.layers import LoRALinear
+from ffrag_jax.models.rope import apply_rope, rope_cos_sin
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -122,91 +121,6 @@ class LlamaConfig:
 
     def replace(self, **changes) -> LlamaConfig:
         return dataclasses.replace(self, **changes)
-
-
-def rope_inverse_frequencies(cfg: LlamaConfig) -> np.ndarray:
-    """Inverse frequencies ``[head_dim // 2]`` (float32), computed as transformers does."""
-    dim = cfg.head_dim
-    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    inv_freq = (np.float32(1.0) / (np.float32(cfg.rope_theta) ** exponents)).astype(np.float32)
-    scaling = cfg.rope_scaling_dict
-    rope_type = cfg.rope_type
-    if rope_type == "linear":
-        inv_freq = inv_freq / np.float32(scaling["factor"])
-    elif rope_type == "llama3":
-        factor = np.float32(scaling["factor"])
-        low = np.float32(scaling["low_freq_factor"])
-        high = np.float32(scaling["high_freq_factor"])
-        old_len = np.float32(scaling["original_max_position_embeddings"])
-        low_freq_wavelen = old_len / low
-        high_freq_wavelen = old_len / high
-        wavelen = np.float32(2 * math.pi) / inv_freq
-        # Long wavelengths are scaled by `factor`, short ones kept, the band between smoothed.
-        scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
-        inv_freq = np.where(is_medium, smoothed, scaled).astype(np.float32)
-    return inv_freq
-
-
-def rope_cos_sin(cfg: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """cos, sin tables ``[B, T, head_dim]`` (float32) for integer ``positions`` ``[B, T]``."""
-    inv_freq = jnp.asarray(rope_inverse_frequencies(cfg))
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
-    angles = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(angles), jnp.sin(angles)
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotates ``x`` ``[B, T, N, D]`` with the half-split (non-interleaved) convention of HF."""
-    cos = cos[:, :, None, :].astype(x.dtype)
-    sin = sin[:, :, None, :].astype(x.dtype)
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return x * cos + rotated * sin
-
-
-class LoRALinear(nn.Module):
-    """``y = x @ kernel (+ bias) + lora_scale * dropout(x) @ a @ b``.
-
-    The LoRA term is present only when the ``lora`` collection holds ``a`` ``[in, r]`` and
-    ``b`` ``[r, out]`` for this module; the frozen ``kernel`` is ``[in, out]``.
-    """
-
-    features: int
-    use_bias: bool = False
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    lora_scale: float = 1.0
-    lora_dropout: float = 0.0
-    deterministic: bool = True
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param(
-            "kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features), self.param_dtype
-        )
-        x = x.astype(self.dtype)
-        y = x @ kernel.astype(self.dtype)
-        if self.use_bias:
-            bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-            y = y + bias.astype(self.dtype)
-        if self.has_variable("lora", "a"):
-            a = self.get_variable("lora", "a").astype(self.dtype)
-            b = self.get_variable("lora", "b").astype(self.dtype)
-            y = y + ((self.dropout(x) @ a) @ b) * jnp.asarray(self.lora_scale, self.dtype)
-        return y
-
-    def dropout(self, x: jax.Array) -> jax.Array:
-        """Inverted dropout on the LoRA input, as ``nn.Dropout``. The keep mask is named so the
-        remat policies save it: recomputing threefry bits in the backward cost a few % of a step."""
-        if self.deterministic or self.lora_dropout == 0.0:
-            return x
-        keep_prob = 1.0 - self.lora_dropout
-        keep = jax.random.bernoulli(self.make_rng("dropout"), keep_prob, x.shape)
-        keep = checkpoint_name(keep, "lora_dropout_mask")
-        return jnp.where(keep, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros((), x.dtype))
 
 
 class RMSNorm(nn.Module):
