@@ -43,15 +43,15 @@ def make_evaluator(cfg):
 def round_models(strategy: Strategy, server: dict, base: bool):
     """``(name, params, adapter)`` of the models evaluated for every client, as a function of
     the client: the base model (``base``: before any round), or the global model and
-    (personalised strategies) the client's fused one. Shared weights are made once."""
+    (personalised strategies) the client's fused one, as one adapter on the base weights
+    (:meth:`Strategy.fused_adapter`: no merged copy of the base per round)."""
     if base:
         return lambda k: [("base", server["params"], None)]
     params, adapter = strategy.global_model(server)
     if not strategy.personalised:
         return lambda k: [("global", params, adapter)]
-    fused_params, chain_global = strategy.personal_base(server)
     return lambda k: [("global", params, adapter),
-                      ("fused", fused_params, strategy.client_adapter(server, k, chain_global))]
+                      ("fused", server["params"], strategy.fused_adapter(server, k))]
 
 
 def evaluate_round(strategy: Strategy, server, held_batches, names, evaluate, *,

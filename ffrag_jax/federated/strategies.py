@@ -134,6 +134,12 @@ class Strategy:
         the global adapter merged into the base) or ``chain(global, personal)``."""
         raise NotImplementedError(f"{self.name} keeps no personal adapters")
 
+    def fused_adapter(self, server: dict, k: int) -> LoRA:
+        """Client ``k``'s whole personal model as one adapter on the base weights (the same
+        function as :meth:`personal_base` + :meth:`client_adapter`, which is how it is
+        exported and served; this form needs no merged copy of the base)."""
+        raise NotImplementedError(f"{self.name} keeps no personal adapters")
+
     # -- communication --------------------------------------------------------------------
 
     def payload_bytes(self, template: LoRA, rank: int, global_rank: int) -> tuple[int, int]:
@@ -247,6 +253,9 @@ class FF(Strategy):
     def client_adapter(self, server, k, chain_global=None):
         personal = client(server["personal"], k)
         return personal if chain_global is None else fuse(chain_global, personal, "chain")
+
+    def fused_adapter(self, server, k):
+        return fuse(server["global"], client(server["personal"], k), self.fusion)
 
     def payload_bytes(self, template, rank, global_rank):
         return adapter_bytes(template, rank), adapter_bytes(template, global_rank)
