@@ -285,3 +285,25 @@ def test_ff_keeps_a_rejected_clients_personal_adapter_and_payloads_follow_the_st
     assert down == 2 * up
     assert strategies.get("fedavg").payload_bytes(template, 4, 8) == (up, up)
     assert set(strategies.get("stack").checkpointed({"params": params})) == {"params"}
+
+
+@pytest.mark.parametrize("fusion", ["add", "chain"])
+def test_a_personal_model_is_one_function_evaluated_or_served(params, fusion):
+    """FF's evaluation form (one fused adapter on the base) and its served form (the global
+    adapter merged into the base, the personal adapter on top; or the chain on the base) give
+    the same logits."""
+    from ffrag_jax.federated import strategies
+
+    ff = strategies.get("ff", fusion)
+    targets = ("q_proj", "o_proj")  # square: chain fusion needs in = out
+    personal = federated.stack_clients([_client(params, 60 + k, 4, targets=targets)
+                                        for k in range(2)])
+    server = ff.init_server(params, personal=personal, per_round=2)
+    server = ff.aggregate(server, personal, jnp.asarray([0.5, 0.5]), jnp.asarray([True, True]),
+                          jnp.asarray([0, 1]))
+    ids = jax.random.randint(jax.random.key(3), (2, 12), 0, CFG.vocab_size)
+    evaluated = llama.forward(params, CFG, ids, lora=ff.fused_adapter(server, 1))
+    base, chain_global = ff.personal_base(server)
+    served = llama.forward(base, CFG, ids, lora=ff.client_adapter(server, 1, chain_global))
+    np.testing.assert_allclose(evaluated, served, atol=2e-5)
+    assert not np.allclose(evaluated, llama.forward(params, CFG, ids), atol=1e-3)
