@@ -331,3 +331,18 @@ def test_read_only_workdir_is_one_line(small_disk):
     line = error_line(launch("--config", "heter", "--workdir", str(run)))
     assert "read-only file system" in line
     assert tree_hashes(run) == before
+
+
+def test_a_run_being_created_is_not_taken_for_a_foreign_folder(tmp_path):
+    """Two launches at once: the second may look while the first is writing its marker
+    (only the atomic write's temporary file exists yet); that folder is a run, not someone
+    else's (it then waits for the lock's answer), and other temporary files still are not."""
+    from ffrag_jax.training import workdir
+
+    folder = tmp_path / "w"
+    folder.mkdir()
+    (folder / f".{workdir.MARKER}.x1y2.tmp").write_text("{")
+    workdir.check_not_foreign(folder)
+    (folder / ".notes.txt.x1y2.tmp").write_text("mine")
+    with pytest.raises(UserError, match="holds no ffrag_jax run"):
+        workdir.check_not_foreign(folder)

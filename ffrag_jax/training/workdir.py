@@ -92,8 +92,16 @@ def resolved_config(config: ConfigDict) -> dict:
     return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
+def _ours_in_flight(name: str) -> bool:
+    """A temporary file of ffrag_jax's own atomic write of the marker or the config
+    (``.<name>.<random>.tmp``): a run being created right now, by the lock's holder."""
+    return name.endswith(".tmp") and any(name.startswith(f".{ours}.")
+                                         for ours in (MARKER, "config.json"))
+
+
 def _entries(workdir: Path) -> list[str]:
-    return sorted(p.name for p in workdir.iterdir() if p.name != LOCK)
+    return sorted(p.name for p in workdir.iterdir()
+                  if p.name != LOCK and not _ours_in_flight(p.name))
 
 
 def _check_is_folder(workdir: Path) -> None:
