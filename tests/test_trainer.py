@@ -123,3 +123,15 @@ def test_a_stop_whose_keyboard_interrupt_was_swallowed_still_stops(tmp_path, mon
     with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
         trainer.run(state, step, start)
     assert ran == [0, 1, 2]  # stopped at the step boundary after the swallowed interrupt
+
+
+def test_a_run_resumed_inside_the_profile_range_traces_the_rest(tmp_path):
+    first, _ = _trainer(tmp_path, 3, checkpoint_every=1)
+    start, state = first.initial_state({"x": jnp.zeros(())})
+    first.run(state, _count_step, start)
+    again, _ = _trainer(tmp_path, 5, checkpoint_every=1, profile_steps=(2, 4),
+                        profile_dir=tmp_path / "profile")
+    start, state = again.initial_state({"x": jnp.zeros(())})
+    assert start == 3
+    again.run(state, _count_step, start)  # starts tracing at step 4, stops after it
+    assert list((tmp_path / "profile").rglob("*.xplane.pb"))

@@ -20,6 +20,11 @@ def requested() -> str | None:
     return _requested[0] if _requested else None
 
 
+def reset() -> None:
+    """Forgets an earlier request (a new run in the same process starts clean)."""
+    _requested.clear()
+
+
 def check() -> None:
     """Raises ``KeyboardInterrupt`` when a stop was requested."""
     if _requested:

@@ -20,7 +20,7 @@ from absl import logging
 from ml_collections import ConfigDict
 
 from ffrag_jax.errors import UserError
-from ffrag_jax.training import checkpoint, sharding
+from ffrag_jax.training import checkpoint, interrupts, sharding
 from ffrag_jax.training import workdir as workdir_lib
 
 # config.task is the name of its module in ffrag_jax/jobs/ (``validate(config, mesh)`` and
@@ -54,6 +54,7 @@ def prepare_workdir(config: ConfigDict, workdir: str | Path, overwrite: bool) ->
 def run(config: ConfigDict, workdir: str | Path, *, overwrite: bool = False) -> dict:
     """Runs ``config.task`` in ``workdir``; returns its summary dict."""
     mesh = validate(config)
+    interrupts.reset()  # a stop asked of an earlier run in this process is not this one's
     with workdir_lib.open_run(config, workdir, overwrite) as (path, _):
         logging.info("devices: %s; mesh: %s", jax.devices(), dict(mesh.shape))
         try:

@@ -95,6 +95,7 @@ class Trainer:
         self.restore_into = restore_into or (lambda state, saved: saved)
         self.profile = profile_range(profile_steps)
         self.profile_dir = profile_dir
+        self._tracing = False
         self._hooks: list[_Hook] = []
         self._mngr = checkpoint.manager(Path(ckpt_dir) / name, max_to_keep=max_to_keep)
         self.progress: Progress | None = None
@@ -157,10 +158,13 @@ class Trainer:
         if self.profile is None or self.profile_dir is None:
             return
         first, last = self.profile
-        if starting and step == first:
+        # A run resumed inside the range traces the rest of it; stop only what was started.
+        if starting and not self._tracing and first <= step <= last:
             logging.info("%s: tracing %ss %d-%d to %s (jax.profiler; open it in TensorBoard "
-                         "or Perfetto)", self.name, self.unit, first, last, self.profile_dir)
+                         "or Perfetto)", self.name, self.unit, step, last, self.profile_dir)
             jax.profiler.start_trace(str(self.profile_dir))
-        elif not starting and step == min(last, self.total):
+            self._tracing = True
+        elif not starting and self._tracing and (step >= last or step == self.total):
             jax.effects_barrier()
             jax.profiler.stop_trace()
+            self._tracing = False
