@@ -286,7 +286,14 @@ def test_ctrl_c_and_sigterm_end_with_one_line_and_the_same_command_resumes(tmp_p
                     break
                 time.sleep(0.05)
             proc.send_signal(sig)
-            proc.wait(timeout=120)
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:  # stuck: its threads' stacks say where
+                proc.send_signal(signal.SIGUSR1)
+                time.sleep(3)
+                proc.kill()
+                proc.wait()
+                pytest.fail(f"no exit 120 s after {sig.name}:\n{log.read_text()[-6000:]}")
         err = log.read_text()
         assert proc.returncode == 130, err[-3000:]
         last = err.strip().splitlines()[-1]

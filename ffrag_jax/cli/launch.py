@@ -10,7 +10,8 @@ python -m ffrag_jax.ask --workdir DIR "question". Outputs (metrics.jsonl,
 loss.png, checkpoints/, export/, summary.json) go to --workdir, runs/<config>-<time> by
 default. Running again in the workdir of an unfinished run resumes it; a finished run is only
 replaced with --overwrite. One run at a time holds a workdir (an OS lock). Ctrl-C or SIGTERM
-ends after the checkpoint in flight (exit status 130); bad input is one line on stderr (exit
+ends after the checkpoint in flight (exit status 130); kill -USR1 prints every thread's
+stack (a run that seems stuck); bad input is one line on stderr (exit
 status 2).
 """
 
@@ -23,6 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import errno  # noqa: E402
+import faulthandler  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -193,7 +195,8 @@ def _interrupt(signum, frame) -> None:
     from ffrag_jax.training import interrupts
 
     interrupts.request(signal.Signals(signum).name)  # checked again at every step boundary
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+    if not interrupts.deferring():  # inside a checkpoint hand-over: raised when it ends
+        raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def main(argv: list[str]) -> None:
@@ -210,6 +213,8 @@ def main(argv: list[str]) -> None:
     logging.info("JAX %s on %s", jax.__version__, jax.default_backend())
     signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's stop ends like a Ctrl-C
     signal.signal(signal.SIGINT, _interrupt)
+    # kill -USR1 PID prints every thread's stack to stderr (a run that seems stuck).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         summary = run(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
     except UserError as e:
@@ -217,7 +222,8 @@ def main(argv: list[str]) -> None:
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the last save finish
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        checkpoint.wait_for_pending_saves()
+        if not checkpoint.wait_for_pending_saves(timeout_s=300):
+            logging.warning("a checkpoint save did not finish in 300 s; it is left out")
         print(f"error: {describe_progress(Path(_WORKDIR.value))}; rerun the same command to "
               "resume", file=sys.stderr)
         sys.exit(130)

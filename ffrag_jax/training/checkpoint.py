@@ -15,6 +15,8 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from ffrag_jax.training import interrupts
+
 # Managers still open: on an interrupt, their in-flight asynchronous saves are finished before
 # the process exits (wait_for_pending_saves), so a Ctrl-C never costs a checkpoint.
 _OPEN: weakref.WeakSet = weakref.WeakSet()
@@ -45,12 +47,13 @@ def check_room(directory: Path, state) -> None:
 def save(mngr: ocp.CheckpointManager, step: int, state, metrics) -> None:
     """Saves asynchronously, with the current length of ``metrics`` (a
     :class:`~ffrag_jax.training.metrics.MetricsLog`); call ``mngr.wait_until_finished()``
-    before reading
-    it back."""
-    mngr.wait_until_finished()  # the previous save's room is taken before this one is checked
-    check_room(Path(mngr.directory), state)
-    mngr.save(step, args=ocp.args.StandardSave(state),
-              custom_metadata={"metrics_offset": metrics.offset()})
+    before reading it back. A Ctrl-C during the hand-over to orbax waits for its end
+    (:func:`~ffrag_jax.training.interrupts.deferred`)."""
+    with interrupts.deferred():
+        mngr.wait_until_finished()  # the previous save's room is taken before this one's check
+        check_room(Path(mngr.directory), state)
+        mngr.save(step, args=ocp.args.StandardSave(state),
+                  custom_metadata={"metrics_offset": metrics.offset()})
 
 
 def restore_latest(mngr: ocp.CheckpointManager, like):
@@ -63,10 +66,21 @@ def restore_latest(mngr: ocp.CheckpointManager, like):
     return step, mngr.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
-def wait_for_pending_saves() -> None:
-    """Finishes every asynchronous save still in flight (called on an interrupt)."""
-    for mngr in list(_OPEN):
-        mngr.wait_until_finished()
+def wait_for_pending_saves(timeout_s: float | None = None) -> bool:
+    """Finishes every asynchronous save still in flight (called on an interrupt); False when
+    they are not done after ``timeout_s`` (the exit must not hang on a broken save: the
+    checkpoint before it is still there, and orbax never reads a partial one)."""
+    import threading
+
+    done = threading.Event()
+
+    def finish():
+        for mngr in list(_OPEN):
+            mngr.wait_until_finished()
+        done.set()
+
+    threading.Thread(target=finish, daemon=True).start()
+    return done.wait(timeout_s)
 
 
 def _phases(root: Path) -> list[Path]:
