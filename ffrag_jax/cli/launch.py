@@ -13,6 +13,11 @@ replaced with --overwrite. One run at a time holds a workdir (an OS lock). Ctrl-
 ends after the checkpoint in flight (exit status 130); kill -USR1 prints every thread's
 stack (a run that seems stuck); bad input is one line on stderr (exit
 status 2).
+
+Multi-process runs (TPU pod slices, GPU clusters): the same command on every host; JAX finds
+the processes itself on TPU pods, under SLURM and Open MPI, or give --coordinator_address,
+--num_processes and --process_id (launch/ has scripts). Process 0 writes the workdir; the
+checkpoints must be on storage every host sees.
 """
 
 from __future__ import annotations
@@ -38,12 +43,33 @@ from ffrag_jax.errors import UserError  # noqa: E402
 
 CONFIG_DIR = Path(ffrag_jax.configs.__file__).parent
 
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.lstrip("-").isdigit() else None
+
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config: a name from ffrag_jax/configs/ (e.g. demo) or a path "
     "to a .py file with get_config(). Override values with --config.KEY=VALUE.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Output folder. Default: runs/<config>-<YYYYmmdd-HHMMSS>.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", os.environ.get("FFRAG_COORDINATOR_ADDRESS"),
+    "Multi-process runs: HOST:PORT of process 0, which every process reaches (env "
+    "FFRAG_COORDINATOR_ADDRESS). Not needed on TPU pods, under SLURM (srun) or Open MPI "
+    "(mpirun): there JAX finds the processes itself.")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", _env_int("FFRAG_NUM_PROCESSES"),
+    "Multi-process runs: how many processes (env FFRAG_NUM_PROCESSES); with "
+    "--coordinator_address.")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", _env_int("FFRAG_PROCESS_ID"),
+    "Multi-process runs: this process's index, 0 to --num_processes - 1 (env "
+    "FFRAG_PROCESS_ID); process 0 writes the workdir.")
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout", 300, "Seconds for every process to join before the run gives up.")
 _OVERWRITE = flags.DEFINE_bool(
     "overwrite", False, "Replace a finished (or different) ffrag_jax run in --workdir, after "
     "the new config passed its checks: only the files ffrag_jax wrote there are deleted; a "
@@ -205,11 +231,15 @@ def main(argv: list[str]) -> None:
     _quiet_libraries()
     import jax
 
-    from ffrag_jax.training import checkpoint
+    from ffrag_jax.training import checkpoint, distributed
     from ffrag_jax.training.run import run
     from ffrag_jax.training.workdir import describe_progress
 
-    # Single process here; multi-host pods call jax.distributed.initialize() first.
+    try:  # before anything touches a device
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                               _DISTRIBUTED_TIMEOUT.value)
+    except UserError as e:
+        _fail(str(e))
     logging.info("JAX %s on %s", jax.__version__, jax.default_backend())
     signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's stop ends like a Ctrl-C
     signal.signal(signal.SIGINT, _interrupt)
@@ -232,6 +262,8 @@ def main(argv: list[str]) -> None:
         if line is None:
             raise
         _fail(line)
+    if not distributed.is_writer():
+        return
     print(f"done: {_WORKDIR.value}")
     for key, value in summary.items():
         print(f"  {key}: {value}")

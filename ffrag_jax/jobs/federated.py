@@ -237,7 +237,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
                   np.stack([federated.rank_mask(ranks[k], max_rank) for k in selected]),
                   batches, jax.random.split(jax.random.fold_in(key, 10**6), len(selected)),
                   np.asarray([steps[k] for k in selected], np.int32))
-        inputs = jax.device_put(inputs, by_client)
+        inputs = sharding.put(inputs, by_client)
         global_rank = int(state["global_rank"])
         fusion = strategy.training_fusion(has_global=global_rank > 0)
         trainer.within(f"{len(selected)} clients training (one program)", 1, 2)

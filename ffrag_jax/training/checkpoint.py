@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
-from ffrag_jax.training import interrupts
+from ffrag_jax.training import interrupts, sharding
 
 # Managers still open: on an interrupt, their in-flight asynchronous saves are finished before
 # the process exits (wait_for_pending_saves), so a Ctrl-C never costs a checkpoint.
@@ -52,6 +52,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state, metrics) -> None:
     with interrupts.deferred():
         mngr.wait_until_finished()  # the previous save's room is taken before this one's check
         check_room(Path(mngr.directory), state)
+        state = sharding.process_local_to_global(state)
         mngr.save(step, args=ocp.args.StandardSave(state),
                   custom_metadata={"metrics_offset": metrics.offset()})
 
@@ -62,6 +63,7 @@ def restore_latest(mngr: ocp.CheckpointManager, like):
     step = mngr.latest_step()
     if step is None:
         return 0, like
+    like = sharding.process_local_to_global(like)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     return step, mngr.restore(step, args=ocp.args.StandardRestore(abstract))
 

@@ -12,6 +12,7 @@ Order of work, so that a bad input never costs a user anything already written:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from absl import logging
 from ml_collections import ConfigDict
 
 from ffrag_jax.errors import UserError
-from ffrag_jax.training import checkpoint, interrupts, sharding
+from ffrag_jax.training import checkpoint, distributed, interrupts, sharding
 from ffrag_jax.training import workdir as workdir_lib
 
 # config.task is the name of its module in ffrag_jax/jobs/ (``validate(config, mesh)`` and
@@ -51,11 +52,36 @@ def prepare_workdir(config: ConfigDict, workdir: str | Path, overwrite: bool) ->
         return path
 
 
+@contextlib.contextmanager
+def open_workdir(config: ConfigDict, workdir: str | Path, overwrite: bool):
+    """The folder this process runs in: ``workdir``, locked and prepared, on process 0 (the
+    only one in a single-process run); on the others, once process 0 has prepared it, a
+    scratch folder sharing its checkpoints (:mod:`ffrag_jax.training.distributed`)."""
+    if not distributed.multi_process():
+        with workdir_lib.open_run(config, workdir, overwrite) as (path, _):
+            yield path
+        return
+    with contextlib.ExitStack() as stack:
+        if distributed.is_writer():
+            try:
+                path, _ = stack.enter_context(workdir_lib.open_run(config, workdir, overwrite))
+            except BaseException:
+                distributed.agree(False)  # the others stop too, instead of waiting forever
+                raise
+            distributed.agree(True)
+        else:
+            if not distributed.agree(False):
+                raise UserError("process 0 did not start the run (its error says why)")
+            path = stack.enter_context(distributed.scratch_workdir(Path(workdir).expanduser()))
+        yield path
+
+
 def run(config: ConfigDict, workdir: str | Path, *, overwrite: bool = False) -> dict:
-    """Runs ``config.task`` in ``workdir``; returns its summary dict."""
+    """Runs ``config.task`` in ``workdir``; returns its summary dict. In a multi-process run
+    every process calls this with the same arguments."""
     mesh = validate(config)
     interrupts.reset()  # a stop asked of an earlier run in this process is not this one's
-    with workdir_lib.open_run(config, workdir, overwrite) as (path, _):
+    with open_workdir(config, workdir, overwrite) as path:
         logging.info("devices: %s; mesh: %s", jax.devices(), dict(mesh.shape))
         try:
             return job_module(config.task).run(config, path, mesh)

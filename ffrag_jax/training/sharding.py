@@ -118,13 +118,84 @@ def on_one_device(tree):
     For the RAG jobs' host-driven loops: a jitted step whose inputs mix uncommitted arrays,
     mesh shardings and single-device ones compiles again once its outputs (committed) come
     back as inputs; everything committed one way compiles once."""
+    if jax.process_count() > 1:  # a global array reaches this process's device via host
+        tree = to_host(tree)
     return jax.device_put(tree, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+
+
+def to_host(tree):
+    """``tree``'s arrays as numpy arrays on every process, including arrays sharded over
+    devices of several processes (gathered: a collective, so every process must call it,
+    in the same order)."""
+    def one(x):
+        if not isinstance(x, jax.Array):
+            return x
+        if x.is_fully_addressable or x.is_fully_replicated:
+            return np.asarray(x)
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(one, tree)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def _to_host(x):
+    """A host copy of an array on this process's devices (a PRNG key array as its key data,
+    see :func:`put`); anything else as it is."""
+    if isinstance(x, jax.Array) and x.is_fully_addressable:
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return _HostKeys(np.asarray(jax.random.key_data(x)), jax.random.key_impl(x))
+        return np.asarray(x)
+    return x
+
+
+class _HostKeys:
+    def __init__(self, data: np.ndarray, impl):
+        self.data, self.impl = data, impl
+
+
+def put(tree, shardings):
+    """``jax.device_put(tree, shardings)`` that also works when a sharding spans several
+    processes: there an array that lives on this process (a numpy array, or a jax array on
+    local devices) goes through host memory and each process places only its own shards.
+    Every process holds the same values (the program is SPMD), so the pieces form one global
+    array. One process: exactly ``jax.device_put``."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+    host = jax.tree.map(_to_host, tree)
+    if not isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _, s: s, tree, shardings)
+    else:
+        shardings = jax.tree.map(lambda _: shardings, tree)
+
+    def one(x, s):
+        if isinstance(x, _HostKeys):  # key data [..., 2] placed, then typed again
+            return jax.random.wrap_key_data(jax.device_put(x.data, s), impl=x.impl)
+        return jax.device_put(x, s)
+
+    return jax.tree.map(one, host, shardings,
+                        is_leaf=lambda x: isinstance(x, _HostKeys))
+
+
+def process_local_to_global(tree):
+    """In a multi-process run, every array of ``tree`` that lives on this process only (a
+    scalar the host made, a key) as the same value replicated over all devices: orbax saves
+    only global arrays there. One process: ``tree`` itself."""
+    if jax.process_count() == 1:
+        return tree
+    everywhere = NamedSharding(Mesh(np.asarray(jax.devices()), ("all",)), PartitionSpec())
+
+    def one(x):
+        local = isinstance(x, jax.Array) and x.is_fully_addressable
+        return put(x, everywhere) if local else x
+
+    return jax.tree.map(one, tree)
+
+
 def shard(tree, mesh: Mesh, rules=PARAM_RULES):
     """Places ``tree`` on ``mesh`` according to ``rules``."""
-    return jax.device_put(tree, tree_shardings(tree, mesh, rules))
+    return put(tree, tree_shardings(tree, mesh, rules))

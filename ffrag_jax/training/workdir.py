@@ -196,6 +196,22 @@ def mark_failed_start(workdir: Path, reason: str) -> None:
         files.atomic_write_json(workdir / MARKER, {**_marker(workdir), "failed_start": reason})
 
 
+def _process_count() -> int:
+    import jax
+
+    return jax.process_count()
+
+
+def _check_process_count(workdir: Path) -> None:
+    """A run resumes on the process count that wrote its checkpoints (each process restores
+    its own shards of them)."""
+    wrote = _marker(workdir).get("processes", 1)
+    if wrote != _process_count() and checkpoint.has_any(workdir / "checkpoints"):
+        raise UserError(f"the checkpoints in {workdir} were written by {wrote} process(es) and "
+                        f"this run has {_process_count()}: resume it with {wrote}, or pass "
+                        "--overwrite to start again")
+
+
 def _read_config(workdir: Path) -> dict:
     path = workdir / "config.json"
     try:
@@ -233,6 +249,7 @@ def prepare(config: ConfigDict, workdir: Path, overwrite: bool) -> str:
                         if "rounds" in old.get("fl", {}) else "")
                 raise UserError(f"workdir {workdir} already holds a finished run; pass "
                                 f"--overwrite to replace it{hint}, or choose another --workdir")
+            _check_process_count(workdir)
             logging.info("continuing the finished run in %s: %s", workdir, more)
             (workdir / "summary.json").unlink()  # unfinished again until the new last round
             files.atomic_write_json(workdir / "config.json", resolved)
@@ -240,6 +257,7 @@ def prepare(config: ConfigDict, workdir: Path, overwrite: bool) -> str:
         else:
             diff = _first_difference(_read_config(workdir), resolved)
             if not diff:
+                _check_process_count(workdir)
                 logging.info("resuming the unfinished run in %s", workdir)
                 return "resume"
             failed = _marker(workdir).get("failed_start") if owned else None
@@ -251,7 +269,7 @@ def prepare(config: ConfigDict, workdir: Path, overwrite: bool) -> str:
                          failed, diff)
             delete_outputs(workdir)
     files.atomic_write_json(workdir / MARKER, {
-        "ffrag_jax_run": 1, "task": config.task,
+        "ffrag_jax_run": 1, "task": config.task, "processes": _process_count(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     files.atomic_write_json(workdir / "config.json", resolved)
     return "new"
