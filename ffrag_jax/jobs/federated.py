@@ -242,7 +242,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         fusion = strategy.training_fusion(has_global=global_rank > 0)
         trainer.within(f"{len(selected)} clients training (one program)", 1, 2)
         server, _, info = round_fn(state["server"], *inputs, fusion=fusion)
-        info = jax.device_get(info)
+        info = sharding.to_host(info)
         trainer.within("evaluating", 2, 2)
         accepted = [bool(a) for a in info["accepted"]]
         new_global_rank = sum(ranks[k] for k, ok in zip(selected, accepted, strict=True) if ok)
@@ -329,9 +329,10 @@ def export(config, strategy: Strategy, workdir: Path, cfg, server: dict, tokeniz
     personalised strategies, each client's personal adapter in PEFT format (at its own rank):
     on the merged global model (additive fusion), or on the base model exported beside it
     with the global adapter chained in (chain fusion)."""
+    server = sharding.to_host(server)  # gathered from every process (a collective)
     params, adapter = strategy.global_model(server)
     merged = params if adapter is None else lora.merge(params, adapter)
-    global_dir = hf.save_llama(workdir / "export" / "global_model", cfg, jax.device_get(merged),
+    global_dir = hf.save_llama(workdir / "export" / "global_model", cfg, sharding.to_host(merged),
                                tokenizer=tokenizer, overwrite=True)
     out = {"global_model": str(global_dir)}
     if strategy.personalised:
@@ -339,7 +340,7 @@ def export(config, strategy: Strategy, workdir: Path, cfg, server: dict, tokeniz
         base_dir = global_dir
         if chain_global is not None:
             base_dir = hf.save_llama(workdir / "export" / "base_model", cfg,
-                                     jax.device_get(base_params), tokenizer=tokenizer,
+                                     sharding.to_host(base_params), tokenizer=tokenizer,
                                      overwrite=True)
             out["base_model"] = str(base_dir)
         for k, rank in enumerate(ranks):

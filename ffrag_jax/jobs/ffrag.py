@@ -120,12 +120,14 @@ def _batch(config, tokenizer, enc, sources: Sources, questions: list[dict], ids:
 def validate(config: ConfigDict, mesh: jax.sharding.Mesh) -> None:
     """Every check of the FF-RAG job that needs only the config: rounds, strategy, ranks,
     quotas, lengths, the adapters against the model's shapes, the retriever folder."""
-    del mesh
     r, fl = config.rag, config.fl
     if fl.rounds <= 0:
         raise UserError(f"fl.rounds must be positive, got {fl.rounds}")
     if fl.num_clients < 1:
         raise UserError(f"fl.num_clients must be at least 1, got {fl.num_clients}")
+    if fl.vmap_clients and fl.num_clients % mesh.shape["clients"]:
+        raise UserError(f"fl.num_clients={fl.num_clients} do not divide over the mesh's "
+                        f"{mesh.shape['clients']} 'clients' devices (fl.vmap_clients)")
     strategy_of(config)
     gen_section = LoRASection.read(config, "generator")
     LoRASection.read(config, "retriever")
@@ -232,6 +234,9 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     hint = f"lower fl.lr (now {fl.lr:g}) or fl.retriever_lr (now {fl.retriever_lr:g})"
     monitors = [health.Monitor(f"client {c.name}", hint) for c in clients]
 
+    by_client = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("clients"))
+    everywhere = sharding.replicated(mesh)
+
     def one_round(server: dict, t: int, selected: list[int], weights: np.ndarray):
         """Every client's local training from the strategy's start, then aggregation."""
         rnd = t + 1
@@ -269,16 +274,21 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
                 steps = [_client_batch(config, tokenizer, query_enc, s, c, (rnd, k, step))
                          for step in range(fl.local_steps)]
                 per_client.append(jax.tree.map(lambda *xs: np.stack(xs), *steps))
-            batches = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *per_client)
-            states = sharding.on_one_device({
+            batches = jax.tree.map(lambda *xs: np.stack(xs), *per_client)
+            states = {
                 "generator": jax.vmap(lambda g: train.init_train_state(g, opt_gen))(
                     starts["generator"]),
                 "retriever": jax.vmap(lambda t: train.init_train_state(t, opt_ret))(
-                    starts["retriever"])})
+                    starts["retriever"])}
             rngs = jnp.stack([jnp.stack(keys) for keys in step_rngs])
+            # The clients over the mesh's `clients` axis (each device, of any process, trains
+            # its own), the round's frozen models replicated.
+            states, batches, rngs = sharding.put((states, batches, rngs), by_client)
             trainer.within(f"{len(clients)} clients training (one program)", 0, 1)
-            states, out = rag.update_clients(states, frozen, batches, rngs, **static)
-            out = jax.device_get(out)
+            states, out = rag.update_clients(states, sharding.put(frozen, everywhere),
+                                             batches, rngs, **static)
+            # Back to the host loop's one device (gathered from every process).
+            states, out = sharding.on_one_device(sharding.to_host((states, out)))
             for k in range(len(clients)):
                 for step in logged:
                     log(k, step, {n: v[k, step - 1] for n, v in out.items()})
@@ -302,7 +312,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
                         states, frozen, {n: jnp.asarray(v) for n, v in batch.items()},
                         step_rngs[k][step], **static)
                     if step + 1 in logged:
-                        log(k, step + 1, jax.device_get(out))
+                        log(k, step + 1, sharding.to_host(out))
                         trainer.show(loss=float(out["loss"]))
                     trainer.within(f"client {k + 1}/{len(clients)} {c.name} step", step + 1,
                                    fl.local_steps)

@@ -185,7 +185,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
                             loss_cfg=loss_cfg, optimizers=(None, opt_r))
 
     def log(info: StepInfo) -> None:
-        out = jax.device_get(info.out)
+        out = sharding.to_host(info.out)
         monitor.check(info.step, float(out["loss"]))
         metrics.write(kind="train", phase="rag", step=info.step, loss=float(out["loss"]),
                       top1_is_lm_best=float(out["retrieval_top1_is_lm_best"]))

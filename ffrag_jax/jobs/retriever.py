@@ -31,7 +31,7 @@ from ffrag_jax.retrieval import beir, contrastive
 from ffrag_jax.retrieval import encoder as encoder_lib
 from ffrag_jax.retrieval import index as index_lib
 from ffrag_jax.retrieval.encoder import TextEncoder
-from ffrag_jax.training import health, train
+from ffrag_jax.training import health, sharding, train
 from ffrag_jax.training.metrics import open_log, plot_training_loss, read_jsonl
 from ffrag_jax.training.trainer import StepInfo, Trainer, profiling
 from ffrag_jax.training.workdir import write_summary
@@ -172,7 +172,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         return state, out
 
     def log(info: StepInfo) -> None:
-        got = jax.device_get(window["outs"])
+        got = sharding.to_host(window["outs"])
         loss = float(np.mean([w["loss"] for w in got]))
         monitor.check(info.step, loss, float(got[-1]["grad_norm"]))
         metrics.write(kind="train", phase="retriever", step=info.step, loss=loss,
@@ -198,7 +198,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     exported = {}
     if config.export:
         folder = encoder_lib.save(workdir / "export" / "encoder", base.cfg,
-                                  jax.device_get(tuned_params),
+                                  sharding.to_host(tuned_params),
                                   encoder_lib.default_encoder_path() if config.encoder.path
                                   is None else config.encoder.path, overwrite=True)
         exported = {"encoder": str(folder)}

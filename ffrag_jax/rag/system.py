@@ -41,6 +41,7 @@ from ffrag_jax.retrieval import encoder as encoder_lib
 from ffrag_jax.retrieval import multi_source
 from ffrag_jax.retrieval.encoder import TextEncoder, default_encoder_path, params_sha256
 from ffrag_jax.retrieval.knowledge_base import KnowledgeBase
+from ffrag_jax.training import sharding
 
 FORMAT = 1
 
@@ -133,13 +134,13 @@ def export_system(folder: Path, *, gen_cfg: LlamaConfig, gen_params: dict, token
     encoder = dataclasses.replace(encoder, lora=None)
     if retriever_sides == "both" and global_retriever is not None:
         encoder = _merged(encoder, global_retriever)
-    hf.save_llama(folder / "generator", gen_cfg, jax.device_get(gen_params), tokenizer=tokenizer,
-                  overwrite=True)
+    hf.save_llama(folder / "generator", gen_cfg, sharding.to_host(gen_params),
+                  tokenizer=tokenizer, overwrite=True)
     if global_retriever is not None:
         lora.save_weights(folder / "retriever_lora.safetensors", global_retriever)
     if query_params is not None:
         source = default_encoder_path() if retriever_path is None else retriever_path
-        encoder_lib.save(folder / "query_encoder", encoder.cfg, jax.device_get(query_params),
+        encoder_lib.save(folder / "query_encoder", encoder.cfg, sharding.to_host(query_params),
                          source, overwrite=True)
     for name, base in bases.items():
         if not isinstance(base, KnowledgeBase):  # passages: embedded by the export's encoder

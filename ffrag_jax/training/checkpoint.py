@@ -8,6 +8,7 @@ a resumed run can cut the log back to exactly that point (:func:`metrics_offsets
 from __future__ import annotations
 
 import errno
+import json
 import shutil
 import weakref
 from pathlib import Path
@@ -63,9 +64,10 @@ def restore_latest(mngr: ocp.CheckpointManager, like):
     step = mngr.latest_step()
     if step is None:
         return 0, like
-    like = sharding.process_local_to_global(like)
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    return step, mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                            sharding.process_local_to_global(like))
+    state = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+    return step, sharding.global_to_process_local(state, like)
 
 
 def wait_for_pending_saves(timeout_s: float | None = None) -> bool:
@@ -89,19 +91,19 @@ def _phases(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
 
 
-def _latest(folder: Path) -> tuple[ocp.CheckpointManager, int | None]:
-    mngr = ocp.CheckpointManager(folder.absolute(),
-                                 options=ocp.CheckpointManagerOptions(create=False),
-                                 item_handlers=ocp.StandardCheckpointHandler())
-    return mngr, mngr.latest_step()
+def _latest(folder: Path) -> int | None:
+    """The latest finalized step in a phase's folder, or None. Read from the folder without a
+    CheckpointManager: in a multi-process run a manager is a collective (its constructor
+    synchronises the processes), and the workdir is inspected by process 0 alone."""
+    steps = ocp.step.checkpoint_steps(folder)
+    return max(steps) if steps else None
 
 
 def latest_steps(root: str | Path) -> dict[str, int]:
     """``{phase: latest step}`` of the phases under ``root`` that have a checkpoint."""
     out = {}
     for folder in _phases(Path(root)):
-        mngr, step = _latest(folder)
-        mngr.close()
+        step = _latest(folder)
         if step is not None:
             out[folder.name] = step
     return out
@@ -113,12 +115,17 @@ def has_any(root: str | Path) -> bool:
 
 def metrics_offsets(root: str | Path) -> dict[str, int | None]:
     """``{phase: metrics.jsonl length}`` at each phase's latest checkpoint (``None`` for a
-    checkpoint written without one)."""
+    checkpoint written without one). The custom metadata is read from the step's orbax
+    metadata file (``_CHECKPOINT_METADATA``, JSON), for the reason given in :func:`_latest`."""
     out = {}
     for folder in _phases(Path(root)):
-        mngr, step = _latest(folder)
+        step = _latest(folder)
         if step is not None:
-            meta = mngr.metadata(step).custom_metadata or {}
+            path = Path(ocp.step.find_step_path(folder, ocp.step.standard_name_format(),
+                                                step=step)) / "_CHECKPOINT_METADATA"
+            try:
+                meta = json.loads(path.read_text()).get("custom_metadata") or {}
+            except (OSError, ValueError):
+                meta = {}
             out[folder.name] = meta.get("metrics_offset")
-        mngr.close()
     return out

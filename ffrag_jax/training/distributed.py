@@ -19,13 +19,13 @@ job needs an ``if process_index() == 0`` of its own.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import socket
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import jax
@@ -168,7 +168,9 @@ def barrier(name: str) -> None:
 def scratch_workdir(shared: Path):
     """A private folder standing in for ``shared`` on a process other than 0: its
     ``checkpoints`` is a link to the shared checkpoints; the rest is deleted at exit."""
-    folder = Path(tempfile.mkdtemp(prefix=f"ffrag-jax-process{jax.process_index()}-"))
+    folder = scratch_folder(shared)
+    shutil.rmtree(folder, ignore_errors=True)  # left by a killed run of the same workdir
+    folder.mkdir(parents=True)
     try:
         (shared / "checkpoints").mkdir(parents=True, exist_ok=True)
         (folder / "checkpoints").symlink_to((shared / "checkpoints").absolute(),
@@ -178,8 +180,9 @@ def scratch_workdir(shared: Path):
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def wait_for(path: Path, timeout_s: float = 60.0) -> None:
-    """Waits for a file another host writes to appear (shared storage lags)."""
-    deadline = time.monotonic() + timeout_s
-    while not path.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
+def scratch_folder(shared: Path, process: int | None = None) -> Path:
+    """Where process ``process`` (default: this one) of a run in ``shared`` keeps its
+    scratch copy: one name per workdir and process, so a killed run's is found again."""
+    key = hashlib.sha1(str(shared.absolute()).encode()).hexdigest()[:12]
+    index = jax.process_index() if process is None else process
+    return Path(tempfile.gettempdir()) / f"ffrag-jax-{key}-process{index}"

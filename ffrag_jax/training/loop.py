@@ -90,7 +90,7 @@ def train_phase(
         return state, out
 
     def log(info: StepInfo) -> None:
-        out = jax.device_get(info.out)
+        out = sharding.to_host(info.out)
         mean_loss = float(window["loss"]) / window["steps"]
         tokens_per_s = window["steps"] * per_step * seq_len / (
             time.perf_counter() - window["start"])

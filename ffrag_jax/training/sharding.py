@@ -67,6 +67,10 @@ def make_mesh(axis_sizes: Mapping[str, int], devices=None) -> Mesh:
     needed = int(np.prod(sizes))
     if needed > len(devices):
         raise UserError(f"mesh {asked} needs {needed} devices, {len(devices)} available")
+    if needed < len(devices) and jax.process_count() > 1:
+        raise UserError(f"mesh {asked} uses {needed} of the {len(devices)} devices of "
+                        f"{jax.process_count()} processes; a multi-process run's mesh uses "
+                        "them all (set one axis to -1)")
     if needed < len(devices):
         # Fixed sizes that use fewer devices than exist run on the first ones (one GPU of a
         # node, or a 1-device reference run): allowed, but said, since it is rarely meant.
@@ -194,6 +198,31 @@ def process_local_to_global(tree):
         return put(x, everywhere) if local else x
 
     return jax.tree.map(one, tree)
+
+
+def global_to_process_local(tree, like):
+    """The inverse of :func:`process_local_to_global`: each array of ``tree`` whose
+    counterpart in ``like`` lives on this process only goes back to ``like``'s placement
+    (a restored checkpoint continues exactly like the run that saved it)."""
+    if jax.process_count() == 1:
+        return tree
+
+    def one(x, ref):
+        if isinstance(ref, jax.Array) and ref.is_fully_addressable:
+            return jax.device_put(_unwrap(_to_host_replica(x)), ref.sharding)
+        return x
+
+    return jax.tree.map(one, tree, like)
+
+
+def _to_host_replica(x):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return _HostKeys(np.asarray(jax.random.key_data(x)), jax.random.key_impl(x))
+    return np.asarray(x)
+
+
+def _unwrap(x):
+    return jax.random.wrap_key_data(x.data, impl=x.impl) if isinstance(x, _HostKeys) else x
 
 
 def shard(tree, mesh: Mesh, rules=PARAM_RULES):
