@@ -37,6 +37,13 @@ import pytest  # noqa: E402
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "eight_devices: needs 8 devices (faked on CPU)")
+    config.addinivalue_line("markers", "long: minutes of work; scheduled first")
+
+
+def pytest_collection_modifyitems(config, items):
+    # The longest tests first: xdist hands out tests in this order, and a long one picked up
+    # last would leave the other worker idle at the end of the run.
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
 
 
 def pytest_runtest_setup(item):

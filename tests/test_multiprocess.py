@@ -82,15 +82,17 @@ def assert_close(a, b, where="summary"):
         assert a == b, (where, a, b)
 
 
-@pytest.fixture(scope="module")
-def one_process(tmp_path_factory):
-    """The reference runs: 1 process x 8 devices, same configs and meshes."""
-    out = {}
-    for case, (name, overrides, _) in CASES.items():
+_REFERENCES = {}
+
+
+def one_process(case, tmp_path_factory):
+    """The reference run of ``case``: 1 process x 8 devices, same config and mesh (run once
+    per test worker)."""
+    if case not in _REFERENCES:
+        name, overrides, _ = CASES[case]
         workdir = tmp_path_factory.mktemp("one") / case
-        summary = run(load_config(name, overrides), workdir)
-        out[case] = (workdir, summary)
-    return out
+        _REFERENCES[case] = (workdir, run(load_config(name, overrides), workdir))
+    return _REFERENCES[case]
 
 
 def outputs(workdir: Path) -> dict:
@@ -98,11 +100,12 @@ def outputs(workdir: Path) -> dict:
             for p in sorted(workdir.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.long
 @pytest.mark.eight_devices
-@pytest.mark.parametrize("case", ["heter", "demo"])
-def test_two_processes_killed_mid_run_resume_to_the_one_process_result(case, one_process,
-                                                                        tmp_path):
-    ref_dir, ref_summary = one_process[case]
+@pytest.mark.parametrize("case", ["demo", "heter"])
+def test_two_processes_killed_mid_run_resume_to_the_one_process_result(case, tmp_path,
+                                                                        tmp_path_factory):
+    ref_dir, ref_summary = one_process(case, tmp_path_factory)
     workdir = tmp_path / "run"
     phase = CASES[case][2]
     first_round = workdir / "checkpoints" / phase / "1"

@@ -32,6 +32,9 @@ def get_config() -> ConfigDict:
     # "(first, last)": a jax.profiler trace of those steps (rounds) of the main loop, to
     # workdir/profile (open it in TensorBoard or Perfetto); None: no trace.
     c.profile_steps = config_dict.placeholder(tuple)
+    # JAX's persistent compilation cache: "auto" (on for GPU/TPU, in ~/.cache/ffrag_jax/xla
+    # or $FFRAG_COMPILATION_CACHE), "off", or a folder.
+    c.compilation_cache = "auto"
     c.model = _common.tiny_llama()  # a tiny Llama unless model.path is given
     c.model.remat = "dots_attn"
     c.pretrain = _common.pretrain(steps=0)  # >0: pretrain the tiny model first (the demo)

@@ -22,6 +22,9 @@ def get_config() -> ConfigDict:
     # "(first, last)": a jax.profiler trace of those steps (rounds) of the main loop, to
     # workdir/profile (open it in TensorBoard or Perfetto); None: no trace.
     c.profile_steps = config_dict.placeholder(tuple)
+    # JAX's persistent compilation cache: "auto" (on for GPU/TPU, in ~/.cache/ffrag_jax/xla
+    # or $FFRAG_COMPILATION_CACHE), "off", or a folder.
+    c.compilation_cache = "auto"
     c.mesh = ConfigDict(dict(clients=1, data=-1, fsdp=1, tensor=1))
     c.data = ConfigDict(dict(domain="geography", num_entities=500, num_test=300, max_len=56))
     c.tokenizer = ConfigDict(dict(vocab_size=1536))

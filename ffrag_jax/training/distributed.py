@@ -43,7 +43,7 @@ def _env_int(name: str) -> int | None:
 def cluster_detected() -> str | None:
     """The multi-process launcher this process runs under (which JAX can initialise from
     without arguments), or None for a single process."""
-    if (_env_int("SLURM_NTASKS") or 1) > 1 and "SLURM_JOB_ID" in os.environ:
+    if (_env_int("SLURM_STEP_NUM_TASKS") or 1) > 1:  # inside an srun of several tasks
         return "SLURM"
     if (_env_int("OMPI_COMM_WORLD_SIZE") or 1) > 1:
         return "Open MPI"
