@@ -128,7 +128,8 @@ def round_step(model, mesh_shape, micro, args) -> dict:
         rs.run_round, cfg=cfg, strategy=strategy,
         optimizer=lambda n: train.make_optimizer(1e-4, n, max_grad_norm=1.0)),
         out_shardings=(sharding.tree_shardings(server, mesh), None, None))
-    return fn.lower(server, *inputs).compile()
+    with jax.set_mesh(mesh):  # as the job runs it: activation hints on
+        return fn.lower(server, *inputs).compile()
 
 
 def rag_step(model, mesh_shape, micro, args):
@@ -174,9 +175,10 @@ def rag_step(model, mesh_shape, micro, args):
     loss_cfg = rag.RagLossConfig(weights=(("rag_sequence", 1.0), ("lsr", 0.5)))
     fn = jax.jit(rag.update, static_argnames=("gen_cfg", "enc_cfg", "loss_cfg", "optimizers"),
                  out_shardings=(sharding.tree_shardings(states, mesh), None))
-    return fn.lower(states, frozen, data, jax.eval_shape(lambda: jax.random.key(0)),
-                    gen_cfg=cfg, enc_cfg=enc.cfg, loss_cfg=loss_cfg,
-                    optimizers=(opt_g, opt_r)).compile()
+    with jax.set_mesh(mesh):
+        return fn.lower(states, frozen, data, jax.eval_shape(lambda: jax.random.key(0)),
+                        gen_cfg=cfg, enc_cfg=enc.cfg, loss_cfg=loss_cfg,
+                        optimizers=(opt_g, opt_r)).compile()
 
 
 STEPS = {"heter_round": round_step, "ffrag_step": rag_step}

@@ -24,6 +24,7 @@ from ffrag_jax.errors import UserError
 from ffrag_jax.federated.aggregation import apply_rank_mask
 from ffrag_jax.models.llama import LlamaConfig
 from ffrag_jax.models.lora import LoRA
+from ffrag_jax.models.partitioning import client_axis
 from ffrag_jax.training import train
 
 
@@ -128,4 +129,5 @@ def update_clients(
         return client_update(lo, mask, params, client_batches, rng, cfg=cfg, optimizer=optimizer,
                              num_steps=steps, chain_global=chain_global)
 
-    return jax.vmap(one_client)(loras, masks, batches, rngs, num_steps)
+    return jax.vmap(one_client, spmd_axis_name=client_axis())(loras, masks, batches, rngs,
+                                                             num_steps)

@@ -241,7 +241,8 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         global_rank = int(state["global_rank"])
         fusion = strategy.training_fusion(has_global=global_rank > 0)
         trainer.within(f"{len(selected)} clients training (one program)", 1, 2)
-        server, _, info = round_fn(state["server"], *inputs, fusion=fusion)
+        with jax.set_mesh(mesh):  # the model's activation hints (models.partitioning)
+            server, _, info = round_fn(state["server"], *inputs, fusion=fusion)
         info = sharding.to_host(info)
         trainer.within("evaluating", 2, 2)
         accepted = [bool(a) for a in info["accepted"]]

@@ -285,8 +285,9 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
             # its own), the round's frozen models replicated.
             states, batches, rngs = sharding.put((states, batches, rngs), by_client)
             trainer.within(f"{len(clients)} clients training (one program)", 0, 1)
-            states, out = rag.update_clients(states, sharding.put(frozen, everywhere),
-                                             batches, rngs, **static)
+            with jax.set_mesh(mesh):  # the model's activation hints (models.partitioning)
+                states, out = rag.update_clients(states, sharding.put(frozen, everywhere),
+                                                 batches, rngs, **static)
             # Back to the host loop's one device (gathered from every process).
             states, out = sharding.on_one_device(sharding.to_host((states, out)))
             for k in range(len(clients)):

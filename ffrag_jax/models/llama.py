@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from ffrag_jax.errors import UserError
 from ffrag_jax.models.attention import causal_attention
 from ffrag_jax.models.layers import LoRALinear
+from ffrag_jax.models.partitioning import shard_batch
 from ffrag_jax.models.rope import apply_rope, rope_cos_sin
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -216,6 +217,7 @@ class DecoderLayer(_Block):
     def __call__(self, x, cos, sin, mask, cache=None, slots=None):
         """One layer; ``cache`` is this layer's ``(keys, values)`` (see :class:`Attention`) and
         comes back updated as the scan's per-layer output."""
+        x = shard_batch(x)  # the layer's input is what remat keeps: one batch slice per device
         kw = dict(
             cfg=self.cfg,
             lora_scale=self.lora_scale,
@@ -248,7 +250,7 @@ class Llama(_Block):
             param_dtype=jnp.dtype(cfg.param_dtype),
             name="embed_tokens",
         )
-        x = embed(input_ids)
+        x = shard_batch(embed(input_ids))
         cos, sin = rope_cos_sin(cfg, positions)
         # Key-padding mask only, [B, S]: causality is applied inside the attention, cheaper than
         # materialising a [B, 1, T, T] mask.

@@ -29,6 +29,7 @@ import optax
 
 from ffrag_jax.errors import UserError
 from ffrag_jax.models.llama import LlamaConfig, forward
+from ffrag_jax.models.partitioning import client_axis
 from ffrag_jax.rag import losses
 from ffrag_jax.retrieval.encoder import EncoderConfig, encode
 from ffrag_jax.training.train import apply_gradients, scan_steps
@@ -201,5 +202,5 @@ def update_clients(states: dict, frozen: dict, batches: dict, rngs: jax.Array, *
     (heterogeneous LoRA ranks zero-padded to one: padded rank components get zero gradients,
     so they stay exactly zero), ``batches`` ``[C, S, ...]``, ``rngs`` ``[C, S]``; ``frozen``
     is shared. Returns ``([C, ...] states, [C, S] metrics)``."""
-    return jax.vmap(lambda st, b, r: client_update(st, frozen, b, r, **static))(
-        states, batches, rngs)
+    return jax.vmap(lambda st, b, r: client_update(st, frozen, b, r, **static),
+                    spmd_axis_name=client_axis())(states, batches, rngs)

@@ -84,7 +84,8 @@ def train_phase(
     def step(state, i: int):
         batch = text.batch_at(data, i, phase.batch_size, phase.grad_accum, seed=phase.seed)
         batch = sharding.put(batch, batch_sharding)
-        state, out = step_fn(state, frozen, batch, jax.random.fold_in(rng, i))
+        with jax.set_mesh(mesh):  # the model's activation hints (models.partitioning)
+            state, out = step_fn(state, frozen, batch, jax.random.fold_in(rng, i))
         window["steps"] += 1
         window["loss"] = window["loss"] + out["loss"]
         return state, out
