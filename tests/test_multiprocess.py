@@ -189,6 +189,17 @@ def test_bad_process_flags_are_one_line(args, message, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_processes_with_different_device_counts_are_one_line(tmp_path):
+    workdir = tmp_path / "run"
+    results = local_cluster.run(launch_args("heter", workdir), processes=2,
+                                cpu_devices=[4, 2], timeout_s=TIMEOUT, logs=tmp_path / "logs")
+    for r in results:
+        lines = error_lines(r)
+        assert r.returncode == 2 and len(lines) == 1, why(results)
+        assert "the processes have different numbers of devices {0: 4, 1: 2}" in lines[0]
+    assert not workdir.exists()
+
+
 def test_a_mesh_that_leaves_devices_out_of_a_multi_process_run_is_one_line(tmp_path):
     workdir = tmp_path / "run"
     results = two_processes([*launch_args("heter", workdir), "--config.mesh.clients=1",

@@ -42,11 +42,12 @@ def child_env(cpu_devices: int | None) -> dict:
     return env
 
 
-def run(args: list[str], processes: int, cpu_devices: int | None = None,
+def run(args: list[str], processes: int, cpu_devices: int | list[int] | None = None,
         timeout_s: float = 600, logs: Path | None = None,
         kill_when=None) -> list[subprocess.CompletedProcess]:
     """Runs the launcher with ``args`` as ``processes`` processes on 127.0.0.1; returns each
     one's ``CompletedProcess`` (stderr read from its log file under ``logs``).
+    ``cpu_devices``: fake CPU devices per process (one count for all, or one per process).
 
     ``kill_when()`` (optional) is polled; when it returns True every process is killed with
     SIGKILL (a test's "the machine died mid-run"). A process that fails, or the timeout,
@@ -54,9 +55,10 @@ def run(args: list[str], processes: int, cpu_devices: int | None = None,
     logs = Path(logs or tempfile.mkdtemp(prefix="ffrag-jax-cluster-"))
     logs.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    env = child_env(cpu_devices)
+    counts = cpu_devices if isinstance(cpu_devices, list) else [cpu_devices] * processes
     procs, files = [], []
     for i in range(processes):
+        env = child_env(counts[i])
         err = (logs / f"process{i}.log").open("w")
         files.append(err)
         cmd = [sys.executable, "-m", "ffrag_jax.launch", *args,
