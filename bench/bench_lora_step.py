@@ -5,10 +5,15 @@ ffrag_jax.models.hf.load_llama), same
 batch, same LoRA (q_proj, v_proj by default), same optimizer (AdamW, grad clip 1.0, linear
 decay), timed in interleaved rounds (JAX, torch, torch, JAX, ...) so that a drift in the
 machine's speed cannot favour either. Reports tokens/s and model FLOP/s as a fraction of the
-machine's measured float32 matmul FLOP/s, and writes bench/results/lora_step_<backend>.{json,md}.
+machine's measured matmul FLOP/s, and writes bench/results/lora_step_<backend>.{json,md}.
 
     python bench/bench_lora_step.py                 # defaults sized for a 2-core CPU
     python bench/bench_lora_step.py --batch 16 --seq 512 1024 --hidden 512 --layers 8
+    python bench/bench_lora_step.py --device gpu --llama2-7b --batch 16 --seq 512
+
+``--device gpu``: JAX on its GPU backend and PyTorch on CUDA, both in bfloat16 (weights and
+compute; LoRA and optimizer state in float32 on both sides), and the matmul peak measured in
+bfloat16 (8192^3); results go to ``lora_step_gpu*``. On CPU everything is float32.
 
 Model FLOPs per LoRA step: 2*N per token for the forward through the N frozen matmul params,
 2*N more for the input gradients of the backward (frozen weights get no weight gradient),
@@ -55,14 +60,33 @@ def parse_args():
     p.add_argument("--remat", default="dots_attn",
                    help="ffrag_jax remat policy: none, dots, dots_attn, full")
     p.add_argument("--attention", default="auto", help="ffrag_jax attention: auto, ffrag, xla")
+    p.add_argument("--intermediate", type=int, default=None,
+                   help="MLP width (default: 8/3 x hidden, rounded down to 16)")
+    p.add_argument("--llama2-7b", action="store_true",
+                   help="Llama-2-7B's shape: hidden 4096, MLP 11008, 32 layers, 32 heads, "
+                        "vocab 32000")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                   help="gpu: JAX and PyTorch on CUDA, both bfloat16")
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--tag", default="", help="suffix of the result files (lora_step_cpu_TAG)")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.llama2_7b:
+        args.hidden, args.intermediate, args.layers = 4096, 11008, 32
+        args.heads, args.kv_heads, args.vocab = 32, 32, 32000
+    if args.device == "gpu" and jax.default_backend() != "gpu":
+        p.error(f"--device gpu, but JAX runs on {jax.default_backend()} (install jax[cuda13])")
+    return args
 
 
-def matmul_flops_per_s(n: int = 2048, repeats: int = 10) -> tuple[float, float]:
-    """Measured float32 matmul FLOP/s of XLA and of torch on this machine."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+def on_gpu(args) -> bool:
+    return args.device == "gpu"
+
+
+def matmul_flops_per_s(args, repeats: int = 10) -> tuple[float, float]:
+    """Measured matmul FLOP/s of XLA and of torch on this machine: float32 2048^3 on CPU,
+    bfloat16 8192^3 on GPU."""
+    n, dtype = (8192, jnp.bfloat16) if on_gpu(args) else (2048, jnp.float32)
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     mm = jax.jit(lambda x: x @ x)
     mm(a).block_until_ready()
     t = time.perf_counter()
@@ -73,15 +97,26 @@ def matmul_flops_per_s(n: int = 2048, repeats: int = 10) -> tuple[float, float]:
     try:
         import torch
 
-        ta = torch.randn(n, n)
+        ta = (torch.randn(n, n, dtype=torch.bfloat16, device="cuda") if on_gpu(args)
+              else torch.randn(n, n))
         ta @ ta
+        sync(args)
         t = time.perf_counter()
         for _ in range(repeats):
             ta @ ta
+        sync(args)
         torch_rate = 2 * n**3 * repeats / (time.perf_counter() - t)
     except ImportError:
         torch_rate = float("nan")
     return xla, torch_rate
+
+
+def sync(args) -> None:
+    """Waits for PyTorch's queued CUDA work (its calls return before the GPU is done)."""
+    if on_gpu(args):
+        import torch
+
+        torch.cuda.synchronize()
 
 
 def step_flops(args, cfg, lora_params: int) -> float:
@@ -103,6 +138,9 @@ def jax_step(args, folder, ids):
 
     cfg, params = hf.load_llama(folder)
     cfg = cfg.replace(remat=args.remat, attention=args.attention)
+    if on_gpu(args):  # frozen weights and compute in bfloat16, LoRA and AdamW in float32
+        cfg = cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
+        params = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), params)
     adapter = lora.init(jax.random.key(0), params, args.targets, args.rank, 2.0 * args.rank,
                         dropout=0.05)
     optimizer = train.make_optimizer(1e-4, 1000)
@@ -132,26 +170,36 @@ def torch_step(args, folder, ids):
     from transformers import LlamaForCausalLM
 
     torch.set_num_threads(os.cpu_count())
-    model = LlamaForCausalLM.from_pretrained(folder, attn_implementation="sdpa")
+    gpu = on_gpu(args)
+    model = LlamaForCausalLM.from_pretrained(
+        folder, attn_implementation="sdpa", dtype=torch.bfloat16 if gpu else torch.float32)
     config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.05,
                         target_modules=args.targets.split(","))
     model = get_peft_model(model, config).train()
+    if gpu:  # the frozen base in bfloat16, the LoRA weights (and so AdamW) in float32
+        model = model.to("cuda")
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / 1000))
     x = torch.as_tensor(np.asarray(ids), dtype=torch.long)
+    if gpu:
+        x = x.cuda()
     box = {"loss": None}
 
     def run(n: int) -> float:
         start = time.perf_counter()
         for _ in range(n):
-            loss = model(input_ids=x, labels=x).loss
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu):
+                loss = model(input_ids=x, labels=x).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-        box["loss"] = loss.item()
+        box["loss"] = loss.item()  # a host copy: waits for the GPU
         return time.perf_counter() - start
 
     run(2)
@@ -206,12 +254,12 @@ def main():
 
     torch.manual_seed(0)
     hf_cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
-                         intermediate_size=int(args.hidden * 8 / 3) // 16 * 16,
+                         intermediate_size=args.intermediate or int(args.hidden * 8 / 3) // 16 * 16,
                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
                          num_key_value_heads=args.kv_heads, max_position_embeddings=max(args.seq))
     folder = tempfile.mkdtemp(prefix="bench_llama_")
     LlamaForCausalLM(hf_cfg).save_pretrained(folder)
-    xla_peak, torch_peak = matmul_flops_per_s()
+    xla_peak, torch_peak = matmul_flops_per_s(args)
     rows = [row for seq in args.seq for row in run_size(args, seq, folder, xla_peak, torch_peak)]
     speedups, rounds_won = {}, {}
     for seq in args.seq:
@@ -240,7 +288,9 @@ def main():
         "",
         f"Batch {args.batch}, hidden {args.hidden}, {args.layers} layers, {args.heads} heads "
         f"({args.kv_heads} kv), vocab {args.vocab}, LoRA r={args.rank} on {args.targets}, "
-        f"AdamW + clip. Measured fp32 matmul peak (2048^3): XLA {xla_peak / 1e9:.1f} GFLOP/s, "
+        f"AdamW + clip, {'bfloat16 (LoRA and AdamW float32)' if on_gpu(args) else 'float32'}. "
+        f"Measured {'bf16 8192' if on_gpu(args) else 'fp32 2048'}^3 matmul peak: XLA "
+        f"{xla_peak / 1e9:.1f} GFLOP/s, "
         f"torch {torch_peak / 1e9:.1f} GFLOP/s. Both run in this one process, in "
         f"{args.rounds} interleaved rounds of {args.steps} steps each (after 2 warm-up steps); "
         "s/step is the median round.",
