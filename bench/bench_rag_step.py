@@ -8,6 +8,10 @@ passages each. The generator is the demo-sized tiny Llama (d=128, 4 layers), the
 the packaged all-MiniLM-L6-v2. Each K runs in its own subprocess (its own peak RSS); the time
 is a warm step. The generator's work grows with B*K sequences, the encoder's does not, so the
 step should cost about K times the K=1 generator part.
+
+``--model 1b`` uses Llama-3.2-1B's shape (random weights) for the generator; ``--device gpu``
+runs on JAX's GPU backend with the generator in bfloat16 (LoRA and AdamW float32) and writes
+``rag_step_gpu*``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,13 @@ import time
 
 import report  # bench/report.py (the script's folder is on sys.path)
 
+GENERATORS = {
+    "tiny": dict(vocab_size=1536, hidden_size=128, intermediate_size=384, num_layers=4,
+                 num_heads=4, num_kv_heads=2),
+    "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
+               num_heads=32, num_kv_heads=8, tie_word_embeddings=True, rope_theta=500000.0),
+}
+
 
 def worker(k: int, args) -> dict:
     import jax
@@ -34,16 +45,17 @@ def worker(k: int, args) -> dict:
     from ffrag_jax.training import train
 
     enc = TextEncoder.load()
-    gen_cfg = llama.LlamaConfig(vocab_size=1536, hidden_size=128, intermediate_size=384,
-                                num_layers=4, num_heads=4, num_kv_heads=2,
-                                max_position_embeddings=256)
+    shape = GENERATORS[args.model]
+    dtype = "bfloat16" if args.device == "gpu" else "float32"
+    gen_cfg = llama.LlamaConfig(**shape, max_position_embeddings=max(
+        256, args.prompt_len + args.answer_len), dtype=dtype, param_dtype=dtype)
     gen_params = llama.init_params(jax.random.key(0), gen_cfg)
     rng = np.random.default_rng(0)
     b, p, t = args.batch, args.prompt_len, args.answer_len
     batch = {
-        "gen_ids": rng.integers(3, 1536, (b, k, p + t)).astype(np.int32),
+        "gen_ids": rng.integers(3, shape["vocab_size"], (b, k, p + t)).astype(np.int32),
         "gen_mask": np.ones((b, k, p + t), np.int32),
-        "targets": rng.integers(3, 1536, (b, t)).astype(np.int32),
+        "targets": rng.integers(3, shape["vocab_size"], (b, t)).astype(np.int32),
         "answer_mask": np.ones((b, t), np.int32),
         "query_ids": rng.integers(1000, 20000, (b, 24)).astype(np.int32),
         "query_mask": np.ones((b, 24), np.int32),
@@ -83,8 +95,15 @@ def main(argv=None):
     p.add_argument("--prompt-len", type=int, default=96)
     p.add_argument("--answer-len", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--model", choices=sorted(GENERATORS), default="tiny")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.device == "gpu":
+        import jax
+
+        if jax.default_backend() != "gpu":
+            p.error(f"--device gpu, but JAX runs on {jax.default_backend()}")
     if args.worker:
         print(json.dumps(worker(args.worker, args)))
         return
@@ -92,7 +111,7 @@ def main(argv=None):
     for k in args.ks:
         cmd = [sys.executable, __file__, "--worker", str(k), "--batch", str(args.batch),
                "--prompt-len", str(args.prompt_len), "--answer-len", str(args.answer_len),
-               "--repeats", str(args.repeats)]
+               "--repeats", str(args.repeats), "--model", args.model, "--device", args.device]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
@@ -102,15 +121,19 @@ def main(argv=None):
     result = {"machine": report.machine(),
               "args": {k: v for k, v in vars(args).items() if k != "worker"}, "rows": rows,
               "command": report.command()}
-    lines = [f"# End-to-end RAG step against K ({os.cpu_count()} CPU cores)", "",
-             f"B = {args.batch} questions, prompt {args.prompt_len} + answer {args.answer_len} "
-             "tokens per passage; tiny Llama generator + MiniLM query encoder, both LoRA.", "",
+    generator = "tiny Llama" if args.model == "tiny" else "Llama-3.2-1B-shaped"
+    lines = [f"# End-to-end RAG step against K ({args.device}, {os.cpu_count()} CPU cores)",
+             "", f"B = {args.batch} questions, prompt {args.prompt_len} + answer "
+             f"{args.answer_len} tokens per passage; {generator} generator "
+             f"({'bf16' if args.device == 'gpu' else 'fp32'}) + MiniLM query encoder, both "
+             "LoRA.", "",
              "| K | step s | step / (K x K=1 step) | compile s | peak RSS MB |",
              "|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['k']} | {r['step_s']:.3f} | {r['vs_k_times_k1']:.2f} | "
                      f"{r['compile_s']:.1f} | {r['peak_rss_mb']:.0f} |")
-    report.save("rag_step_cpu", result, lines)
+    report.save(f"rag_step_{args.device}" + ("" if args.model == "tiny" else f"_{args.model}"),
+                result, lines)
 
 
 if __name__ == "__main__":
