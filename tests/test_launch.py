@@ -322,3 +322,13 @@ def test_every_config_reads_one_typed_lora_section_that_refuses_unknown_keys(con
         config.task = "finetune"
     with pytest.raises(run_lib.UserError, match="unknown task 'finetune'; tasks: lora, "):
         run_lib.validate(config)
+
+
+def test_help_explains_the_launcher_and_its_flags():
+    result = _launch("--help", timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = result.stdout + result.stderr
+    assert "Launch an ffrag_jax experiment." in text
+    for flag in ("--config", "--workdir", "--overwrite", "--coordinator_address",
+                 "--num_processes", "--process_id"):
+        assert flag in text, flag
