@@ -162,7 +162,10 @@ def _fail(message: str) -> None:
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing with one-line errors instead of usage dumps and tracebacks."""
     if any(a in ("--help", "-h", "--helpfull", "--helpshort") for a in argv[1:]):
-        return flags.FLAGS(argv)
+        try:
+            return flags.FLAGS(argv)
+        except SystemExit as e:  # absl ends a help request with status 1; asked-for help is 0
+            sys.exit(0 if e.code == 1 else e.code)
     try:
         argv, name, path = resolve_config_name(argv)
         check_override_keys(_load_config_file(path), argv)
