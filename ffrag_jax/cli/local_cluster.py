@@ -38,7 +38,7 @@ def child_env(cpu_devices: int | None) -> dict:
                  if not f.startswith("--xla_force_host_platform_device_count")]
         env["XLA_FLAGS"] = " ".join([*flags,
                                      f"--xla_force_host_platform_device_count={cpu_devices}"])
-        env.setdefault("JAX_PLATFORMS", "cpu")
+        env["JAX_PLATFORMS"] = "cpu"  # fake devices are CPU devices, whatever the parent uses
     return env
 
 
