@@ -26,11 +26,12 @@ from ffrag_jax.training.run import run
 TINY_MODEL = {"model.hidden_size": 32, "model.intermediate_size": 64, "model.num_layers": 2,
               "tokenizer.vocab_size": 400}
 # Both spread the vmapped clients over the processes: mesh clients=2 x data=4.
-HETER = {"fl.num_clients": 4, "lora.generator.ranks": (4, 2, 2, 1), "fl.rounds": 3,
+HETER = {"fl.num_clients": 4, "lora.generator.ranks": (4, 2, 2, 1), "fl.rounds": 2,
          "fl.batch_size": 8, "fl.micro_batch_size": 4, "fl.lr": 3e-3,
          "data.examples_per_client": 20, "data.held_out": 0.2, "eval.batch_size": 8,
          "mesh.clients": 2, "mesh.data": -1, **TINY_MODEL}
-DEMO = {"pretrain.steps": 4, "pretrain.num_examples": 64, "pretrain.batch_size": 8,
+# No pretraining (a random tiny model): the rounds are what is distributed.
+DEMO = {"pretrain.steps": 0,
         "data.domains": "clinic,legal", "data.private_entities": 4, "data.shared_entities": 1,
         "fl.num_clients": 2, "lora.generator.ranks": (4, 2), "fl.rounds": 2,
         "fl.local_steps": 2, "fl.batch_size": 4, "lora.retriever.rank": 2,
