@@ -20,6 +20,7 @@ from ffrag_jax.cli import local_cluster
 from ffrag_jax.errors import UserError
 from ffrag_jax.launch import load_config
 from ffrag_jax.training import distributed
+from ffrag_jax.training import workdir as workdir_lib
 from ffrag_jax.training.metrics import read_jsonl
 from ffrag_jax.training.run import run
 
@@ -97,8 +98,10 @@ def one_process(case, tmp_path_factory):
 
 
 def outputs(workdir: Path) -> dict:
+    """Size of every file of a run, but its lock file: each run that takes the lock writes its
+    PID there (as in test_workdir's hashes)."""
     return {str(p.relative_to(workdir)): p.stat().st_size
-            for p in sorted(workdir.rglob("*")) if p.is_file()}
+            for p in sorted(workdir.rglob("*")) if p.is_file() and p.name != workdir_lib.LOCK}
 
 
 @pytest.mark.long
