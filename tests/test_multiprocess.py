@@ -7,8 +7,6 @@ reference runs in this test process, which has 8 fake devices (conftest).
 
 import json
 import math
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -147,18 +145,14 @@ def error_lines(result):
     return [line for line in result.stderr.splitlines() if line.startswith("error:")]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = local_cluster.free_port
 
 
-def launch_alone(args, tmp_path, timeout=120):
-    """One process of a would-be multi-process run, under local_cluster's bounds."""
-    env = local_cluster.child_env(4)
+def launch_alone(args, timeout=120):
+    """One process of a would-be multi-process run (4 fake CPU devices), bounded in time."""
     return subprocess.run([sys.executable, "-m", "ffrag_jax.launch", *args],
-                          capture_output=True, text=True, timeout=timeout, env=env,
-                          cwd=os.getcwd())
+                          capture_output=True, text=True, timeout=timeout,
+                          env=local_cluster.child_env(4))
 
 
 @pytest.mark.parametrize("process_id,reason", [
@@ -171,7 +165,7 @@ def test_a_run_whose_processes_never_meet_is_one_line_and_writes_nothing(process
     result = launch_alone([*launch_args("heter", workdir),
                            f"--coordinator_address=127.0.0.1:{free_port()}",
                            "--num_processes=2", f"--process_id={process_id}",
-                           "--distributed_timeout=5"], tmp_path)
+                           "--distributed_timeout=5"])
     lines = error_lines(result)
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
     assert "jax.distributed did not start within 5 s" in lines[0] and reason in lines[0]
@@ -186,7 +180,7 @@ def test_a_run_whose_processes_never_meet_is_one_line_and_writes_nothing(process
 def test_bad_process_flags_are_one_line(args, message, tmp_path):
     extra = ([f"--coordinator_address=127.0.0.1:{free_port()}"]
              if "--process_id=2" in args else [])
-    result = launch_alone([*launch_args("heter", tmp_path / "run"), *extra, *args], tmp_path)
+    result = launch_alone([*launch_args("heter", tmp_path / "run"), *extra, *args])
     lines = error_lines(result)
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
     assert message in lines[0]

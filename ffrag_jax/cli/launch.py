@@ -40,13 +40,9 @@ from ml_collections import config_flags  # noqa: E402
 
 import ffrag_jax.configs  # noqa: E402
 from ffrag_jax.errors import UserError  # noqa: E402
+from ffrag_jax.training.distributed import env_int  # noqa: E402
 
 CONFIG_DIR = Path(ffrag_jax.configs.__file__).parent
-
-
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name, "").strip()
-    return int(value) if value.lstrip("-").isdigit() else None
 
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -61,11 +57,11 @@ _COORDINATOR = flags.DEFINE_string(
     "FFRAG_COORDINATOR_ADDRESS). Not needed on TPU pods, under SLURM (srun) or Open MPI "
     "(mpirun): there JAX finds the processes itself.")
 _NUM_PROCESSES = flags.DEFINE_integer(
-    "num_processes", _env_int("FFRAG_NUM_PROCESSES"),
+    "num_processes", env_int("FFRAG_NUM_PROCESSES"),
     "Multi-process runs: how many processes (env FFRAG_NUM_PROCESSES); with "
     "--coordinator_address.")
 _PROCESS_ID = flags.DEFINE_integer(
-    "process_id", _env_int("FFRAG_PROCESS_ID"),
+    "process_id", env_int("FFRAG_PROCESS_ID"),
     "Multi-process runs: this process's index, 0 to --num_processes - 1 (env "
     "FFRAG_PROCESS_ID); process 0 writes the workdir.")
 _DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(

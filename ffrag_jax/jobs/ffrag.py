@@ -288,8 +288,9 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
             with jax.set_mesh(mesh):  # the model's activation hints (models.partitioning)
                 states, out = rag.update_clients(states, sharding.put(frozen, everywhere),
                                                  batches, rngs, **static)
-            # Back to the host loop's one device (gathered from every process).
-            states, out = sharding.on_one_device(sharding.to_host((states, out)))
+            # Back to the host loop's one device (gathered from every process); the metrics
+            # to the host, where they are logged.
+            states, out = sharding.on_one_device(states), sharding.to_host(out)
             for k in range(len(clients)):
                 for step in logged:
                     log(k, step, {n: v[k, step - 1] for n, v in out.items()})

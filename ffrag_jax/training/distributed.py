@@ -35,17 +35,19 @@ from absl import logging
 from ffrag_jax.errors import UserError
 
 
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    return int(value) if value and value.strip().isdigit() else None
+def env_int(name: str) -> int | None:
+    """The integer in environment variable ``name`` (negative ones too, so that a bad value
+    reaches the range check and its message), or None."""
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.lstrip("-").isdigit() else None
 
 
 def cluster_detected() -> str | None:
     """The multi-process launcher this process runs under (which JAX can initialise from
     without arguments), or None for a single process."""
-    if (_env_int("SLURM_STEP_NUM_TASKS") or 1) > 1:  # inside an srun of several tasks
+    if (env_int("SLURM_STEP_NUM_TASKS") or 1) > 1:  # inside an srun of several tasks
         return "SLURM"
-    if (_env_int("OMPI_COMM_WORLD_SIZE") or 1) > 1:
+    if (env_int("OMPI_COMM_WORLD_SIZE") or 1) > 1:
         return "Open MPI"
     if len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
         return "TPU pod"
@@ -98,7 +100,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         if cluster is None:
             return
         where = f"{cluster} detected"
-    if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
+    if "cpu" in (jax.config.jax_platforms or "cpu"):
         # CPU devices of different processes talk through gloo (the default has none).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
@@ -157,22 +159,23 @@ def agree(ok: bool) -> bool:
     return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
 
 
-def barrier(name: str) -> None:
-    if multi_process():
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
+SCRATCH_MARKER = ".ffrag_jax_scratch"
 
 
 @contextlib.contextmanager
 def scratch_workdir(shared: Path):
     """A private folder standing in for ``shared`` on a process other than 0: its
-    ``checkpoints`` is a link to the shared checkpoints; the rest is deleted at exit."""
+    ``checkpoints`` is a link to the shared checkpoints (which process 0 made); the rest is
+    deleted at exit. A folder of that name is only deleted when its marker says ffrag_jax
+    made it (rmtree unlinks the link; the shared checkpoints are never followed)."""
     folder = scratch_folder(shared)
-    shutil.rmtree(folder, ignore_errors=True)  # left by a killed run of the same workdir
+    if folder.exists():  # left by a killed run of the same workdir
+        if not (folder / SCRATCH_MARKER).exists():
+            raise UserError(f"{folder} exists and was not made by ffrag_jax; move it away")
+        shutil.rmtree(folder)
     folder.mkdir(parents=True)
+    (folder / SCRATCH_MARKER).touch()
     try:
-        (shared / "checkpoints").mkdir(parents=True, exist_ok=True)
         (folder / "checkpoints").symlink_to((shared / "checkpoints").absolute(),
                                             target_is_directory=True)
         yield folder

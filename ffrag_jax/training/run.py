@@ -65,6 +65,7 @@ def open_workdir(config: ConfigDict, workdir: str | Path, overwrite: bool):
         if distributed.is_writer():
             try:
                 path, _ = stack.enter_context(workdir_lib.open_run(config, workdir, overwrite))
+                (path / "checkpoints").mkdir(exist_ok=True)  # the others link to it
             except BaseException:
                 distributed.agree(False)  # the others stop too, instead of waiting forever
                 raise

@@ -21,9 +21,9 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ffrag_jax.errors import UserError
+from ffrag_jax.models.partitioning import BATCH_AXES  # one definition, for params and hints
 
 MESH_AXES = ("clients", "data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
 
 _IN = r"(q_proj|k_proj|v_proj|gate_proj|up_proj)"  # column-parallel: shard the output dim
 _OUT = r"(o_proj|down_proj)"  # row-parallel: shard the input dim
@@ -147,19 +147,26 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def _to_host(x):
-    """A host copy of an array on this process's devices (a PRNG key array as its key data,
-    see :func:`put`); anything else as it is."""
-    if isinstance(x, jax.Array) and x.is_fully_addressable:
-        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            return _HostKeys(np.asarray(jax.random.key_data(x)), jax.random.key_impl(x))
-        return np.asarray(x)
-    return x
-
-
 class _HostKeys:
+    """A PRNG key array's key data on the host (numpy cannot hold typed keys)."""
+
     def __init__(self, data: np.ndarray, impl):
         self.data, self.impl = data, impl
+
+
+def _host_copy(x):
+    """The value of an array this process can read whole (local, or replicated), on the
+    host; a PRNG key array as :class:`_HostKeys`."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return _HostKeys(np.asarray(jax.random.key_data(x)), jax.random.key_impl(x))
+    return np.asarray(x)
+
+
+def _place(x, s):
+    """``jax.device_put(x, s)`` of a host value (key data placed, then typed again)."""
+    if isinstance(x, _HostKeys):
+        return jax.random.wrap_key_data(jax.device_put(x.data, s), impl=x.impl)
+    return jax.device_put(x, s)
 
 
 def put(tree, shardings):
@@ -170,19 +177,11 @@ def put(tree, shardings):
     array. One process: exactly ``jax.device_put``."""
     if jax.process_count() == 1:
         return jax.device_put(tree, shardings)
-    host = jax.tree.map(_to_host, tree)
-    if not isinstance(shardings, jax.sharding.Sharding):
-        shardings = jax.tree.map(lambda _, s: s, tree, shardings)
-    else:
+    if isinstance(shardings, jax.sharding.Sharding):
         shardings = jax.tree.map(lambda _: shardings, tree)
-
-    def one(x, s):
-        if isinstance(x, _HostKeys):  # key data [..., 2] placed, then typed again
-            return jax.random.wrap_key_data(jax.device_put(x.data, s), impl=x.impl)
-        return jax.device_put(x, s)
-
-    return jax.tree.map(one, host, shardings,
-                        is_leaf=lambda x: isinstance(x, _HostKeys))
+    local = lambda x: isinstance(x, jax.Array) and x.is_fully_addressable  # noqa: E731
+    return jax.tree.map(lambda x, s: _place(_host_copy(x), s) if local(x) else
+                        jax.device_put(x, s), tree, shardings)
 
 
 def process_local_to_global(tree):
@@ -209,20 +208,10 @@ def global_to_process_local(tree, like):
 
     def one(x, ref):
         if isinstance(ref, jax.Array) and ref.is_fully_addressable:
-            return jax.device_put(_unwrap(_to_host_replica(x)), ref.sharding)
+            return _place(_host_copy(x), ref.sharding)  # x is replicated: readable whole
         return x
 
     return jax.tree.map(one, tree, like)
-
-
-def _to_host_replica(x):
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-        return _HostKeys(np.asarray(jax.random.key_data(x)), jax.random.key_impl(x))
-    return np.asarray(x)
-
-
-def _unwrap(x):
-    return jax.random.wrap_key_data(x.data, impl=x.impl) if isinstance(x, _HostKeys) else x
 
 
 def shard(tree, mesh: Mesh, rules=PARAM_RULES):
