@@ -117,7 +117,9 @@ def main(argv=None) -> int:
             print(json.dumps(r, ensure_ascii=False))
     else:
         for r in results:
-            print(f"Q: {r['question']}\nA: {r['answer']}")
+            note = "  (abstained: the knowledge bases do not support an answer)" if r.get(
+                "abstained") else ""
+            print(f"Q: {r['question']}\nA: {r['answer']}{note}")
             for h in r["sources"]:
                 print(f"   [{h['kb']}] {h['score']:.3f}  {h['text']}")
     return 0

@@ -41,6 +41,7 @@ def get_config() -> ConfigDict:
         vocab_size=1536, path=config_dict.FieldReference("packaged:demo", field_type=str)))
     c.model = _common.tiny_llama()
     c.pretrain = _common.pretrain(800)  # a reader of the geography domain (no client data)
+    c.pretrain.distractors = 0  # other facts in each pretraining context (a reader of several)
     c.retriever = ConfigDict(dict(path=config_dict.placeholder(str)))  # None: packaged MiniLM
     c.rag = ConfigDict(dict(
         k_private=2, k_shared=2,  # candidates per question from each base
@@ -48,6 +49,21 @@ def get_config() -> ConfigDict:
         query_len=24,  # query-encoder tokens in training (the questions have <= 18)
         losses={"rag_sequence": 1.0, "lsr": 1.0},
         score_scale=20.0, tau_lm=1.0,
+        # The reader reads the first n candidates as one context (n > 1: the single-passage
+        # RAG losses do not apply; use ralt or dual_task), each after its base's source tag
+        # ("[case]", "[authority]") with source_tags.
+        context_passages=1, source_tags=False,
+    ))
+    # The knowledge boundary (configs/boundary.py): case, authority, agreeing, conflicting and
+    # unanswerable questions; the dual task trains tagged answers and abstentions.
+    c.boundary = ConfigDict(dict(
+        enabled=False,
+        dual_task=True,  # False: answerable questions only, plain answers (the baseline)
+        overlap_entities=30,  # per client: in both bases (each relation agrees or conflicts)
+        conflict_rate=0.5,  # of the overlap facts, the case note contradicts the authority
+        unanswerable_rate=0.3,  # about this many unanswerable per answerable question
+        abstain_weight=1.0,  # the dual_task loss's weight on abstention answers
+        tag_weight=1.0,  # and on the source tag's tokens
     ))
     c.fl = ConfigDict(dict(
         strategy="ff",  # ff: personal + stacked global adapters; stack: FLoRA, merged

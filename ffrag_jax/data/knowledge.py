@@ -4,16 +4,21 @@ entities; the shared base holds ``data.shared_entities`` entities of every clien
 client's questions ask about its private facts and its domain's shared facts; they are split
 into training and held-out questions. Nothing is answerable closed-book: every fact is drawn
 fresh. Deterministic in ``config.seed``.
+
+With ``boundary.enabled`` the knowledge has a boundary (:mod:`ffrag_jax.data.boundary`):
+questions from the case base, the authority, both in agreement or conflict, and neither; each
+question dict then also holds ``type``, ``source``, ``case_fact`` and ``wrong``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import random
 
 import numpy as np
 from ml_collections import ConfigDict
 
-from ffrag_jax.data import synthetic
+from ffrag_jax.data import boundary, synthetic
 from ffrag_jax.errors import UserError
 from ffrag_jax.rag import prompts
 
@@ -32,12 +37,10 @@ class Client:
 
 def client_knowledge(config: ConfigDict) -> tuple[list[str], list[Client]]:
     """``(shared facts, clients)``; deterministic in ``config.seed``."""
-    d, fl = config.data, config.fl
-    domains = [x.strip() for x in d.domains.split(",") if x.strip()]
-    if len(domains) < fl.num_clients:
-        raise UserError(f"data.domains names {len(domains)} domains for fl.num_clients="
-                        f"{fl.num_clients} clients (one domain each)")
-    domains = domains[: fl.num_clients]
+    domains = _domains(config)
+    if boundary_enabled(config):
+        return _boundary_knowledge(config, domains)
+    d = config.data
     shared: list[str] = []
     shared_questions: dict[str, list[dict]] = {}
     for domain in sorted(set(domains)):
@@ -60,10 +63,61 @@ def client_knowledge(config: ConfigDict) -> tuple[list[str], list[Client]]:
     return shared, clients
 
 
+def boundary_enabled(config: ConfigDict) -> bool:
+    return bool(config.get("boundary") and config.boundary.enabled)
+
+
+def _domains(config: ConfigDict) -> list[str]:
+    domains = [x.strip() for x in config.data.domains.split(",") if x.strip()]
+    if len(domains) < config.fl.num_clients:
+        raise UserError(f"data.domains names {len(domains)} domains for fl.num_clients="
+                        f"{config.fl.num_clients} clients (one domain each)")
+    for domain in domains:
+        if domain not in synthetic.DOMAINS:
+            raise UserError(f"data.domains: unknown domain {domain!r}; domains: "
+                            f"{', '.join(synthetic.DOMAINS)}")
+    return domains[: config.fl.num_clients]
+
+
+def _boundary_knowledge(config: ConfigDict, domains: list[str]
+                        ) -> tuple[list[str], list[Client]]:
+    """:func:`client_knowledge` with a knowledge boundary: the shared base holds every domain's
+    authority-only facts, then each client's overlap entities' authoritative facts."""
+    d, b = config.data, config.boundary
+    for name in ("conflict_rate", "unanswerable_rate"):
+        if not 0.0 <= b[name] <= 1.0:
+            raise UserError(f"boundary.{name} must be in [0, 1], got {b[name]}")
+    names = {domain: boundary._Names(domain, config.seed + 1000) for domain in sorted(set(domains))}
+    shared: list[str] = []
+    authority_questions: dict[str, list[dict]] = {}
+    for domain in sorted(names):
+        facts, questions = boundary.domain_authority(domain, names[domain], d.shared_entities)
+        authority_questions[domain] = [{**q, "fact": len(shared) + q["fact"], "case_fact": -1,
+                                        "wrong": None} for q in questions]
+        shared.extend(facts)
+    per_client = []
+    for domain in domains:
+        case, authority, questions = boundary.client_boundary(
+            domain, names[domain], case_entities=d.private_entities,
+            overlap_entities=b.overlap_entities, conflict_rate=b.conflict_rate,
+            unanswerable_rate=b.unanswerable_rate, authority_offset=len(shared))
+        shared.extend(authority)
+        per_client.append((domain, case, questions))
+    clients = []
+    for k, (domain, case, questions) in enumerate(per_client):
+        questions = questions + [{**q, "fact": len(case) + q["fact"]}
+                                 for q in authority_questions[domain]]
+        train, test = boundary.split_by_type(questions, d.held_out,
+                                             random.Random(f"split:{config.seed}:{k}"))
+        clients.append(Client(f"{k}:{domain}", domain, case, train, test))
+    return shared, clients
+
+
 def reading_examples(config: ConfigDict) -> list[dict]:
     """The pretraining examples: reading comprehension on the base domain (no client data)."""
     return synthetic.make_examples(config.pretrain.domain, config.pretrain.num_examples,
-                                   config.seed, distractors=0, user_questions=True)
+                                   config.seed, distractors=config.pretrain.get("distractors", 0),
+                                   user_questions=True)
 
 
 def tokenizer_texts(reading: list[dict], shared: list[str], clients: list[Client]) -> list[str]:

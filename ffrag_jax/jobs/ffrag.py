@@ -36,7 +36,14 @@ from ml_collections import ConfigDict
 
 from ffrag_jax import federated, files, rag
 from ffrag_jax.config_types import LoRASection
-from ffrag_jax.data.knowledge import Client, client_knowledge, reading_examples, tokenizer_texts
+from ffrag_jax.data import boundary
+from ffrag_jax.data.knowledge import (
+    Client,
+    boundary_enabled,
+    client_knowledge,
+    reading_examples,
+    tokenizer_texts,
+)
 from ffrag_jax.errors import UserError
 from ffrag_jax.federated import strategies
 from ffrag_jax.federated.driver import RoundDriver
@@ -49,7 +56,7 @@ from ffrag_jax.jobs.base_model import (
 from ffrag_jax.models import lora
 from ffrag_jax.models.llama import init_params
 from ffrag_jax.rag import evaluate as rag_eval
-from ffrag_jax.rag import system
+from ffrag_jax.rag import prompts, system
 from ffrag_jax.retrieval.encoder import TextEncoder
 from ffrag_jax.retrieval.knowledge_base import KnowledgeBase
 from ffrag_jax.retrieval.multi_source import Sources
@@ -81,7 +88,33 @@ def evaluate_client(config, client: Client, sources: Sources, query_enc: TextEnc
                              closed_book=closed_book, lora=gen_lora,
                              prompt_len=config.rag.prompt_len,
                              max_new_tokens=config.eval.max_new_tokens,
-                             batch_size=config.eval.batch_size, predictions=predictions)
+                             batch_size=config.eval.batch_size, predictions=predictions,
+                             contexts=_contexts(config, sources, ids),
+                             boundary=boundary_enabled(config))
+
+
+def _contexts(config, sources: Sources, ids: np.ndarray) -> list[str]:
+    """What the reader reads per question: the first ``rag.context_passages`` candidates, each
+    after its source tag with ``rag.source_tags``."""
+    return prompts.contexts(ids, sources.texts, config.rag.context_passages,
+                            sources.passage_tags)
+
+
+def _single_passage(config) -> bool:
+    """The step scores every candidate on its own (the RAG losses' layout), not one context."""
+    return config.rag.context_passages == 1 and not config.rag.source_tags
+
+
+def training_questions(config, client: Client) -> list[dict]:
+    """The client's training questions with the answers the generator learns: as they are, or
+    with a knowledge boundary the tagged answers and abstentions of the dual task
+    (``boundary.dual_task``; without it, the answerable questions with plain answers)."""
+    if not boundary_enabled(config):
+        return client.train
+    b = config.boundary
+    kept = [q for q in client.train if b.dual_task or q["type"] != "unanswerable"]
+    return [{**q, "gold": q["answer"], "answer": boundary.target(q, tagged=b.dual_task)}
+            for q in kept]
 
 
 def _client_batch(config, tokenizer, query_enc: TextEncoder, sources: Sources, client: Client,
@@ -108,13 +141,25 @@ def _batch(config, tokenizer, enc, sources: Sources, questions: list[dict], ids:
            ) -> dict:
     """The arrays of one :func:`rag.rag_step` for ``questions`` and their candidates ``ids``."""
     r = config.rag
-    passages, valid = rag.pad_passages(
-        [[sources.texts[i] for i in row if i >= 0] for row in ids], sources.k)
+    if _single_passage(config):
+        passages, valid = rag.pad_passages(
+            [[sources.texts[i] for i in row if i >= 0] for row in ids], sources.k)
+    else:  # one context per question: its first candidates, tagged (the losses' check it)
+        passages = [[c] for c in _contexts(config, sources, ids)]
+        valid = np.ones((len(ids), 1), bool)
+        ids = ids[:, :1]
     batch = rag.question_batch(tokenizer, enc.tokenizer, questions, passages,
                                prompt_len=r.prompt_len, answer_len=r.answer_len,
                                query_len=r.query_len)
     emb = np.where((ids >= 0)[..., None], sources.vectors[np.maximum(ids, 0)], 0.0)
-    return {**batch, "passage_emb": emb.astype(np.float32), "passage_valid": valid}
+    batch = {**batch, "passage_emb": emb.astype(np.float32), "passage_valid": valid}
+    if "dual_task" in r.losses:
+        b = config.boundary
+        batch["target_weight"] = rag.target_weights(
+            tokenizer, [q["answer"] for q in questions], r.answer_len, tag_weight=b.tag_weight,
+            example_weights=[b.abstain_weight if q.get("type") == "unanswerable" else 1.0
+                             for q in questions])
+    return batch
 
 
 def validate(config: ConfigDict, mesh: jax.sharding.Mesh) -> None:
@@ -135,6 +180,17 @@ def validate(config: ConfigDict, mesh: jax.sharding.Mesh) -> None:
     if min(r.k_private, r.k_shared) < 0 or r.k_private + r.k_shared == 0:
         raise UserError(f"rag.k_private={r.k_private} and rag.k_shared={r.k_shared}: "
                         "quotas must be >= 0 and retrieve at least one passage")
+    if r.context_passages < 1:
+        raise UserError(f"rag.context_passages must be at least 1, got {r.context_passages}")
+    if not _single_passage(config):
+        scoring = [name for name in r.losses if name in ("rag_sequence", "rag_token", "lsr")]
+        if scoring:
+            raise UserError(f"rag.losses {scoring[0]} scores single passages; with "
+                            f"rag.context_passages={r.context_passages} or rag.source_tags "
+                            "the reader reads one context: use ralt or dual_task")
+    if "dual_task" in r.losses and not boundary_enabled(config):
+        raise UserError("rag.losses dual_task trains the knowledge boundary: set "
+                        "boundary.enabled=True (or use ralt)")
     for name in ("local_steps", "batch_size"):
         if fl[name] < 1:
             raise UserError(f"fl.{name} must be at least 1, got {fl[name]}")
@@ -152,6 +208,8 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     r, fl = config.rag, config.fl
     metrics = open_log(workdir)
     shared, clients = client_knowledge(config)
+    for c in clients:
+        c.train = training_questions(config, c)
     reading = reading_examples(config)
     tokenizer = run_tokenizer(config, workdir, tokenizer_texts(reading, shared, clients))
     for c in clients:
@@ -183,7 +241,8 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     for k, c in enumerate(clients):
         cases = KnowledgeBase.from_passages(f"cases_{k}", c.private, enc,
                                             vectors=enc.embed(c.private))
-        s = Sources([cases, shared_base], [r.k_private, r.k_shared])
+        s = Sources([cases, shared_base], [r.k_private, r.k_shared],
+                    tags=boundary.SOURCES if r.source_tags else None)
         if len(cases) < r.k_private or len(shared_base) < r.k_shared:
             logging.warning("client %s: a base holds fewer passages than its quota; the "
                             "missing candidates are masked out", c.name)
@@ -373,6 +432,9 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         query_params=server["retriever"]["params"] if strategy.changes_base else None,
         bases={"shared": shared_base, **{s.bases[0].name: s.bases[0] for s in sources}},
         quotas={"private": r.k_private, "shared": r.k_shared}, prompt_len=r.prompt_len,
+        context_passages=r.context_passages,
+        tags=dict(zip(("private", "shared"), boundary.SOURCES, strict=True))
+        if r.source_tags else None,
         clients=[{"name": c.name, "base": f"cases_{k}",
                   "generator": federated.unpad_rank(
                       strategy.client_adapter(server["generator"], k), gen_ranks[k]),
@@ -404,8 +466,11 @@ def summarize(records: list[dict], rounds: int) -> dict:
 
     def mean(model: str, rnd: int) -> dict:
         rows = [x for x in evals if x["model"] == model and x["round"] == rnd]
-        keys = [k for k in rows[0] if isinstance(rows[0][k], float) and k != "time"]
-        return {k: round(float(np.mean([x[k] for x in rows])), 4) for k in keys}
+        keys = dict.fromkeys(k for x in rows for k, v in x.items()
+                             if (isinstance(v, float) or v == "nan") and k != "time")
+        # A client without questions of a kind has NaN there ("nan"): the mean is of the rest.
+        values = {k: [x[k] for x in rows if isinstance(x.get(k), float)] for k in keys}
+        return {k: round(float(np.mean(v)), 4) if v else None for k, v in values.items()}
 
     out = {"rounds": rounds, "base": mean("base", 0), "global": mean("global", rounds)}
     if any(x["model"] == "fused" for x in evals):

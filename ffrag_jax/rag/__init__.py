@@ -9,13 +9,16 @@ from ffrag_jax.rag.batches import (
     encode_generator_batch,
     pad_passages,
     question_batch,
+    target_weights,
 )
 from ffrag_jax.rag.prompts import (
     MIN_QUESTION_TOKENS,
     TEMPLATE,
     Prompt,
+    contexts,
     fit_prompt,
     fit_prompts,
+    tagged_context,
 )
 from ffrag_jax.rag.step import (
     LOSSES,
@@ -34,5 +37,6 @@ __all__ = [
     "LOSSES", "MIN_QUESTION_TOKENS", "TEMPLATE", "Prompt", "RagLossConfig", "answer_ids",
     "answer_logits", "client_update", "doc_scores", "drop_long_answers", "embeddings",
     "encode_generator_batch", "fit_prompt", "fit_prompts", "pad_passages", "question_batch",
-    "rag_loss", "rag_step", "update", "update_clients",
+    "rag_loss", "rag_step", "tagged_context", "target_weights", "update", "update_clients",
+    "contexts",
 ]

@@ -72,6 +72,26 @@ def answer_ids(tokenizer, answer: str) -> list[int]:
         tokenizer.eos_token_id]
 
 
+def target_weights(tokenizer, answers: Sequence[str], answer_len: int, *, tag_weight: float,
+                   example_weights: Sequence[float]) -> np.ndarray:
+    """Per-token loss weights ``[B, answer_len]`` of the answers' targets (as
+    :func:`answer_ids`, EOS included; 0 on padding) for the knowledge-boundary dual task: 1 per
+    token, ``tag_weight`` on the tokens of a trailing source tag ``[...]``, all times the
+    answer's ``example_weights`` (e.g. more for abstentions)."""
+    out = np.zeros((len(answers), answer_len), np.float32)
+    for i, (answer, weight) in enumerate(zip(answers, example_weights, strict=True)):
+        text = " " + answer.strip()
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        tag = text.rfind(" [") if text.endswith("]") else -1
+        row = [tag_weight if tag >= 0 and end > tag + 1 else 1.0
+               for _, end in enc["offset_mapping"]] + [1.0]  # + EOS
+        if len(row) > answer_len:
+            raise UserError(f"answer {i} has {len(row)} tokens (EOS included); the budget is "
+                            f"{answer_len} (rag answer_len)")
+        out[i, : len(row)] = np.asarray(row) * weight
+    return out
+
+
 def drop_long_answers(tokenizer, questions: Sequence[dict], answer_len: int, where: str
                       ) -> list[dict]:
     """``questions`` (dicts with an ``answer``) without those whose answer does not fit

@@ -12,6 +12,8 @@ import numpy as np
 
 from ffrag_jax import evaluation
 from ffrag_jax.data import text
+from ffrag_jax.data.boundary import ANSWERABLE
+from ffrag_jax.evaluation.boundary import boundary_metrics, parse
 from ffrag_jax.models.llama import LlamaConfig
 from ffrag_jax.rag.prompts import Prompt, fit_prompts
 
@@ -52,28 +54,48 @@ def answer_metrics(predictions: Sequence[str], answers: Sequence[str], prefix: s
 def evaluate(gen_params: dict, gen_cfg: LlamaConfig, tokenizer, questions: Sequence[dict],
              ids: np.ndarray, passages: Sequence[str], *, closed_book: bool, lora=None,
              prompt_len: int, max_new_tokens: int, batch_size: int,
-             predictions: list | None = None) -> dict:
+             predictions: list | None = None, contexts: Sequence[str] | None = None,
+             boundary: bool = False) -> dict:
     """Metrics of ``questions`` (``{question, answer, fact}``, ``fact`` indexing
     ``passages``) whose retrieved passage ids are ``ids`` ``[N, K]`` (best first, -1: none):
     recall, the answer-in-context rate of the top passage, RAG exact match and F1 with the top
-    passage in the prompt, and with ``closed_book`` the same without a passage. With a
-    ``predictions`` list, one record per question is appended to it: ``{question, answer,
-    retrieved (passage texts, best first), prediction}``."""
+    passage in the prompt (or with ``contexts``, one per question: e.g. several tagged
+    passages, :func:`~ffrag_jax.rag.prompts.contexts`), and with ``closed_book`` the same
+    without a passage.
+
+    With ``boundary`` the questions are knowledge-boundary ones (``type``, answers tagged or
+    abstained, :mod:`ffrag_jax.evaluation.boundary`): retrieval, answer-in-context and the
+    EM/F1 scores are over the answerable questions, on the answer's value (tag removed), and
+    the boundary metrics are added. With a ``predictions`` list, one record per question is
+    appended to it: ``{question, answer, retrieved (passage texts, best first), prediction}``
+    (+ ``type`` with ``boundary``)."""
     texts = [q["question"] for q in questions]
     answers = [q["answer"] for q in questions]
     top = [passages[i] if i >= 0 else "" for i in ids[:, 0]]
+    contexts = top if contexts is None else list(contexts)
     common = dict(lora=lora, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
                   batch_size=batch_size)
-    said = answer(gen_params, gen_cfg, tokenizer, texts, top, **common)
-    out = {**retrieval_metrics(ids, np.asarray([q["fact"] for q in questions])),
-           "answer_in_context": evaluation.answer_in_context_rate(top, answers),
-           **answer_metrics(said, answers, "rag")}
+    said = answer(gen_params, gen_cfg, tokenizer, texts, contexts, **common)
+    scored = range(len(questions))
+    values = said
+    if boundary:
+        scored = [i for i, q in enumerate(questions) if q["type"] in ANSWERABLE]
+        values = [parse(p).value for p in said]
+    pick = lambda xs: [xs[i] for i in scored]  # noqa: E731
+    gold = np.asarray([q["fact"] for q in questions], np.int64)
+    out = {**retrieval_metrics(ids[list(scored)], gold[list(scored)]),
+           "answer_in_context": evaluation.answer_in_context_rate(pick(contexts), pick(answers)),
+           **answer_metrics(pick(values), pick(answers), "rag")}
+    if boundary:
+        out.update(boundary_metrics(said, questions))
     if closed_book:
-        out.update(answer_metrics(
-            answer(gen_params, gen_cfg, tokenizer, texts, [""] * len(texts), **common),
-            answers, "closed_book"))
+        book = answer(gen_params, gen_cfg, tokenizer, texts, [""] * len(texts), **common)
+        if boundary:
+            book = [parse(p).value for p in book]
+        out.update(answer_metrics(pick(book), pick(answers), "closed_book"))
     if predictions is not None:
         predictions.extend(
             {"question": t, "answer": a, "retrieved": [passages[i] for i in row if i >= 0],
-             "prediction": p} for t, a, row, p in zip(texts, answers, ids, said, strict=True))
+             "prediction": p, **({"type": q["type"]} if boundary else {})}
+            for t, a, row, p, q in zip(texts, answers, ids, said, questions, strict=True))
     return {**out, "questions": len(questions)}

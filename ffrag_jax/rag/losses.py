@@ -14,6 +14,9 @@ the caller does the causal shift). ``mask`` ``[B, T]`` is 1 on answer tokens, 0 
 * :func:`lsr_loss` - LM-supervised retrieval (REPLUG, RA-DIT): the retriever's distribution
   over the K passages is pulled towards the LM's preference ``softmax(lm_scores / tau_lm)``,
   with a stop-gradient on the LM side.
+* :func:`weighted_response_nll` - the response-only NLL of each passage's prompt, with per-token
+  weights: RALT (weights = the answer mask) and the knowledge-boundary dual task (source-tag
+  tokens and abstentions weighted, issue 17).
 * ``ffrag_jax.retrieval.contrastive.info_nce`` and
   ``ffrag_jax.training.train.causal_lm_loss`` (response
   only) complete the set: the latter is RALT's loss when the prompt holds retrieved passages.
@@ -86,6 +89,21 @@ def sequence_logprob(target_logprobs: jax.Array, mask: jax.Array, *,
     if length_normalize:
         total = total / jnp.maximum(m.sum(-1), 1.0)
     return total
+
+
+def weighted_response_nll(target_logprobs: jax.Array, weights: jax.Array, mask: jax.Array,
+                          valid: jax.Array | None = None) -> jax.Array:
+    """Per-question ``[B]``: each passage's answer NLL ``-sum_t w_t log p(y_t|q, d_k, y_<t) /
+    sum_t mask_t`` (``target_logprobs`` ``[B, K, T]``, ``weights`` and ``mask`` ``[B, T]``),
+    averaged over the valid passages (``valid`` ``[B, K]``, default all). With ``weights =
+    mask`` it is RALT's token-mean NLL."""
+    if valid is None:
+        valid = jnp.ones(target_logprobs.shape[:2], bool)
+    valid = valid.astype(jnp.float32)
+    m = mask.astype(jnp.float32)
+    per_doc = -(target_logprobs * weights.astype(jnp.float32)[:, None, :]).sum(-1) / jnp.maximum(
+        m.sum(-1, keepdims=True), 1.0)
+    return (per_doc * valid).sum(-1) / jnp.maximum(valid.sum(-1), 1.0)
 
 
 def lsr_loss(retriever_scores: jax.Array, lm_scores: jax.Array, *, tau_r: float = 1.0,

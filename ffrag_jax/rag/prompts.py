@@ -94,3 +94,24 @@ def fit_prompts(tokenizer, questions: Sequence[str], contexts: Sequence[str],
     fitted to ``prompt_len`` tokens by :func:`fit_prompt`."""
     return [fit_prompt(tokenizer, c, q, prompt_len, where=f"question {i}")
             for i, (q, c) in enumerate(zip(questions, contexts, strict=True))]
+
+
+def tagged_context(passages: Sequence[str], tags: Sequence[str | None] | None = None) -> str:
+    """The reader's context of several passages, best first, each after its source tag
+    (``"[case] ... [authority] ..."``; a None tag, or no ``tags``: the passage alone). A long
+    context loses its last passages first when fitted (:func:`fit_prompt` cuts from the end)."""
+    tags = [None] * len(passages) if tags is None else tags
+    return " ".join(p if t is None else f"[{t}] {p}"
+                    for p, t in zip(passages, tags, strict=True))
+
+
+def contexts(ids, texts: Sequence[str], n: int, tags: Sequence[str | None] | None = None
+             ) -> list[str]:
+    """Per row of retrieved ids ``[N, K]`` (best first, -1: none): the :func:`tagged_context`
+    of its first ``n`` passages (``tags[i]``: passage ``i``'s source tag); "" when none."""
+    out = []
+    for row in ids:
+        chosen = [int(i) for i in row if i >= 0][:n]
+        out.append(tagged_context([texts[i] for i in chosen],
+                                  None if tags is None else [tags[i] for i in chosen]))
+    return out

@@ -11,8 +11,9 @@ current index returned. Inside one jit:
 3. the generator (frozen weights + its LoRA) scores the answer given each (passage, question)
    in one batched forward over ``B*K`` sequences;
 4. the loss is a weighted sum of RAG-sequence, RAG-token, LSR (retriever only, LM side
-   stop-gradient) and RALT (generator only: the response-only NLL, mean over the K passages),
-   :mod:`ffrag_jax.rag.losses`.
+   stop-gradient), RALT (generator only: the response-only NLL, mean over the K passages) and
+   the knowledge-boundary dual task (RALT with the batch's per-token ``target_weight``
+   ``[B, T]``: source tags and abstentions weighted, issue 17), :mod:`ffrag_jax.rag.losses`.
 
 The batch layout (answers aligned at one position for every passage) is in
 :mod:`ffrag_jax.rag.batches`.
@@ -34,7 +35,7 @@ from ffrag_jax.rag import losses
 from ffrag_jax.retrieval.encoder import EncoderConfig, encode
 from ffrag_jax.training.train import apply_gradients, scan_steps
 
-LOSSES = ("rag_sequence", "rag_token", "lsr", "ralt")
+LOSSES = ("rag_sequence", "rag_token", "lsr", "ralt", "dual_task")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,11 +141,13 @@ def rag_loss(trainable: dict, frozen: dict, batch: dict, rng: jax.Array | None, 
             parts[name] = losses.lsr_loss(retriever, lm, tau_r=loss_cfg.tau_r,
                                           tau_lm=loss_cfg.tau_lm,
                                           direction=loss_cfg.lsr_direction)
-        elif name == "ralt":  # generator only: each passage's prompt scored on its own
-            valid = batch.get("passage_valid", jnp.ones(scores.shape, bool)).astype(jnp.float32)
-            per_doc = -(target_lp * mask[:, None, :]).sum(-1) / jnp.maximum(
-                mask.sum(-1, keepdims=True), 1)
-            parts[name] = (per_doc * valid).sum(-1) / jnp.maximum(valid.sum(-1), 1.0)
+        elif name in ("ralt", "dual_task"):  # generator only: each prompt on its own
+            if name == "dual_task" and "target_weight" not in batch:
+                raise UserError("the dual_task loss needs the batch's target_weight [B, T] "
+                                "(rag.batches.target_weights)")
+            weights = batch["target_weight"] if name == "dual_task" else mask
+            parts[name] = losses.weighted_response_nll(target_lp, weights, mask,
+                                                       batch.get("passage_valid"))
     total = sum(weight * parts[name].mean() for name, weight in loss_cfg.weights)
     metrics = {name: value.mean() for name, value in parts.items()}
     metrics["retrieval_top1_is_lm_best"] = (

@@ -32,6 +32,7 @@ from absl import logging
 
 from ffrag_jax import federated, files
 from ffrag_jax.errors import UserError
+from ffrag_jax.evaluation.boundary import parse
 from ffrag_jax.models import hf, lora
 from ffrag_jax.models.llama import LlamaConfig
 from ffrag_jax.models.lora import LoRA
@@ -57,6 +58,8 @@ class RagSystem:
     bases: list[KnowledgeBase]
     quotas: dict[str, int]
     prompt_len: int
+    context_passages: int = 1  # the reader reads the first n passages
+    tags: dict[str, str] | None = None  # base name -> source tag shown before its passages
 
     def search(self, questions: Sequence[str], mode: str = "dense"
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -71,11 +74,13 @@ class RagSystem:
     def ask(self, questions: Sequence[str], *, mode: str = "dense", max_new_tokens: int = 16,
             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
             batch_size: int = 32) -> list[dict]:
-        """Per question ``{"question", "answer", "context", "sources", "cut"}``: ``sources``
-        are the hits of every base (best first, each naming its base), ``context`` the passage
-        text the reader saw ("" when nothing was retrieved: the question is answered
+        """Per question ``{"question", "answer", "context", "sources", "cut", "abstained"}``:
+        ``sources`` are the hits of every base (best first, each naming its base), ``context``
+        the passage text the reader saw (its first ``context_passages``, tagged by source when
+        the system was trained so) ("" when nothing was retrieved: the question is answered
         closed-book, with a warning), ``cut`` what was shortened to fit the reader's
-        ``prompt_len`` (``[]``, ``["question"]``, ``["passage"]``; a warning says so too).
+        ``prompt_len`` (``[]``, ``["question"]``, ``["passage"]``; a warning says so too),
+        ``abstained`` whether the answer is the knowledge boundary's abstention.
         An empty question is an error."""
         questions = list(questions)
         if not questions:
@@ -92,7 +97,10 @@ class RagSystem:
         for question, row in zip(questions, hits, strict=True):
             if not row:
                 logging.warning("no passage retrieved for %r: answering closed-book", question)
-            contexts.append(row[0]["text"] if row else "")
+            read = row[: self.context_passages]
+            contexts.append(prompts.tagged_context(
+                [h["text"] for h in read],
+                None if self.tags is None else [self.tags.get(h["kb"]) for h in read]))
         fitted = prompts.fit_prompts(self.tokenizer, questions, contexts, self.prompt_len)
         cuts = []
         for i, (q, c, p) in enumerate(zip(questions, contexts, fitted, strict=True)):
@@ -108,7 +116,8 @@ class RagSystem:
             self.gen_params, self.gen_cfg, self.tokenizer, fitted, lora=self.gen_lora,
             prompt_len=self.prompt_len, max_new_tokens=max_new_tokens, batch_size=batch_size,
             rng=rng, temperature=temperature, top_p=top_p, top_k=top_k)
-        return [{"question": q, "answer": a, "context": p.passage, "sources": row, "cut": cut}
+        return [{"question": q, "answer": a, "context": p.passage, "sources": row, "cut": cut,
+                 "abstained": parse(a).abstained}
                 for q, a, p, row, cut in zip(questions, answers, fitted, hits, cuts,
                                              strict=True)]
 
@@ -118,7 +127,8 @@ def export_system(folder: Path, *, gen_cfg: LlamaConfig, gen_params: dict, token
                   global_retriever: LoRA | None,
                   bases: dict[str, list[str] | KnowledgeBase],
                   quotas: dict[str, int], prompt_len: int, clients: Sequence[dict] = (),
-                  retriever_sides: str = "query", query_params: dict | None = None) -> Path:
+                  retriever_sides: str = "query", query_params: dict | None = None,
+                  context_passages: int = 1, tags: dict[str, str] | None = None) -> Path:
     """Writes the system folder (see the module docstring). ``bases`` maps a base name to its
     passages, or to the :class:`KnowledgeBase` a job searched (saved as it is, so the system
     searches exactly as the job evaluated); ``clients`` are ``{"name", "base", "generator":
@@ -127,7 +137,9 @@ def export_system(folder: Path, *, gen_cfg: LlamaConfig, gen_params: dict, token
     ``retriever_sides="both"``: the global retriever LoRA was trained on passages too, so the
     bases are embedded with it (merged); ``"query"``: by the plain ``encoder``.
     ``query_params``: full query-encoder weights instead of a LoRA (strategies that merge
-    every round's adapters into the base), saved as a sentence-transformers folder."""
+    every round's adapters into the base), saved as a sentence-transformers folder.
+    ``context_passages`` and ``tags`` (``{"private": tag, <base>: tag}``): how the reader was
+    trained to read (the first n passages, each after its base's source tag)."""
     folder = Path(folder)
     if retriever_sides not in ("query", "both"):
         raise ValueError(f"retriever_sides must be 'query' or 'both', got {retriever_sides!r}")
@@ -165,6 +177,7 @@ def export_system(folder: Path, *, gen_cfg: LlamaConfig, gen_params: dict, token
               # How the reader was trained to be prompted: <s> + this template, fitted to
               # prompt_len tokens by rag.fit_prompt, then " <answer></s>".
               "prompt_template": prompts.TEMPLATE,
+              "context_passages": context_passages, "tags": tags,
               "quotas": quotas, "clients": [{"name": c["name"], "base": c["base"]}
                                             for c in clients]}
     files.atomic_write_json(folder / "system.json", system)
@@ -220,7 +233,10 @@ def load_system(folder: str | Path, client: int | None = None) -> RagSystem:
         names.insert(0, base)
         quotas[base] = quotas.pop("private")
     quotas.pop("private", None)
+    tags = system.get("tags")
+    if tags is not None and client is not None and "private" in tags:
+        tags = {**tags, clients[client]["base"]: tags["private"]}
     bases = [KnowledgeBase.load(folder / "knowledge" / n, encoder, query_encoder=query)
              for n in names]
     return RagSystem(gen_cfg, gen_params, gen_lora, tokenizer, bases, quotas,
-                     system["prompt_len"])
+                     system["prompt_len"], system.get("context_passages", 1), tags)

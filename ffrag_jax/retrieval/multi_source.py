@@ -68,13 +68,19 @@ def hits(bases: Sequence[KnowledgeBase], ranked: tuple[np.ndarray, np.ndarray, n
 class Sources:
     """A client's bases searched together (dense, with one query encoder), with every passage
     numbered globally: ``texts`` and ``vectors`` are the bases' in order, so passage ``i`` of
-    base ``b`` is ``offsets[b] + i``."""
+    base ``b`` is ``offsets[b] + i``. ``tags`` (one per base, e.g. ``("case", "authority")``)
+    give every passage its base's source tag in ``passage_tags`` (None without)."""
 
-    def __init__(self, bases: Sequence[KnowledgeBase], quotas: Sequence[int]):
+    def __init__(self, bases: Sequence[KnowledgeBase], quotas: Sequence[int],
+                 tags: Sequence[str] | None = None):
         self.bases, self.quotas = list(bases), list(quotas)
+        if tags is not None and len(tags) != len(self.bases):
+            raise UserError(f"{len(tags)} source tags for {len(self.bases)} knowledge bases")
         self.offsets = np.cumsum([0] + [len(kb) for kb in self.bases[:-1]])
         self.texts = [c["text"] for kb in self.bases for c in kb.chunks]
         self.vectors = np.concatenate([kb.embeddings for kb in self.bases])
+        self.passage_tags = None if tags is None else [
+            tag for kb, tag in zip(self.bases, tags, strict=True) for _ in kb.chunks]
 
     @property
     def k(self) -> int:

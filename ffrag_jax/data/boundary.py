@@ -1,0 +1,177 @@
+"""Knowledge-boundary questions (issue 17): per client, questions answerable from its case base,
+from the shared authoritative base, from both in agreement, from both in conflict, and from
+neither.
+
+The world of a client (domain ``D``, synthetic facts as :mod:`ffrag_jax.data.synthetic`):
+
+* **case**: entities only the client's case base knows (every relation);
+* **authority**: entities only the shared authoritative base knows (every relation; shared by
+  the clients of ``D``);
+* **overlap** entities are in both: the authority states each relation, and the client's case
+  note repeats it (**agree**) or contradicts it (**conflict**, with ``conflict_rate``);
+* **unanswerable**: a case entity's relation that no base holds (its other relations are there:
+  near misses on the entity), or an entity no base knows (near misses on the relation).
+
+The target answer says where it comes from: ``"<value> [case]"`` when only the case base has
+it, ``"<value> [authority]"`` when the authority has it (agree: the answer defers to the
+authority; conflict: the authority wins and the tag says so), and :data:`ABSTAIN` when neither
+base holds it. The reader sees each retrieved passage with its base's tag
+(:func:`ffrag_jax.rag.prompts.tagged_context`), so the tags are readable from the context.
+
+Every entity of a domain is distinct across the bases (a name in two bases with different
+values would be an unintended conflict). Deterministic in the seed (``random.Random`` only).
+"""
+
+from __future__ import annotations
+
+import random
+
+from ffrag_jax.data import synthetic
+from ffrag_jax.errors import UserError
+
+ABSTAIN = "insufficient evidence"  # the fixed abstention (normalises to itself)
+TYPES = ("case", "authority", "agree", "conflict", "unanswerable")
+ANSWERABLE = ("case", "authority", "agree", "conflict")
+SOURCES = ("case", "authority")  # the source tags of answers and passages
+
+
+def source_of(kind: str) -> str | None:
+    """The source tag a correct answer to a question of ``kind`` carries (None: abstain)."""
+    if kind not in TYPES:
+        raise UserError(f"unknown knowledge-boundary question type {kind!r}; types: "
+                        f"{', '.join(TYPES)}")
+    return {"case": "case", "unanswerable": None}.get(kind, "authority")
+
+
+def target(question: dict, *, tagged: bool = True) -> str:
+    """The answer the generator is trained on: the abstention, or the value with its source tag
+    (``tagged``) or without. A ``source`` other than :data:`SOURCES` is an error naming it."""
+    if question.get("type") == "unanswerable":
+        return ABSTAIN
+    source = question.get("source")
+    if source is not None and source not in SOURCES:
+        raise UserError(f"question {question.get('question')!r} has source tag {source!r}; "
+                        f"tags: {', '.join(SOURCES)}")
+    if not tagged or source is None:
+        return question["answer"]
+    return f"{question['answer']} [{source}]"
+
+
+class _Names:
+    """Distinct entities of one domain, drawn from one stream (no name twice in a domain)."""
+
+    def __init__(self, domain: str, seed: int):
+        self.kind = synthetic.DOMAINS[domain]["entity"]
+        self.rng = random.Random(f"boundary:{domain}:{seed}")
+        self.seen: set[str] = set()
+
+    def take(self, n: int, where: str) -> list[str]:
+        out = []
+        for _ in range(200 * max(n, 1)):
+            if len(out) == n:
+                return out
+            e = synthetic._entity(self.rng, self.kind)
+            if e not in self.seen:
+                self.seen.add(e)
+                out.append(e)
+        raise UserError(f"{where}: the domain has fewer distinct entities than asked "
+                        f"({len(self.seen)} drawn); lower the entity counts")
+
+
+def _question(rng: random.Random, domain: str, relation: str, entity: str) -> str:
+    return rng.choice(synthetic._questions(domain, relation, True)).format(e=entity)
+
+
+def domain_authority(domain: str, names: _Names, num_entities: int
+                     ) -> tuple[list[str], list[dict]]:
+    """The authoritative facts of ``num_entities`` authority-only entities of ``domain`` and a
+    question on each (``type`` authority, ``fact`` indexing the returned facts)."""
+    relations = synthetic.DOMAINS[domain]["relations"]
+    facts, questions = [], []
+    for entity in names.take(num_entities, f"domain {domain!r} authority entities"):
+        for relation, (kind, fact, _) in sorted(relations.items()):
+            value = synthetic._value(names.rng, kind)
+            questions.append({"question": _question(names.rng, domain, relation, entity),
+                              "answer": value, "type": "authority", "source": "authority",
+                              "fact": len(facts)})
+            facts.append(fact.format(e=entity, v=value))
+    return facts, questions
+
+
+def client_boundary(domain: str, names: _Names, *, case_entities: int, overlap_entities: int,
+                    conflict_rate: float, unanswerable_rate: float, authority_offset: int
+                    ) -> tuple[list[str], list[str], list[dict]]:
+    """One client's ``(case facts, authority facts it adds to the shared base, questions)``.
+
+    Question dicts: ``{question, answer, type, source, fact, case_fact, wrong}``; ``fact`` is
+    the gold passage (the authority's when it has one) as an index into ``case facts`` or, from
+    ``len(case facts)`` on, into the shared base (whose first ``authority_offset`` facts come
+    before this client's); ``case_fact`` the case note of agree/conflict questions; ``wrong``
+    the case note's contradicting value (conflict); -1/None where there is none.
+    """
+    rng = names.rng
+    relations = synthetic.DOMAINS[domain]["relations"]
+    case, authority, questions = [], [], []
+    answerable = 0
+
+    def ask(relation, entity, **fields):
+        questions.append({"question": _question(rng, domain, relation, entity),
+                          "case_fact": -1, "wrong": None, **fields})
+
+    # Case entities; some relations withheld (unanswerable near misses on the entity).
+    withheld = []
+    for entity in names.take(case_entities, f"domain {domain!r} case entities"):
+        for relation, (kind, fact, _) in sorted(relations.items()):
+            value = synthetic._value(rng, kind)
+            if rng.random() < unanswerable_rate / 2:
+                withheld.append((relation, entity))
+                continue
+            ask(relation, entity, answer=value, type="case", source="case", fact=len(case))
+            case.append(fact.format(e=entity, v=value))
+            answerable += 1
+    # Overlap entities: the authority states it, the case note agrees or contradicts.
+    overlap = []
+    for entity in names.take(overlap_entities, f"domain {domain!r} overlap entities"):
+        for relation, (kind, fact, _) in sorted(relations.items()):
+            value = synthetic._value(rng, kind)
+            conflict = rng.random() < conflict_rate
+            noted = value
+            while conflict and noted == value:
+                noted = synthetic._value(rng, kind)
+            overlap.append((relation, entity, value, noted, conflict, len(case),
+                            len(authority)))
+            case.append(fact.format(e=entity, v=noted))
+            authority.append(fact.format(e=entity, v=value))
+    for relation, entity, value, noted, conflict, c, a in overlap:
+        ask(relation, entity, answer=value, type="conflict" if conflict else "agree",
+            source="authority", fact=len(case) + authority_offset + a, case_fact=c,
+            wrong=noted if conflict else None)
+        answerable += 1
+    for relation, entity in withheld:
+        ask(relation, entity, answer=ABSTAIN, type="unanswerable", source=None, fact=-1)
+    # Entities no base knows (near misses on the relation).
+    fresh = max(int(round(unanswerable_rate * answerable / 2)), 1 if unanswerable_rate else 0)
+    for entity in names.take(fresh, f"domain {domain!r} unknown entities"):
+        ask(rng.choice(sorted(relations)), entity, answer=ABSTAIN, type="unanswerable",
+            source=None, fact=-1)
+    return case, authority, questions
+
+
+def split_by_type(questions: list[dict], held_out: float, rng: random.Random
+                  ) -> tuple[list[dict], list[dict]]:
+    """``(train, test)`` with a ``held_out`` share of every question type (at least one each
+    when the type has two or more questions), in the questions' order."""
+    test_ids: set[int] = set()
+    for kind in TYPES:
+        ids = [i for i, q in enumerate(questions) if q["type"] == kind]
+        held = int(round(held_out * len(ids)))
+        if len(ids) >= 2:
+            held = min(max(held, 1), len(ids) - 1)
+        test_ids.update(rng.sample(ids, held))
+    return ([q for i, q in enumerate(questions) if i not in test_ids],
+            [q for i, q in enumerate(questions) if i in test_ids])
+
+
+def type_counts(questions: list[dict]) -> dict[str, int]:
+    """How many questions of each type (every type named, zeros included)."""
+    return {kind: sum(q["type"] == kind for q in questions) for kind in TYPES}
