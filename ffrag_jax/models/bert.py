@@ -102,12 +102,13 @@ class _Layer(nn.Module):
 
 
 class Embeddings(nn.Module):
-    """Word + position + token-type (all type 0) embeddings, then LayerNorm."""
+    """Word + position + token-type embeddings (type 0 everywhere unless ``token_type_ids``:
+    a cross-encoder's query 0, passage 1), then LayerNorm."""
 
     cfg: EncoderConfig
 
     @nn.compact
-    def __call__(self, input_ids):
+    def __call__(self, input_ids, token_type_ids=None):
         cfg = self.cfg
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         embed = lambda n, name: nn.Embed(n, cfg.hidden_size, dtype=dtype,
@@ -115,7 +116,8 @@ class Embeddings(nn.Module):
         positions = jnp.arange(input_ids.shape[1])[None]
         x = (embed(cfg.vocab_size, "word_embeddings")(input_ids)
              + embed(cfg.max_position_embeddings, "position_embeddings")(positions)
-             + embed(cfg.type_vocab_size, "token_type_embeddings")(jnp.zeros_like(input_ids)))
+             + embed(cfg.type_vocab_size, "token_type_embeddings")(
+                 jnp.zeros_like(input_ids) if token_type_ids is None else token_type_ids))
         return nn.LayerNorm(cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype,
                             name="norm")(x)
 
@@ -129,9 +131,9 @@ class Encoder(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask):
+    def __call__(self, input_ids, attention_mask, token_type_ids=None):
         cfg = self.cfg
-        x = Embeddings(cfg, name="embeddings")(input_ids)
+        x = Embeddings(cfg, name="embeddings")(input_ids, token_type_ids)
         layers = nn.scan(_Layer, variable_axes={"params": 0, "lora": 0},
                          split_rngs={"params": True, "dropout": True},
                          in_axes=(nn.broadcast,), length=cfg.num_layers)(

@@ -134,6 +134,17 @@ def config_from_folder(folder: Path, *, dtype: str = "float32") -> EncoderConfig
                 raise UserError(f"{folder / m['path']}/config.json: pooling {modes} is not "
                                 "supported; use mean or cls pooling")
             pooling = "cls" if modes == ["cls_token"] else "mean"
+    st_config_file = folder / "sentence_bert_config.json"
+    st_config = (hf.read_json(st_config_file, "sentence-transformers settings")
+                 if st_config_file.exists() else {})
+    return config_from_hf(folder, pooling=pooling, normalize="Normalize" in types,
+                          max_seq_length=st_config.get("max_seq_length"), dtype=dtype)
+
+
+def config_from_hf(folder: Path, *, pooling: str = "cls", normalize: bool = False,
+                   max_seq_length: int | None = None, dtype: str = "float32") -> EncoderConfig:
+    """The :class:`EncoderConfig` of the transformers ``config.json`` of a BERT-family folder
+    (``max_seq_length``: the truncation, at most the position embeddings)."""
     hf_config = hf.read_json(folder / "config.json", "the transformers config")
     if hf_config.get("model_type") != "bert":
         raise UserError(f"{folder}/config.json: model_type {hf_config.get('model_type')!r} is "
@@ -145,9 +156,6 @@ def config_from_folder(folder: Path, *, dtype: str = "float32") -> EncoderConfig
     if act not in ACTIVATIONS:
         raise UserError(f"{folder}/config.json: hidden_act {act!r} is not supported; "
                         f"supported: {', '.join(ACTIVATIONS)}")
-    st_config_file = folder / "sentence_bert_config.json"
-    st_config = (hf.read_json(st_config_file, "sentence-transformers settings")
-                 if st_config_file.exists() else {})
     max_pos = int(hf_config.get("max_position_embeddings", 512))
     return EncoderConfig(
         vocab_size=int(hf_config["vocab_size"]),
@@ -160,8 +168,8 @@ def config_from_folder(folder: Path, *, dtype: str = "float32") -> EncoderConfig
         layer_norm_eps=float(hf_config.get("layer_norm_eps", 1e-12)),
         hidden_act=act,
         pooling=pooling,
-        normalize="Normalize" in types,
-        max_seq_length=min(int(st_config.get("max_seq_length") or max_pos), max_pos),
+        normalize=normalize,
+        max_seq_length=min(int(max_seq_length or max_pos), max_pos),
         dtype=dtype,
     )
 
