@@ -118,3 +118,29 @@ def hf_llama_dir(tmp_path_factory):
 
     return get
 
+
+
+@pytest.fixture(scope="session")
+def tiny_cross_encoder(tmp_path_factory):
+    """A random transformers BertForSequenceClassification (one label, 2 layers of 32) saved
+    locally with the packaged MiniLM's tokenizer: a fast reranker for the tests."""
+    import shutil
+
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from ffrag_jax.retrieval.encoder import default_encoder_path
+
+    folder = tmp_path_factory.mktemp("cross") / "tiny"
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=64,
+                        max_position_embeddings=64, num_labels=1)
+    model = BertForSequenceClassification(config).eval()
+    model.save_pretrained(folder)
+    src = default_encoder_path()
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                 "special_tokens_map.json"):
+        if (src / name).exists():
+            shutil.copy2(src / name, folder / name)
+    return folder, model

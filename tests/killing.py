@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 # Fields that differ between two runs of the same computation (clocks, throughput).
-VOLATILE = ("time", "tokens_per_s", "steps_per_s", "seconds", "wall_time_s")
+VOLATILE = ("time", "tokens_per_s", "steps_per_s", "seconds", "wall_time_s",
+            "rerank_ms_per_question")
 
 
 def comparable(value, workdir=None):

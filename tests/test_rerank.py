@@ -4,7 +4,6 @@ against transformers' BertForSequenceClassification, and its training step."""
 
 import itertools
 import logging
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +13,6 @@ import torch
 
 from ffrag_jax import rerank
 from ffrag_jax.models import lora as lora_lib
-from ffrag_jax.retrieval.encoder import default_encoder_path
 from ffrag_jax.training import train
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -128,6 +126,14 @@ def test_mgda_two_task_weights_equal_the_closed_form_and_three_tasks_the_exact_o
         exact = _exact_min_norm(g)
         np.testing.assert_allclose(np.linalg.norm(w @ g), np.linalg.norm(exact @ g),
                                    rtol=1e-4, atol=1e-5)
+    # a task with nothing to learn from (zero gradient) is left out, not the min-norm point
+    g = np.stack([rng.normal(size=5), np.zeros(5), rng.normal(size=5)])
+    m = jnp.asarray(g @ g.T, jnp.float32)
+    w = np.asarray(rerank.frank_wolfe(m, active=jnp.asarray([True, False, True])))
+    gamma = np.clip((g[2] - g[0]) @ g[2] / np.sum((g[0] - g[2]) ** 2), 0, 1)
+    np.testing.assert_allclose(w, [gamma, 0.0, 1 - gamma], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(rerank.frank_wolfe(m, active=jnp.zeros(3, bool))),
+                               0.0)
     # gram and combine over pytrees with a leading task axis
     tree = {"a": jnp.asarray(rng.normal(size=(3, 2, 2))), "b": jnp.asarray(rng.normal(size=(3, 5)))}
     flat = np.concatenate([np.asarray(tree["a"]).reshape(3, -1), np.asarray(tree["b"])], 1)
@@ -135,27 +141,6 @@ def test_mgda_two_task_weights_equal_the_closed_form_and_three_tasks_the_exact_o
     w = jnp.asarray([0.2, 0.3, 0.5])
     np.testing.assert_allclose(np.asarray(rerank.combine(tree, w)["b"]),
                                np.asarray(w) @ np.asarray(tree["b"]), rtol=1e-5)
-
-
-@pytest.fixture(scope="module")
-def tiny_cross_encoder(tmp_path_factory):
-    """A random transformers BertForSequenceClassification (one label) saved locally, with
-    the packaged MiniLM's tokenizer."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    folder = tmp_path_factory.mktemp("cross") / "tiny"
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=4, intermediate_size=64,
-                        max_position_embeddings=64, num_labels=1)
-    model = BertForSequenceClassification(config).eval()
-    model.save_pretrained(folder)
-    src = default_encoder_path()
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
-                 "special_tokens_map.json"):
-        if (src / name).exists():
-            shutil.copy2(src / name, folder / name)
-    return folder, model
 
 
 QUERIES = ["Which drug was prescribed to patient Ab Cd?", "Who heard case Lo-12?"]

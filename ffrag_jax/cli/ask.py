@@ -38,6 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", default=None, help="write JSONL answers here (default stdout)")
     p.add_argument("--mode", default="dense", choices=("dense", "bm25", "hybrid"),
                    help="retrieval mode (default dense: what the retriever was trained for)")
+    p.add_argument("--rerank", action="store_true",
+                   help="reorder the hits with the system's preference-aligned reranker (a "
+                        "run with rerank.enabled), as its evaluation did")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -100,7 +103,7 @@ def main(argv=None) -> int:
         system = load_system(args.workdir, args.client)
         results = system.ask(questions, mode=args.mode, max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, top_p=args.top_p,
-                             top_k=args.top_k, seed=args.seed)
+                             top_k=args.top_k, seed=args.seed, rerank=args.rerank)
         if output:
             files.atomic_write_text(output, "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                                     for r in results))
@@ -121,7 +124,8 @@ def main(argv=None) -> int:
                 "abstained") else ""
             print(f"Q: {r['question']}\nA: {r['answer']}{note}")
             for h in r["sources"]:
-                print(f"   [{h['kb']}] {h['score']:.3f}  {h['text']}")
+                rerank = f"  rerank {h['rerank_score']:.3f}" if "rerank_score" in h else ""
+                print(f"   [{h['kb']}] {h['score']:.3f}{rerank}  {h['text']}")
     return 0
 
 

@@ -38,7 +38,8 @@ def get_config() -> ConfigDict:
     # The demo's BPE ships in the package (data/make_demo_tokenizer.py): the same tokens on
     # every install. None: train one on the run's text (as the other configs do).
     c.tokenizer = ConfigDict(dict(
-        vocab_size=1536, path=config_dict.FieldReference("packaged:demo", field_type=str)))
+        vocab_size=1536, path=config_dict.FieldReference("packaged:demo", field_type=str),
+        added_tokens=""))  # comma-separated whole tokens added to it (configs/boundary.py)
     c.model = _common.tiny_llama()
     c.pretrain = _common.pretrain(800)  # a reader of the geography domain (no client data)
     c.pretrain.distractors = 0  # other facts in each pretraining context (a reader of several)
@@ -73,9 +74,24 @@ def get_config() -> ConfigDict:
         # clients train in one vmapped program; False: clients in turn, retrieval per step.
         vmap_clients=False,
     ))
+    # The preference-aligned reranker (DPA-RAG; ffrag_jax.rerank.rounds): a per-client
+    # cross-encoder adapter trained every round on what the client's generator answers right
+    # with, aggregated like the other adapters; the reader reads the reranked candidates.
+    c.rerank = ConfigDict(dict(
+        enabled=False,
+        path=config_dict.placeholder(str),  # None: the packaged MiniLM with a fresh head
+        labels="preference",  # or "relevance": gold fact + case note (the baseline)
+        questions=48,  # training questions labelled per client and round
+        augment="paraphrase,constraint,decomposition,specific,general,entity_swap",
+        local_steps=20, batch_size=8, lr=2e-3,
+        combine="mgda",  # or "fixed": the losses' weights
+        losses={"pointwise": 1.0, "pairwise": 1.0, "contrastive": 1.0},
+        temperature=1.0, max_len=64,  # cross-encoder tokens per query-passage pair
+    ))
     c.lora = ConfigDict(dict(
         generator=lora_section("all-linear", ranks=(8, 8, 4, 4)),  # one rank per client
         retriever=lora_section("query,value", 8),  # the query encoder's
+        reranker=lora_section("query,value,pooler", 8),  # the cross-encoder's
     ))
     c.eval = ConfigDict(dict(max_new_tokens=8, batch_size=50))
     return c

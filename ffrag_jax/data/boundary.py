@@ -93,7 +93,7 @@ def domain_authority(domain: str, names: _Names, num_entities: int
             value = synthetic._value(names.rng, kind)
             questions.append({"question": _question(names.rng, domain, relation, entity),
                               "answer": value, "type": "authority", "source": "authority",
-                              "fact": len(facts)})
+                              "fact": len(facts), "entity": entity, "relation": relation})
             facts.append(fact.format(e=entity, v=value))
     return facts, questions
 
@@ -103,7 +103,8 @@ def client_boundary(domain: str, names: _Names, *, case_entities: int, overlap_e
                     ) -> tuple[list[str], list[str], list[dict]]:
     """One client's ``(case facts, authority facts it adds to the shared base, questions)``.
 
-    Question dicts: ``{question, answer, type, source, fact, case_fact, wrong}``; ``fact`` is
+    Question dicts: ``{question, answer, type, source, fact, case_fact, wrong, entity,
+    relation}``; ``fact`` is
     the gold passage (the authority's when it has one) as an index into ``case facts`` or, from
     ``len(case facts)`` on, into the shared base (whose first ``authority_offset`` facts come
     before this client's); ``case_fact`` the case note of agree/conflict questions; ``wrong``
@@ -116,7 +117,8 @@ def client_boundary(domain: str, names: _Names, *, case_entities: int, overlap_e
 
     def ask(relation, entity, **fields):
         questions.append({"question": _question(rng, domain, relation, entity),
-                          "case_fact": -1, "wrong": None, **fields})
+                          "case_fact": -1, "wrong": None, "entity": entity,
+                          "relation": relation, **fields})
 
     # Case entities; some relations withheld (unanswerable near misses on the entity).
     withheld = []

@@ -55,14 +55,28 @@ def run_tokenizer(config: ConfigDict, workdir: Path, texts):
         return hf.load_tokenizer(config.model.path, pad_to_eos=config.model.pad_to_eos)
     folder = workdir / "tokenizer"
     if tokenizer_path(config):
-        tokenizer = hf.load_tokenizer(tokenizer_folder(tokenizer_path(config)))
+        tokenizer = _with_added(config, hf.load_tokenizer(
+            tokenizer_folder(tokenizer_path(config))))
         if not (folder / "tokenizer.json").exists():
             tokenizer.save_pretrained(str(folder))
         return tokenizer
     if (folder / "tokenizer.json").exists():  # resuming: the exact tokenizer of the first run
         return hf.load_tokenizer(folder)
-    tokenizer = text.train_bpe_tokenizer(texts, config.tokenizer.vocab_size)
+    tokenizer = _with_added(config, text.train_bpe_tokenizer(texts, config.tokenizer.vocab_size))
     tokenizer.save_pretrained(str(folder))
+    return tokenizer
+
+
+def _with_added(config: ConfigDict, tokenizer):
+    """The tiny model's tokenizer with ``tokenizer.added_tokens`` (comma-separated) as whole
+    tokens: the knowledge boundary's tags and abstention are then one token each to learn,
+    not a spelling (each absorbs the space before it)."""
+    from tokenizers import AddedToken
+
+    added = [t.strip() for t in (config.tokenizer.get("added_tokens") or "").split(",")
+             if t.strip()]
+    if added:
+        tokenizer.add_tokens([AddedToken(t, lstrip=True, normalized=False) for t in added])
     return tokenizer
 
 
@@ -110,7 +124,8 @@ def abstract_model(config: ConfigDict) -> tuple[LlamaConfig, dict]:
     else:
         if tokenizer_path(config):
             tokenizer_folder(tokenizer_path(config))  # checked before any work
-        cfg = _tiny_config(m, config.tokenizer.vocab_size)
+        added = [t for t in (config.tokenizer.get("added_tokens") or "").split(",") if t.strip()]
+        cfg = _tiny_config(m, config.tokenizer.vocab_size + len(added))
     return cfg, jax.eval_shape(lambda: init_params(jax.random.key(0), cfg))
 
 

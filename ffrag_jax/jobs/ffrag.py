@@ -57,7 +57,9 @@ from ffrag_jax.models import lora
 from ffrag_jax.models.llama import init_params
 from ffrag_jax.rag import evaluate as rag_eval
 from ffrag_jax.rag import prompts, system
-from ffrag_jax.retrieval.encoder import TextEncoder
+from ffrag_jax.rerank import rounds as rerank_rounds
+from ffrag_jax.rerank.cross_encoder import Reranker
+from ffrag_jax.retrieval.encoder import TextEncoder, default_encoder_path
 from ffrag_jax.retrieval.knowledge_base import KnowledgeBase
 from ffrag_jax.retrieval.multi_source import Sources
 from ffrag_jax.training import health, sharding, train
@@ -80,17 +82,35 @@ def strategy_of(config: ConfigDict) -> strategies.Strategy:
 
 def evaluate_client(config, client: Client, sources: Sources, query_enc: TextEncoder,
                     gen_params: dict, gen_lora, gen_cfg, tokenizer, *, closed_book: bool,
-                    predictions: list | None = None) -> dict:
+                    predictions: list | None = None, reranker: Reranker | None = None) -> dict:
     """Retrieval and answer metrics on the client's held-out questions
-    (:func:`rag_eval.evaluate`; ``predictions``: the per-question records)."""
-    _, ids = sources.search(query_enc.embed([q["question"] for q in client.test]))
-    return rag_eval.evaluate(gen_params, gen_cfg, tokenizer, client.test, ids, sources.texts,
-                             closed_book=closed_book, lora=gen_lora,
-                             prompt_len=config.rag.prompt_len,
-                             max_new_tokens=config.eval.max_new_tokens,
-                             batch_size=config.eval.batch_size, predictions=predictions,
-                             contexts=_contexts(config, sources, ids),
-                             boundary=boundary_enabled(config))
+    (:func:`rag_eval.evaluate`; ``predictions``: the per-question records). With a
+    ``reranker`` the candidates are reranked before the reader reads them, and the reader's
+    scores with the retriever's order alone are added as ``retriever_only_<metric>``, with
+    the reranking cost (``rerank_ms_per_question``)."""
+    questions = [q["question"] for q in client.test]
+    _, ids = sources.search(query_enc.embed(questions))
+
+    def run(ids, predictions=None, closed_book=closed_book):
+        return rag_eval.evaluate(gen_params, gen_cfg, tokenizer, client.test, ids,
+                                 sources.texts, closed_book=closed_book, lora=gen_lora,
+                                 prompt_len=config.rag.prompt_len,
+                                 max_new_tokens=config.eval.max_new_tokens,
+                                 batch_size=config.eval.batch_size, predictions=predictions,
+                                 contexts=_contexts(config, sources, ids),
+                                 boundary=boundary_enabled(config))
+
+    if reranker is None:
+        return run(ids, predictions)
+    reranker.score(questions[0], sources.texts[:1])  # compiled before the clock starts
+    started = time.perf_counter()
+    reranked, _ = rerank_rounds.rerank_ids(reranker, questions, ids, sources.texts)
+    cost = (time.perf_counter() - started) * 1000 / max(len(questions), 1)
+    plain = run(ids, closed_book=False)
+    out = run(reranked, predictions)
+    out.update({f"retriever_only_{k}": v for k, v in plain.items() if k != "questions"})
+    out["rerank_ms_per_question"] = cost
+    return out
 
 
 def _contexts(config, sources: Sources, ids: np.ndarray) -> list[str]:
@@ -102,7 +122,11 @@ def _contexts(config, sources: Sources, ids: np.ndarray) -> list[str]:
 
 def _single_passage(config) -> bool:
     """The step scores every candidate on its own (the RAG losses' layout), not one context."""
-    return config.rag.context_passages == 1 and not config.rag.source_tags
+    return config.rag.context_passages == 1
+
+
+def reranking(config) -> bool:
+    return bool(config.get("rerank") and config.rerank.enabled)
 
 
 def training_questions(config, client: Client) -> list[dict]:
@@ -118,7 +142,7 @@ def training_questions(config, client: Client) -> list[dict]:
 
 
 def _client_batch(config, tokenizer, query_enc: TextEncoder, sources: Sources, client: Client,
-                  seed: tuple[int, int, int]) -> dict:
+                  seed: tuple[int, int, int], reranker: Reranker | None = None) -> dict:
     """The arrays of one step: ``fl.batch_size`` of the client's training questions (a pure
     function of ``seed`` = (round, client, step); drawn with replacement only when the client
     has fewer), retrieved for by ``query_enc``."""
@@ -134,6 +158,9 @@ def _client_batch(config, tokenizer, query_enc: TextEncoder, sources: Sources, c
                         f"fl.retriever_lr (now {config.fl.retriever_lr:g}) or fl.lr "
                         f"(now {config.fl.lr:g})")
     _, ids = sources.search(vectors)
+    if reranker is not None:  # the reader learns on what it will read: the reranked order
+        ids, _ = rerank_rounds.rerank_ids(reranker, [q["question"] for q in questions], ids,
+                                          sources.texts)
     return _batch(config, tokenizer, query_enc, sources, questions, ids)
 
 
@@ -141,9 +168,11 @@ def _batch(config, tokenizer, enc, sources: Sources, questions: list[dict], ids:
            ) -> dict:
     """The arrays of one :func:`rag.rag_step` for ``questions`` and their candidates ``ids``."""
     r = config.rag
-    if _single_passage(config):
+    if _single_passage(config):  # every candidate on its own (after its tag)
+        tags = sources.passage_tags
         passages, valid = rag.pad_passages(
-            [[sources.texts[i] for i in row if i >= 0] for row in ids], sources.k)
+            [[prompts.tagged_context([sources.texts[i]], None if tags is None else [tags[i]])
+              for i in row if i >= 0] for row in ids], sources.k)
     else:  # one context per question: its first candidates, tagged (the losses' check it)
         passages = [[c] for c in _contexts(config, sources, ids)]
         valid = np.ones((len(ids), 1), bool)
@@ -176,6 +205,9 @@ def validate(config: ConfigDict, mesh: jax.sharding.Mesh) -> None:
     strategy_of(config)
     gen_section = LoRASection.read(config, "generator")
     LoRASection.read(config, "retriever")
+    if reranking(config):
+        rerank_rounds.validate(config)
+        LoRASection.read(config, "reranker")
     ranks = gen_section.client_ranks(fl.num_clients)
     if min(r.k_private, r.k_shared) < 0 or r.k_private + r.k_shared == 0:
         raise UserError(f"rag.k_private={r.k_private} and rag.k_shared={r.k_shared}: "
@@ -186,8 +218,8 @@ def validate(config: ConfigDict, mesh: jax.sharding.Mesh) -> None:
         scoring = [name for name in r.losses if name in ("rag_sequence", "rag_token", "lsr")]
         if scoring:
             raise UserError(f"rag.losses {scoring[0]} scores single passages; with "
-                            f"rag.context_passages={r.context_passages} or rag.source_tags "
-                            "the reader reads one context: use ralt or dual_task")
+                            f"rag.context_passages={r.context_passages} the reader reads one "
+                            "context: use ralt or dual_task")
     if "dual_task" in r.losses and not boundary_enabled(config):
         raise UserError("rag.losses dual_task trains the knowledge boundary: set "
                         "boundary.enabled=True (or use ralt)")
@@ -221,6 +253,12 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
                                 for name in ("generator", "retriever"))
     gen_ranks = tuple(gen_section.client_ranks(len(clients)))
     ret_ranks = tuple(ret_section.client_ranks(len(clients)))
+    rr = rr_section = None
+    if reranking(config):  # the cross-encoder: the packaged MiniLM and a fresh head, or a folder
+        rr = Reranker.load(config.rerank.path, max_len=config.rerank.max_len, seed=config.seed)
+        rr_section = LoRASection.read(config, "reranker")
+        rr_ranks = tuple(rr_section.client_ranks(len(clients)))
+        rr_section.init(rng, rr.params)
     # Bad adapter settings fail here, not after minutes of pretraining (shapes only).
     shapes = jax.eval_shape(lambda: init_params(rng, gen_cfg)) if params is None else params
     for rank in sorted(set(gen_ranks)):
@@ -268,10 +306,17 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
                for k, rank in enumerate(gen_ranks)]
         ret = [ret_section.init(jax.random.fold_in(rng, offset + 100 + k), enc.params, rank)
                for k, rank in enumerate(ret_ranks)]
-        return {"generator": federated.pad_and_stack(gen),
-                "retriever": federated.stack_clients(ret)}
+        out = {"generator": federated.pad_and_stack(gen),
+               "retriever": federated.stack_clients(ret)}
+        if rr is not None:
+            out["reranker"] = federated.stack_clients(
+                [rr_section.init(jax.random.fold_in(rng, offset + 200 + k), rr.params, rank)
+                 for k, rank in enumerate(rr_ranks)])
+        return out
 
     trees = {"generator": (params, gen_ranks), "retriever": (enc.params, ret_ranks)}
+    if rr is not None:
+        trees["reranker"] = (rr.params, rr_ranks)
     personal = new_adapters(0) if strategy.personalised else {}
     server = {name: strategy.init_server(base, personal=personal.get(name), ranks=ranks,
                                          per_round=len(clients))
@@ -281,7 +326,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     driver = RoundDriver(strategy, name="ffrag", ckpt_dir=workdir / "checkpoints",
                          metrics=metrics, rounds=fl.rounds,
                          client_sizes=[len(c.train) for c in clients],
-                         servers=("generator", "retriever"), wait_each_save=True,
+                         servers=tuple(trees), wait_each_save=True,
                          profile=profiling(config, workdir))
     trainer = driver.trainer
     done, server = driver.initial_state(sharding.on_one_device(server))
@@ -296,6 +341,41 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     by_client = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("clients"))
     everywhere = sharding.replicated(mesh)
 
+    def train_reranker(rnd: int, k: int, gen_params: dict, gen_lora, query_enc: TextEncoder,
+                       reranker: Reranker):
+        """Client k's reranker round (ffrag_jax.rerank.rounds): preference data from its
+        freshly trained generator and query encoder, then local steps. Returns the adapter."""
+        c, s = clients[k], sources[k]
+
+        def search(texts):
+            return s.search(query_enc.embed(texts))[1]
+
+        def label(questions, ids):
+            return rerank_rounds.preferences.preference_labels(
+                gen_params, gen_cfg, tokenizer, questions, ids, s.texts, tags=s.passage_tags,
+                lora=gen_lora, prompt_len=r.prompt_len, max_new_tokens=config.eval.max_new_tokens,
+                batch_size=config.eval.batch_size)
+
+        trainer.within(f"client {k + 1}/{len(clients)} {c.name} reranker data", 0,
+                       config.rerank.local_steps)
+        data = rerank_rounds.client_data(config, c.train, c.domain, search, s.texts,
+                                         s.passage_tags, label, reranker, (rnd, k))
+        rngs = [jax.random.fold_in(rng, rnd * 100_000 + k * 1000 + 500 + step)
+                for step in range(config.rerank.local_steps)]
+        adapter, steps = rerank_rounds.local_steps(config, reranker.lora, reranker, data, rngs,
+                                                   (rnd, k, 7))
+        for step, out in enumerate(steps, 1):
+            if step % config.log_every == 0 or step == len(steps):
+                metrics.write(kind="train", phase="rerank", round=rnd, client=k, name=c.name,
+                              step=(rnd - 1) * len(steps) + step, **out)
+        metrics.write(kind="rerank_data", round=rnd, client=k, name=c.name, kept=data.kept,
+                      augmented=data.augmented, filtered=data.filtered,
+                      no_aligned=data.no_aligned, seconds=round(data.seconds, 2))
+        logging.info("round %d %s reranker: %d queries (%d augmented, %d filtered out), "
+                     "loss %.4f -> %.4f", rnd, c.name, data.kept, data.augmented, data.filtered,
+                     steps[0]["loss"], steps[-1]["loss"])
+        return adapter
+
     def one_round(server: dict, t: int, selected: list[int], weights: np.ndarray):
         """Every client's local training from the strategy's start, then aggregation."""
         rnd = t + 1
@@ -306,6 +386,13 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         round_gen = strategy.round_params(server["generator"])[0]
         round_query = strategy.round_params(server["retriever"])[0]
         frozen = sharding.on_one_device({"generator": round_gen, "retriever": round_query})
+        round_rr = None if rr is None else dataclasses.replace(
+            rr, params=strategy.round_params(server["reranker"])[0])
+
+        def start_reranker(k: int) -> Reranker | None:
+            """Client k's reranker at the round's start (it orders the reader's contexts)."""
+            return None if rr is None else dataclasses.replace(
+                round_rr, lora=federated.client(starts["reranker"], k))
         static = dict(gen_cfg=gen_cfg, enc_cfg=enc.cfg, loss_cfg=loss_cfg,
                       optimizers=(opt_gen, opt_ret))
         step_rngs = [[jax.random.fold_in(rng, rnd * 100_000 + k * 1000 + step)
@@ -330,7 +417,8 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
             for k, (c, s) in enumerate(zip(clients, sources, strict=True)):
                 query_enc = dataclasses.replace(
                     enc, params=round_query, lora=federated.client(starts["retriever"], k))
-                steps = [_client_batch(config, tokenizer, query_enc, s, c, (rnd, k, step))
+                steps = [_client_batch(config, tokenizer, query_enc, s, c, (rnd, k, step),
+                                       start_reranker(k))
                          for step in range(fl.local_steps)]
                 per_client.append(jax.tree.map(lambda *xs: np.stack(xs), *steps))
             batches = jax.tree.map(lambda *xs: np.stack(xs), *per_client)
@@ -360,6 +448,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         else:
             new_gen, new_ret = [], []
             for k, (c, s) in enumerate(zip(clients, sources, strict=True)):
+                client_rr = start_reranker(k)
                 states = sharding.on_one_device({
                     "generator": train.init_train_state(federated.unpad_rank(
                         federated.client(starts["generator"], k), gen_ranks[k]), opt_gen),
@@ -368,7 +457,8 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
                 for step in range(fl.local_steps):
                     query_enc = dataclasses.replace(enc, params=round_query,
                                                     lora=states["retriever"].trainable)
-                    batch = _client_batch(config, tokenizer, query_enc, s, c, (rnd, k, step))
+                    batch = _client_batch(config, tokenizer, query_enc, s, c, (rnd, k, step),
+                                          client_rr)
                     states, out = rag.rag_step(
                         states, frozen, {n: jnp.asarray(v) for n, v in batch.items()},
                         step_rngs[k][step], **static)
@@ -385,6 +475,12 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
                                                                          strict=True)],
                        max(gen_ranks)),
                    "retriever": federated.stack_clients(new_ret)}
+        if rr is not None:
+            updated["reranker"] = federated.stack_clients([
+                train_reranker(rnd, k, round_gen, federated.unpad_rank(new_gen[k], gen_ranks[k]),
+                               dataclasses.replace(enc, params=round_query, lora=new_ret[k]),
+                               start_reranker(k))
+                for k in range(len(clients))])
         return sharding.on_one_device({
             name: strategy.aggregate(server[name], updated[name], weights,
                                      np.ones(len(clients), bool), everyone, trees[name][1])
@@ -397,21 +493,25 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         gen_global = merged(strategy.global_model(server["generator"]))
         query_global = dataclasses.replace(
             enc, params=merged(strategy.global_model(server["retriever"])))
+        rr_global = None if rr is None else dataclasses.replace(
+            rr, params=merged(strategy.global_model(server["reranker"])))
         # The last round's answers, question by question (what `ask` must reproduce).
         predictions = [] if rnd == fl.rounds else None
         for k, (c, s) in enumerate(zip(clients, sources, strict=True)):
-            models = [("global", None, None)]
+            models = [("global", None, None, rr_global)]
             if strategy.personalised:
                 models.append(("fused", federated.unpad_rank(strategy.client_adapter(
                     server["generator"], k), gen_ranks[k]),
-                    strategy.client_adapter(server["retriever"], k)))
-            for model, gen_lora, ret_lora in models:
+                    strategy.client_adapter(server["retriever"], k),
+                    None if rr is None else dataclasses.replace(
+                        rr_global, lora=strategy.client_adapter(server["reranker"], k))))
+            for model, gen_lora, ret_lora, reranker in models:
                 rows = None if predictions is None else []
                 m = evaluate_client(config, c, s, dataclasses.replace(query_global,
                                                                       lora=ret_lora),
                                     gen_global, gen_lora, gen_cfg, tokenizer,
                                     closed_book=rnd == fl.rounds and model == models[-1][0],
-                                    predictions=rows)
+                                    predictions=rows, reranker=reranker)
                 metrics.write(kind="eval", round=rnd, client=k, name=c.name, model=model, **m)
                 logging.info("round %d %s %s: %s", rnd, c.name, model, _short(m))
                 if rows is not None:
@@ -433,6 +533,12 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         bases={"shared": shared_base, **{s.bases[0].name: s.bases[0] for s in sources}},
         quotas={"private": r.k_private, "shared": r.k_shared}, prompt_len=r.prompt_len,
         context_passages=r.context_passages,
+        reranker=None if rr is None else {
+            "reranker": dataclasses.replace(
+                rr, params=merged(strategy.global_model(server["reranker"]))),
+            "source": config.rerank.path or default_encoder_path(),
+            "clients": [strategy.client_adapter(server["reranker"], k)
+                        for k in range(len(clients))] if strategy.personalised else []},
         tags=dict(zip(("private", "shared"), boundary.SOURCES, strict=True))
         if r.source_tags else None,
         clients=[{"name": c.name, "base": f"cases_{k}",

@@ -83,7 +83,7 @@ def target_weights(tokenizer, answers: Sequence[str], answer_len: int, *, tag_we
         text = " " + answer.strip()
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         tag = text.rfind(" [") if text.endswith("]") else -1
-        row = [tag_weight if tag >= 0 and end > tag + 1 else 1.0
+        row = [tag_weight if tag >= 0 and end > tag else 1.0
                for _, end in enc["offset_mapping"]] + [1.0]  # + EOS
         if len(row) > answer_len:
             raise UserError(f"answer {i} has {len(row)} tokens (EOS included); the budget is "

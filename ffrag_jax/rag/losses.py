@@ -15,8 +15,8 @@ the caller does the causal shift). ``mask`` ``[B, T]`` is 1 on answer tokens, 0 
   over the K passages is pulled towards the LM's preference ``softmax(lm_scores / tau_lm)``,
   with a stop-gradient on the LM side.
 * :func:`weighted_response_nll` - the response-only NLL of each passage's prompt, with per-token
-  weights: RALT (weights = the answer mask) and the knowledge-boundary dual task (source-tag
-  tokens and abstentions weighted, issue 17).
+  weights (RALT: weights = the answer mask). The knowledge-boundary dual task (issue 17) is
+  :func:`rag_sequence_nll` with per-token weights in place of the mask (tags, abstentions).
 * ``ffrag_jax.retrieval.contrastive.info_nce`` and
   ``ffrag_jax.training.train.causal_lm_loss`` (response
   only) complete the set: the latter is RALT's loss when the prompt holds retrieved passages.

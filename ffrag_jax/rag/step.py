@@ -12,8 +12,10 @@ current index returned. Inside one jit:
    in one batched forward over ``B*K`` sequences;
 4. the loss is a weighted sum of RAG-sequence, RAG-token, LSR (retriever only, LM side
    stop-gradient), RALT (generator only: the response-only NLL, mean over the K passages) and
-   the knowledge-boundary dual task (RALT with the batch's per-token ``target_weight``
-   ``[B, T]``: source tags and abstentions weighted, issue 17), :mod:`ffrag_jax.rag.losses`.
+   the knowledge-boundary dual task (RAG-sequence with the batch's per-token
+   ``target_weight`` ``[B, T]``: source tags and abstentions weighted, issue 17; the passage
+   that supports the target, the authority's in a conflict, takes the mass),
+   :mod:`ffrag_jax.rag.losses`.
 
 The batch layout (answers aligned at one position for every passage) is in
 :mod:`ffrag_jax.rag.batches`.
@@ -108,6 +110,9 @@ def rag_loss(trainable: dict, frozen: dict, batch: dict, rng: jax.Array | None, 
     """Mean weighted loss over the batch and its parts. ``trainable`` holds the LoRAs
     ``{"generator": LoRA | None, "retriever": LoRA | None}`` (None: not trained), ``frozen``
     the base weights ``{"generator": params, "retriever": params}``."""
+    if any(name == "dual_task" for name, _ in loss_cfg.weights) and "target_weight" not in batch:
+        raise UserError("the dual_task loss needs the batch's target_weight [B, T] "
+                        "(rag.batches.target_weights)")
     q, p = embeddings(frozen["retriever"], enc_cfg, batch, trainable.get("retriever"))
     scores = _mask_invalid(loss_cfg.score_scale * jnp.einsum("bd,bkd->bk", q, p), batch)
     logits = answer_logits(frozen["generator"], gen_cfg, batch, trainable.get("generator"),
@@ -141,12 +146,10 @@ def rag_loss(trainable: dict, frozen: dict, batch: dict, rng: jax.Array | None, 
             parts[name] = losses.lsr_loss(retriever, lm, tau_r=loss_cfg.tau_r,
                                           tau_lm=loss_cfg.tau_lm,
                                           direction=loss_cfg.lsr_direction)
-        elif name in ("ralt", "dual_task"):  # generator only: each prompt on its own
-            if name == "dual_task" and "target_weight" not in batch:
-                raise UserError("the dual_task loss needs the batch's target_weight [B, T] "
-                                "(rag.batches.target_weights)")
-            weights = batch["target_weight"] if name == "dual_task" else mask
-            parts[name] = losses.weighted_response_nll(target_lp, weights, mask,
+        elif name == "dual_task":  # RAG-sequence over the weighted answer tokens
+            parts[name] = losses.rag_sequence_nll(target_lp, scores, batch["target_weight"])
+        elif name == "ralt":  # generator only: each passage's prompt scored on its own
+            parts[name] = losses.weighted_response_nll(target_lp, mask, mask,
                                                        batch.get("passage_valid"))
     total = sum(weight * parts[name].mean() for name, weight in loss_cfg.weights)
     metrics = {name: value.mean() for name, value in parts.items()}

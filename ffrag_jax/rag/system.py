@@ -38,6 +38,8 @@ from ffrag_jax.models.llama import LlamaConfig
 from ffrag_jax.models.lora import LoRA
 from ffrag_jax.rag import prompts
 from ffrag_jax.rag.evaluate import answer_prompts
+from ffrag_jax.rerank import cross_encoder as rerank_lib
+from ffrag_jax.rerank.cross_encoder import Reranker
 from ffrag_jax.retrieval import encoder as encoder_lib
 from ffrag_jax.retrieval import multi_source
 from ffrag_jax.retrieval.encoder import TextEncoder, default_encoder_path, params_sha256
@@ -60,6 +62,7 @@ class RagSystem:
     prompt_len: int
     context_passages: int = 1  # the reader reads the first n passages
     tags: dict[str, str] | None = None  # base name -> source tag shown before its passages
+    reranker: Reranker | None = None  # the preference-aligned cross-encoder, if trained
 
     def search(self, questions: Sequence[str], mode: str = "dense"
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -73,14 +76,16 @@ class RagSystem:
 
     def ask(self, questions: Sequence[str], *, mode: str = "dense", max_new_tokens: int = 16,
             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-            batch_size: int = 32) -> list[dict]:
+            batch_size: int = 32, rerank: bool = False) -> list[dict]:
         """Per question ``{"question", "answer", "context", "sources", "cut", "abstained"}``:
         ``sources`` are the hits of every base (best first, each naming its base), ``context``
         the passage text the reader saw (its first ``context_passages``, tagged by source when
         the system was trained so) ("" when nothing was retrieved: the question is answered
         closed-book, with a warning), ``cut`` what was shortened to fit the reader's
         ``prompt_len`` (``[]``, ``["question"]``, ``["passage"]``; a warning says so too),
-        ``abstained`` whether the answer is the knowledge boundary's abstention.
+        ``abstained`` whether the answer is the knowledge boundary's abstention. With
+        ``rerank`` the system's reranker reorders every question's hits first (each hit then
+        has its ``rerank_score`` beside the retriever's ``score``).
         An empty question is an error."""
         questions = list(questions)
         if not questions:
@@ -93,6 +98,15 @@ class RagSystem:
             raise UserError(f"--max-new-tokens {max_new_tokens}: this reader has room for "
                             f"{room} new tokens after its {self.prompt_len}-token prompt")
         hits = multi_source.hits(self.bases, self.search(questions, mode))
+        if rerank:
+            if self.reranker is None:
+                raise UserError("--rerank: this system was trained without a reranker "
+                                "(rerank.enabled=False)")
+            for question, row in zip(questions, hits, strict=True):
+                scores = self.reranker.score(question, [h["text"] for h in row])
+                for h, score in zip(row, scores, strict=True):
+                    h["rerank_score"] = float(score)
+                row.sort(key=lambda h: -h["rerank_score"])  # stable: ties keep their order
         contexts = []
         for question, row in zip(questions, hits, strict=True):
             if not row:
@@ -128,7 +142,8 @@ def export_system(folder: Path, *, gen_cfg: LlamaConfig, gen_params: dict, token
                   bases: dict[str, list[str] | KnowledgeBase],
                   quotas: dict[str, int], prompt_len: int, clients: Sequence[dict] = (),
                   retriever_sides: str = "query", query_params: dict | None = None,
-                  context_passages: int = 1, tags: dict[str, str] | None = None) -> Path:
+                  context_passages: int = 1, tags: dict[str, str] | None = None,
+                  reranker: dict | None = None) -> Path:
     """Writes the system folder (see the module docstring). ``bases`` maps a base name to its
     passages, or to the :class:`KnowledgeBase` a job searched (saved as it is, so the system
     searches exactly as the job evaluated); ``clients`` are ``{"name", "base", "generator":
@@ -139,7 +154,10 @@ def export_system(folder: Path, *, gen_cfg: LlamaConfig, gen_params: dict, token
     ``query_params``: full query-encoder weights instead of a LoRA (strategies that merge
     every round's adapters into the base), saved as a sentence-transformers folder.
     ``context_passages`` and ``tags`` (``{"private": tag, <base>: tag}``): how the reader was
-    trained to read (the first n passages, each after its base's source tag)."""
+    trained to read (the first n passages, each after its base's source tag).
+    ``reranker``: ``{"reranker": Reranker (global adapter merged), "source": its folder,
+    "clients": [LoRA per client]}``: written as ``reranker/`` (a transformers
+    ``BertForSequenceClassification``) and ``clients/<k>/reranker_lora.safetensors``."""
     folder = Path(folder)
     if retriever_sides not in ("query", "both"):
         raise ValueError(f"retriever_sides must be 'query' or 'both', got {retriever_sides!r}")
@@ -172,7 +190,15 @@ def export_system(folder: Path, *, gen_cfg: LlamaConfig, gen_params: dict, token
             [global_retriever, client["retriever"]], [1.0, 1.0])
         encoder_lib.save_peft_adapter(where / "retriever", query_lora, encoder.cfg,
                                       base_model_name_or_path=base_name, overwrite=True)
+    if reranker is not None:
+        rr = reranker["reranker"]
+        rerank_lib.save(folder / "reranker", rr.cfg, sharding.to_host(rr.params),
+                        reranker["source"], overwrite=True)
+        for k, adapter in enumerate(reranker["clients"]):
+            lora.save_weights(folder / "clients" / str(k) / "reranker_lora.safetensors",
+                              adapter)
     system = {"format": FORMAT, "retriever": retriever_path, "retriever_sides": retriever_sides,
+              "reranker": None if reranker is None else {"max_len": reranker["reranker"].max_len},
               "prompt_len": prompt_len,
               # How the reader was trained to be prompted: <s> + this template, fitted to
               # prompt_len tokens by rag.fit_prompt, then " <answer></s>".
@@ -238,5 +264,11 @@ def load_system(folder: str | Path, client: int | None = None) -> RagSystem:
         tags = {**tags, clients[client]["base"]: tags["private"]}
     bases = [KnowledgeBase.load(folder / "knowledge" / n, encoder, query_encoder=query)
              for n in names]
+    reranker = None
+    if system.get("reranker"):
+        reranker = Reranker.load(folder / "reranker", max_len=system["reranker"]["max_len"])
+        if client is not None:
+            reranker.lora = lora.load_weights(folder / "clients" / str(client) /
+                                              "reranker_lora.safetensors")
     return RagSystem(gen_cfg, gen_params, gen_lora, tokenizer, bases, quotas,
-                     system["prompt_len"], system.get("context_passages", 1), tags)
+                     system["prompt_len"], system.get("context_passages", 1), tags, reranker)

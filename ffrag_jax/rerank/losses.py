@@ -61,9 +61,10 @@ def contrastive(scores: jax.Array, labels: jax.Array, valid: jax.Array, *,
 
 
 def task_losses(scores: jax.Array, labels: jax.Array, valid: jax.Array, *,
-                temperature: float = 1.0) -> jax.Array:
-    """The three batch losses ``[3]`` in :data:`TASKS` order."""
-    return jnp.stack([batch_mean(*pointwise(scores, labels, valid)),
-                      batch_mean(*pairwise(scores, labels, valid)),
-                      batch_mean(*contrastive(scores, labels, valid,
-                                              temperature=temperature))])
+                temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """The three batch losses ``[3]`` in :data:`TASKS` order, and whether each has a question
+    to learn from ``[3]``."""
+    parts = [pointwise(scores, labels, valid), pairwise(scores, labels, valid),
+             contrastive(scores, labels, valid, temperature=temperature)]
+    return (jnp.stack([batch_mean(*p) for p in parts]),
+            jnp.stack([counted.any() for _, counted in parts]))

@@ -23,7 +23,8 @@ def two_task_weight(g11: jax.Array, g12: jax.Array, g22: jax.Array) -> jax.Array
     return jnp.where(denom > 0, jnp.clip(gamma, 0.0, 1.0), 0.5)
 
 
-def frank_wolfe(gram_matrix: jax.Array, *, steps: int = 64) -> jax.Array:
+def frank_wolfe(gram_matrix: jax.Array, *, active: jax.Array | None = None,
+                steps: int = 64) -> jax.Array:
     """Weights ``[n]`` (non-negative, summing to 1) of the min-norm point of the convex hull
     of ``n`` gradients whose Gram matrix is ``gram_matrix`` ``[n, n]``.
 
@@ -33,21 +34,29 @@ def frank_wolfe(gram_matrix: jax.Array, *, steps: int = 64) -> jax.Array:
     Frank-Wolfe (the paper's Algorithm 2) converges as O(1/t): 3% off the optimum's norm
     after 64 steps on random 3-task problems; the pairwise steps converge linearly, to float32
     precision in 64 steps there. With two tasks the first step lands on
-    :func:`two_task_weight`'s closed form. A fixed step count: jit friendly."""
+    :func:`two_task_weight`'s closed form. A fixed step count: jit friendly.
+
+    ``active`` ``[n]`` (default all): tasks left out get weight 0 (a task with nothing to
+    learn from in a batch has a zero gradient, which would otherwise be the min-norm point
+    and stop every task); none active: all weights 0."""
     m = gram_matrix.astype(jnp.float32)
     n = m.shape[0]
+    active = jnp.ones((n,), bool) if active is None else active.astype(bool)
+    start = active / jnp.maximum(active.sum(), 1)
 
     def body(_, alpha):
         grad = m @ alpha  # half the gradient of a^T M a
-        t = jnp.argmin(grad)
+        t = jnp.argmin(jnp.where(active, grad, jnp.inf))
         s = jnp.argmax(jnp.where(alpha > 0, grad, -jnp.inf))
         d = jax.nn.one_hot(t, n, dtype=alpha.dtype) - jax.nn.one_hot(s, n, dtype=alpha.dtype)
         curvature = d @ m @ d
         gamma = -(d @ grad) / jnp.where(curvature > 0, curvature, 1.0)
         gamma = jnp.clip(jnp.where(curvature > 0, gamma, alpha[s]), 0.0, alpha[s])
-        return jnp.maximum(alpha + gamma * d, 0.0)
 
-    return jax.lax.fori_loop(0, steps, body, jnp.full((n,), 1.0 / n, jnp.float32))
+        moved = jnp.maximum(alpha + gamma * d, 0.0)
+        return jnp.where(active.any(), moved, alpha)
+
+    return jax.lax.fori_loop(0, steps, body, start.astype(jnp.float32))
 
 
 def gram(task_grads) -> jax.Array:

@@ -56,15 +56,16 @@ class RerankLossConfig:
 
 
 def task_losses(trainable: dict, frozen: dict, batch: dict, rng, *, cfg: EncoderConfig,
-                loss_cfg: RerankLossConfig) -> tuple[jax.Array, jax.Array]:
-    """``(losses [n tasks], scores [B, K])`` of the reranker ``frozen["params"]`` with its
-    adapter ``trainable["lora"]`` (or full weights ``trainable["params"]``)."""
+                loss_cfg: RerankLossConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(losses [n tasks], active [n tasks], scores [B, K])`` of the reranker
+    ``frozen["params"]`` with its adapter ``trainable["lora"]`` (or full weights
+    ``trainable["params"]``); ``active``: the task has a question to learn from."""
     params = trainable.get("params", frozen.get("params"))
     s = scores(params, cfg, batch, trainable.get("lora"), dropout_rng=rng)
-    all_losses = losses.task_losses(s, batch["labels"], batch["valid"],
-                                    temperature=loss_cfg.temperature)
+    all_losses, active = losses.task_losses(s, batch["labels"], batch["valid"],
+                                            temperature=loss_cfg.temperature)
     keep = jnp.asarray([losses.TASKS.index(t) for t in loss_cfg.tasks])
-    return all_losses[keep], s
+    return all_losses[keep], active[keep], s
 
 
 def update(state, frozen: dict, batch: dict, rng, *, cfg: EncoderConfig,
@@ -73,8 +74,9 @@ def update(state, frozen: dict, batch: dict, rng, *, cfg: EncoderConfig,
     combined loss, the task weights used and top-1 accuracy (the best-scored valid candidate
     is aligned) of the questions with an aligned candidate."""
     def vector(trainable):
-        out, s = task_losses(trainable, frozen, batch, rng, cfg=cfg, loss_cfg=loss_cfg)
-        return out, (out, s)
+        out, active, s = task_losses(trainable, frozen, batch, rng, cfg=cfg,
+                                     loss_cfg=loss_cfg)
+        return out, (out, active, s)
 
     if loss_cfg.combine == "fixed" or len(loss_cfg.tasks) == 1:
         weights = loss_cfg.fixed
@@ -83,11 +85,12 @@ def update(state, frozen: dict, batch: dict, rng, *, cfg: EncoderConfig,
             out, aux = vector(trainable)
             return weights @ out, aux
 
-        (_, (task, s)), grads = jax.value_and_grad(total, has_aux=True)(state.trainable)
+        (_, (task, _, s)), grads = jax.value_and_grad(total, has_aux=True)(state.trainable)
     else:
-        # Per-task gradients in one reverse pass per task (jacrev of the loss vector).
-        jac, (task, s) = jax.jacrev(vector, has_aux=True)(state.trainable)
-        weights = jax.lax.stop_gradient(mgda.frank_wolfe(mgda.gram(jac)))
+        # Per-task gradients in one reverse pass per task (jacrev of the loss vector); a task
+        # with nothing to learn from in this batch (no pair, no positive) is left out.
+        jac, (task, active, s) = jax.jacrev(vector, has_aux=True)(state.trainable)
+        weights = jax.lax.stop_gradient(mgda.frank_wolfe(mgda.gram(jac), active=active))
         grads = mgda.combine(jac, weights)
     new_state = apply_gradients(state, grads, optimizer)
     valid, labels = batch["valid"], batch["labels"]

@@ -1,0 +1,259 @@
+"""The knowledge boundary and the preference-aligned reranker in the federated FF-RAG job:
+the question generator, the boundary metrics, the dual-task loss, query augmentation, and a
+shrunk run with a reranker (its records, export, ask --rerank, and exact resume after kills)."""
+
+import json
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from killing import comparable, kill_and_resume
+
+from ffrag_jax import rag
+from ffrag_jax.data import boundary
+from ffrag_jax.errors import UserError
+from ffrag_jax.evaluation.boundary import boundary_metrics, parse
+from ffrag_jax.rerank import augment
+
+
+def _config(**overrides):
+    from ffrag_jax.launch import load_config
+
+    return load_config("boundary", {"data.domains": "clinic,legal", "fl.num_clients": 2,
+                                    "lora.generator.ranks": (4, 2), **overrides})
+
+
+def test_boundary_questions_by_type_are_consistent_and_deterministic():
+    from ffrag_jax.data.knowledge import client_knowledge
+
+    config = _config()
+    shared, clients = client_knowledge(config)
+    assert client_knowledge(config)[0] == shared  # a function of the seed
+    for c in clients:
+        passages = c.private + shared
+        questions = c.train + c.test
+        counts = boundary.type_counts(questions)
+        assert all(counts[t] > 0 for t in boundary.TYPES), counts
+        for kind in boundary.TYPES:  # every type in both splits
+            assert any(q["type"] == kind for q in c.test), kind
+            assert any(q["type"] == kind for q in c.train), kind
+        for q in questions:
+            if q["type"] == "unanswerable":
+                assert q["fact"] == -1 and q["answer"] == boundary.ABSTAIN
+                # neither base states this entity's asked relation
+                template = boundary.synthetic.DOMAINS[c.domain]["relations"][q["relation"]][1]
+                before, after = template.format(e=q["entity"], v="\x00").split("\x00")
+                assert not any(p.startswith(before) and p.endswith(after) for p in passages)
+                continue
+            gold = passages[q["fact"]]
+            assert q["answer"] in gold and q["entity"] in gold
+            if q["type"] == "case":
+                assert q["fact"] < len(c.private)
+            else:
+                assert q["fact"] >= len(c.private)  # the authority's fact
+            if q["type"] in ("agree", "conflict"):
+                note = c.private[q["case_fact"]]
+                assert q["entity"] in note
+                assert (q["answer"] in note) == (q["type"] == "agree")
+                if q["type"] == "conflict":
+                    assert q["wrong"] in note and q["wrong"] != q["answer"]
+    # one entity never carries two values of one relation within a base
+    for base in [shared] + [c.private for c in clients]:
+        assert len(base) == len(set(base))
+
+
+def test_targets_tags_and_unknown_source_tags():
+    q = {"question": "Who?", "answer": "Dr. Lo", "type": "conflict", "source": "authority"}
+    assert boundary.target(q) == "Dr. Lo [authority]"
+    assert boundary.target(q, tagged=False) == "Dr. Lo"
+    assert boundary.target({**q, "type": "unanswerable"}) == boundary.ABSTAIN
+    with pytest.raises(UserError, match="source tag 'guess'; tags: case, authority"):
+        boundary.target({**q, "source": "guess"})
+    with pytest.raises(UserError, match="unknown knowledge-boundary question type 'maybe'"):
+        boundary_metrics(["x"], [{"type": "maybe", "answer": "x"}])
+    assert parse("Dr. Lo [authority]") == parse(" Dr. Lo  [authority] ")
+    assert parse("Dr. Lo [authority]").value == "Dr. Lo"
+    assert parse("Insufficient evidence.").abstained
+    assert parse("Dr. Lo").tag is None
+
+
+def test_boundary_metrics_by_hand():
+    questions = [
+        {"type": "case", "answer": "A1"},  # right, right tag
+        {"type": "authority", "answer": "B2"},  # right value, wrong tag
+        {"type": "conflict", "answer": "C3", "wrong": "C4"},  # took the case note's value
+        {"type": "agree", "answer": "D5"},  # abstained: wrong
+        {"type": "unanswerable", "answer": boundary.ABSTAIN},  # abstained: right
+        {"type": "unanswerable", "answer": boundary.ABSTAIN},  # hallucinated
+    ]
+    said = ["A1 [case]", "B2 [case]", "C4 [case]", "insufficient evidence",
+            "insufficient evidence", "E6 [authority]"]
+    m = boundary_metrics(said, questions)
+    assert m["answerable_em"] == pytest.approx(2 / 4)
+    assert m["abstain_precision"] == pytest.approx(1 / 2)
+    assert m["abstain_recall"] == pytest.approx(1 / 2)
+    assert m["abstain_f1"] == pytest.approx(1 / 2)
+    assert m["hallucination_rate"] == pytest.approx(1 / 2)
+    assert m["conflict_accuracy"] == 0.0 and m["conflict_case_rate"] == 1.0
+    assert m["attribution_accuracy"] == pytest.approx(1 / 3)  # of the 3 answered answerable
+    assert (m["em_case"], m["em_authority"], m["em_agree"]) == (1.0, 1.0, 0.0)
+    # nothing to abstain on and nothing abstained: abstention scores are undefined (NaN)
+    m = boundary_metrics(["A1 [case]"], questions[:1])
+    assert np.isnan(m["abstain_f1"]) and np.isnan(m["conflict_accuracy"])
+
+
+def test_dual_task_loss_is_the_weighted_rag_sequence_and_needs_its_weights():
+    from ffrag_jax.rag import losses
+
+    rng = np.random.default_rng(0)
+    lp = jnp.asarray(np.log(rng.uniform(0.05, 1, size=(2, 3, 4))), jnp.float32)
+    scores = jnp.asarray(rng.normal(size=(2, 3)), jnp.float32)
+    weights = jnp.asarray([[1, 2, 2, 0], [3, 3, 0, 0]], jnp.float32)
+    ours = losses.rag_sequence_nll(lp, scores, weights)
+    # -log sum_k p(d_k|q) exp(sum_t w_t log p(y_t|q, d_k)), in float64
+    s64, lp64, w64 = (np.asarray(x, np.float64) for x in (scores, lp, weights))
+    doc = np.exp(s64) / np.exp(s64).sum(-1, keepdims=True)
+    ref = -np.log((doc * np.exp((lp64 * w64[:, None, :]).sum(-1))).sum(-1))
+    np.testing.assert_allclose(np.asarray(ours), ref, rtol=1e-5)
+    with pytest.raises(UserError, match="dual_task loss needs the batch's target_weight"):
+        rag.rag_loss({"generator": None, "retriever": None}, {"generator": None,
+                                                             "retriever": None},
+                     {}, None, gen_cfg=None, enc_cfg=None,
+                     loss_cfg=rag.RagLossConfig(weights=(("dual_task", 1.0),)))
+
+
+def test_target_weights_weigh_the_tag_and_the_example(tmp_path):
+    from pathlib import Path
+
+    from transformers import PreTrainedTokenizerFast
+
+    import ffrag_jax
+
+    tok = PreTrainedTokenizerFast.from_pretrained(
+        Path(ffrag_jax.__file__).parent / "tokenizers" / "demo")
+    w = rag.target_weights(tok, ["Dr. Lo [case]", "insufficient evidence"], 20,
+                           tag_weight=2.0, example_weights=[1.0, 3.0])
+    ids = rag.answer_ids(tok, "Dr. Lo [case]")
+    value = len(rag.answer_ids(tok, "Dr. Lo")) - 1
+    assert w[0, :value].tolist() == [1.0] * value  # the value's tokens
+    assert set(w[0, value : len(ids) - 1].tolist()) == {2.0}  # " [case]"
+    assert w[0, len(ids) - 1] == 1.0 and not w[0, len(ids):].any()  # EOS, then padding
+    assert set(w[1, : len(rag.answer_ids(tok, "insufficient evidence"))].tolist()) == {3.0}
+    with pytest.raises(UserError, match="budget is 4"):
+        rag.target_weights(tok, ["Dr. Lo [case]"], 4, tag_weight=1.0, example_weights=[1.0])
+
+
+def test_query_augmentation_strategies_and_the_consistency_filter():
+    pool = [{"question": "Who is the doctor of patient Ab Cd?", "answer": "Dr. X", "fact": 3,
+             "entity": "Ab Cd", "relation": "doctor", "type": "case"},
+            {"question": "Who is the doctor of patient Ef Gh?", "answer": "Dr. Y", "fact": 5,
+             "entity": "Ef Gh", "relation": "doctor", "type": "case"}]
+    rng = random.Random(0)
+    made = {s: augment.augment(pool[0], "clinic", s, rng, pool) for s in augment.STRATEGIES}
+    for name, q in made.items():
+        assert q is not None and q["augmented"] == name
+        assert q["question"] != pool[0]["question"]
+    assert "Ab Cd" in made["paraphrase"]["question"]
+    swap = made["entity_swap"]
+    assert swap["origin"] == 1 and "Ef Gh" in swap["question"] and swap["answer"] == "Dr. Y"
+    with pytest.raises(UserError, match="unknown query augmentation 'shuffle'"):
+        augment.augment(pool[0], "clinic", "shuffle", rng, pool)
+    ids = np.array([3, 7, 9])
+    assert augment.consistent(np.array([1, 0, 0]), ids, np.array([0, 1, 0]),
+                              np.array([7, 3, 9]))
+    assert not augment.consistent(np.array([1, 0, 0]), ids, np.array([1, 1, 0]), ids)
+    assert not augment.consistent(np.zeros(3), ids, np.zeros(3), ids)  # nothing aligned
+
+
+RERANK_SMALL = {
+    "pretrain.steps": 4, "pretrain.num_examples": 64, "pretrain.batch_size": 8,
+    "data.private_entities": 4, "data.shared_entities": 1, "boundary.overlap_entities": 2,
+    "fl.rounds": 1, "fl.local_steps": 2, "fl.batch_size": 4, "lora.retriever.rank": 2,
+    "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_layers": 2,
+    "tokenizer.path": None, "tokenizer.vocab_size": 400, "log_every": 1,
+    "eval.batch_size": 8,
+    "rerank.enabled": True, "rerank.questions": 3, "rerank.augment": "paraphrase,entity_swap",
+    "rerank.local_steps": 2, "rerank.batch_size": 2, "rerank.max_len": 32,
+    "lora.reranker.rank": 2}
+
+
+@pytest.fixture(scope="module")
+def rerank_run(tmp_path_factory, tiny_cross_encoder):
+    from ffrag_jax.training import run as run_lib
+
+    overrides = {**RERANK_SMALL, "rerank.path": str(tiny_cross_encoder[0])}
+    workdir = tmp_path_factory.mktemp("boundary") / "run"
+    summary = run_lib.run(_config(**overrides), workdir)
+    return workdir, summary, overrides
+
+
+def _records(workdir):
+    return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.long
+def test_federated_run_with_a_reranker_records_exports_and_answers(rerank_run, capsys):
+    from ffrag_jax.cli import ask
+
+    workdir, summary, _ = rerank_run
+    for model in ("global", "fused"):
+        for key in ("answerable_em", "abstain_f1", "hallucination_rate", "conflict_accuracy",
+                    "attribution_accuracy", "retriever_only_rag_em", "rerank_ms_per_question"):
+            assert key in summary[model], (model, key)
+    records = _records(workdir)
+    data = [r for r in records if r["kind"] == "rerank_data"]
+    assert [(r["round"], r["client"]) for r in data] == [(1, 0), (1, 1)]
+    assert all(r["kept"] >= 3 and r["augmented"] >= r["filtered"] for r in data)
+    steps = [r for r in records if r.get("phase") == "rerank"]
+    assert len(steps) == 2 * 2 and all(np.isfinite(r["loss"]) for r in steps)
+    for name in ("export/reranker/config.json", "export/reranker/model.safetensors",
+                 "export/clients/1/reranker_lora.safetensors"):
+        assert (workdir / name).exists(), name
+    system = json.loads((workdir / "export/system.json").read_text())
+    assert system["tags"] == {"private": "case", "shared": "authority"}
+    # ask --rerank reproduces the job's last-round answers of client 0's fused model
+    rows = [json.loads(x) for x in (workdir / "predictions.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["client"] == 0 and r["model"] == "fused"][:4]
+    questions = workdir.parent / "q.jsonl"
+    questions.write_text("".join(json.dumps({"question": r["question"]}) + "\n" for r in rows))
+    assert ask.main(["--workdir", str(workdir), "--client", "0", "--rerank", "--questions",
+                     str(questions), "--max-new-tokens", "8"]) == 0
+    answers = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [a["answer"] for a in answers] == [r["prediction"] for r in rows]
+    assert all("rerank_score" in h for a in answers for h in a["sources"])
+    assert ask.main(["--workdir", str(workdir), "Who heard case Bo-12?", "--rerank"]) == 0
+    out = capsys.readouterr().out
+    assert "rerank" in out and "[shared]" in out
+
+
+@pytest.mark.long
+def test_federated_run_with_a_reranker_resumes_exactly_after_kills(rerank_run, tmp_path):
+    full_dir, _, overrides = rerank_run
+    args = ["--config", "boundary", "--workdir", str(tmp_path / "killed"),
+            "--config.data.domains=clinic,legal", "--config.fl.num_clients=2",
+            "--config.lora.generator.ranks=(4, 2)",
+            *[f"--config.{k}={v}" for k, v in overrides.items()]]
+    log = kill_and_resume(args, tmp_path / "killed", total_records=len(_records(full_dir)),
+                          seed=5, points=2)
+    summary = lambda w: json.loads((w / "summary.json").read_text())
+    assert comparable(summary(tmp_path / "killed")) == comparable(summary(full_dir)), log
+    assert comparable(_records(tmp_path / "killed")) == comparable(_records(full_dir)), log
+
+
+def test_reranker_settings_are_checked_before_training(tmp_path, tiny_cross_encoder):
+    from ffrag_jax.training import run as run_lib
+
+    base = {**RERANK_SMALL, "rerank.path": str(tiny_cross_encoder[0])}
+    for key, value, message in (
+            ("rerank.labels", "votes", "rerank.labels='votes'; choose preference or relevance"),
+            ("rerank.augment", "paraphrase,shuffle", "rerank.augment names 'shuffle'"),
+            ("rerank.combine", "sum", "rerank.combine='sum'; choose mgda or fixed"),
+            ("rag.context_passages", 2, "rag.losses lsr scores single passages")):
+        with pytest.raises(UserError, match=message):
+            run_lib.run(_config(**{**base, key: value}), tmp_path / key)
+        assert not (tmp_path / key / "checkpoints").exists()
+    with pytest.raises(UserError, match="rag.losses dual_task trains the knowledge boundary"):
+        run_lib.run(_config(**{**base, "boundary.enabled": False}), tmp_path / "b")
+    jax.clear_caches()
