@@ -22,7 +22,7 @@ def _config(**overrides):
     from ffrag_jax.launch import load_config
 
     return load_config("boundary", {"data.domains": "clinic,legal", "fl.num_clients": 2,
-                                    "lora.generator.ranks": (4, 2), **overrides})
+                                    "lora.generator.ranks": (2, 2), **overrides})
 
 
 def test_boundary_questions_by_type_are_consistent_and_deterministic():
@@ -176,7 +176,7 @@ RERANK_SMALL = {
     "eval.batch_size": 8,
     "rerank.enabled": True, "rerank.questions": 3, "rerank.augment": "paraphrase,entity_swap",
     "rerank.local_steps": 2, "rerank.batch_size": 2, "rerank.max_len": 32,
-    "lora.reranker.rank": 2}
+    "lora.reranker.rank": 2, "rerank.pre_align_steps": 2, "rerank.pre_align_len": 64}
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +208,10 @@ def test_federated_run_with_a_reranker_records_exports_and_answers(rerank_run, c
     assert all(r["kept"] >= 3 and r["augmented"] >= r["filtered"] for r in data)
     steps = [r for r in records if r.get("phase") == "rerank"]
     assert len(steps) == 2 * 2 and all(np.isfinite(r["loss"]) for r in steps)
+    aligned = [r for r in records if r.get("phase") == "pre_align"]  # before round 1's RAG
+    assert [(r["client"], r["step"]) for r in aligned] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    assert records.index(aligned[-1]) < min(records.index(r) for r in records
+                                            if r.get("phase") == "ffrag")
     for name in ("export/reranker/config.json", "export/reranker/model.safetensors",
                  "export/clients/1/reranker_lora.safetensors"):
         assert (workdir / name).exists(), name
@@ -226,6 +230,13 @@ def test_federated_run_with_a_reranker_records_exports_and_answers(rerank_run, c
     assert ask.main(["--workdir", str(workdir), "Who heard case Bo-12?", "--rerank"]) == 0
     out = capsys.readouterr().out
     assert "rerank" in out and "[shared]" in out
+    # query expansion and context compression at inference
+    assert ask.main(["--workdir", str(workdir), "--client", "1", "--rerank", "--expand",
+                     "--compress", "6", "--questions", str(questions)]) == 0
+    answers = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert all("draft" in a and "dropped" in a for a in answers)
+    assert ask.main(["--workdir", str(workdir), "--compress", "-1", "Who?"]) == 2
+    assert "--compress >= 0 expected" in capsys.readouterr().err
 
 
 @pytest.mark.long
@@ -233,7 +244,7 @@ def test_federated_run_with_a_reranker_resumes_exactly_after_kills(rerank_run, t
     full_dir, _, overrides = rerank_run
     args = ["--config", "boundary", "--workdir", str(tmp_path / "killed"),
             "--config.data.domains=clinic,legal", "--config.fl.num_clients=2",
-            "--config.lora.generator.ranks=(4, 2)",
+            "--config.lora.generator.ranks=(2, 2)",
             *[f"--config.{k}={v}" for k, v in overrides.items()]]
     log = kill_and_resume(args, tmp_path / "killed", total_records=len(_records(full_dir)),
                           seed=5, points=2)
@@ -250,10 +261,54 @@ def test_reranker_settings_are_checked_before_training(tmp_path, tiny_cross_enco
             ("rerank.labels", "votes", "rerank.labels='votes'; choose preference or relevance"),
             ("rerank.augment", "paraphrase,shuffle", "rerank.augment names 'shuffle'"),
             ("rerank.combine", "sum", "rerank.combine='sum'; choose mgda or fixed"),
-            ("rag.context_passages", 2, "rag.losses lsr scores single passages")):
+            ("rag.context_passages", 2, "rag.losses lsr scores single passages"),
+            ("rerank.pre_align_len", 500, "rerank.pre_align_len=500 exceeds the model's")):
         with pytest.raises(UserError, match=message):
             run_lib.run(_config(**{**base, key: value}), tmp_path / key)
         assert not (tmp_path / key / "checkpoints").exists()
     with pytest.raises(UserError, match="rag.losses dual_task trains the knowledge boundary"):
         run_lib.run(_config(**{**base, "boundary.enabled": False}), tmp_path / "b")
     jax.clear_caches()
+
+
+def test_context_compression_keeps_the_best_sentences_within_the_budget():
+    from ffrag_jax.rag import compression
+
+    passages = ["Patient Ab takes Lox. The ward is A1. Lunch is at noon.",
+                "Trains leave at six.", "Patient Ab sees Dr. Ru!"]
+    score = lambda q, texts: np.asarray([t.count("Ab") + 0.5 * ("ward" in t) for t in texts])
+    count = lambda t: len(t.split())
+    kept, dropped = compression.compress("What does Ab take?", passages, score, count, 9)
+    # the two "Ab" sentences (4 + 5 words), in their passages' order; the rest dropped
+    assert kept == [(0, "Patient Ab takes Lox."), (2, "Patient Ab sees Dr. Ru!")]
+    assert dropped == ["The ward is A1.", "Lunch is at noon.", "Trains leave at six."]
+    kept, _ = compression.compress("q", passages, score, count, 1)  # the best, even if over
+    assert kept == [(0, "Patient Ab takes Lox.")]
+    assert compression.compress("q", passages, score, count, 0) == (list(enumerate(passages)),
+                                                                     [])
+
+
+def test_query_expansion_merges_both_queries_hits():
+    from ffrag_jax.rag import expansion
+
+    assert expansion.expanded(["Who?", "When?"], ["Dr. Lo", " "]) == ["Who? Dr. Lo", "When?"]
+    first = [[{"kb": "a", "id": 1, "score": 0.5}, {"kb": "b", "id": 1, "score": 0.4}]]
+    second = [[{"kb": "a", "id": 1, "score": 0.7}, {"kb": "a", "id": 2, "score": 0.6}]]
+    merged = expansion.merge_hits(first, second, 2)[0]
+    assert [(h["kb"], h["id"], h["score"]) for h in merged] == [("a", 1, 0.7), ("a", 2, 0.6)]
+    assert merged[1]["expanded"] and "expanded" not in merged[0]
+
+
+def test_pre_alignment_examples_name_the_first_aligned_candidate():
+    from ffrag_jax.rerank import self_align
+
+    texts = ["Patient Ab takes Lox.", "Patient Cd takes Rin.", "Case Lo-1 was heard by Ra."]
+    tags = ["case", "case", "authority"]
+    ids = np.array([[1, 0, -1], [2, 1, 0]])
+    labels = np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    prompts, responses = self_align.examples(
+        [{"question": "What does Ab take?"}, {"question": "Who heard Lo-1?"}], ids, texts, tags,
+        labels)
+    assert prompts[0] == ("Passages: (1) [case] Patient Cd takes Rin. (2) [case] Patient Ab "
+                          "takes Lox.\nQuestion: What does Ab take?\nHelpful passage:")
+    assert responses == [" 2", " none"]  # no aligned candidate: "none"

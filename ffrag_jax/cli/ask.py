@@ -41,6 +41,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rerank", action="store_true",
                    help="reorder the hits with the system's preference-aligned reranker (a "
                         "run with rerank.enabled), as its evaluation did")
+    p.add_argument("--expand", action="store_true",
+                   help="query expansion: retrieve also with the reader's closed-book draft "
+                        "answer appended to the question")
+    p.add_argument("--compress", type=int, default=0, metavar="TOKENS",
+                   help="keep only the passages' best sentences by the reranker within TOKENS "
+                        "(0: off)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -70,6 +76,8 @@ def check_sampling(args: argparse.Namespace) -> None:
         raise UserError(f"--top-p in (0, 1] expected, got {args.top_p}")
     if args.top_k < 0:
         raise UserError(f"--top-k >= 0 expected (0: off), got {args.top_k}")
+    if args.compress < 0:
+        raise UserError(f"--compress >= 0 expected (0: off), got {args.compress}")
     if args.max_new_tokens <= 0:
         raise UserError(f"--max-new-tokens > 0 expected, got {args.max_new_tokens}")
     if args.temperature == 0 and (args.top_p != 1.0 or args.top_k != 0):
@@ -103,7 +111,8 @@ def main(argv=None) -> int:
         system = load_system(args.workdir, args.client)
         results = system.ask(questions, mode=args.mode, max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, top_p=args.top_p,
-                             top_k=args.top_k, seed=args.seed, rerank=args.rerank)
+                             top_k=args.top_k, seed=args.seed, rerank=args.rerank,
+                             expand=args.expand, compress=args.compress)
         if output:
             files.atomic_write_text(output, "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                                     for r in results))

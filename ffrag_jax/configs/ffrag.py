@@ -87,6 +87,9 @@ def get_config() -> ConfigDict:
         combine="mgda",  # or "fixed": the losses' weights
         losses={"pointwise": 1.0, "pairwise": 1.0, "contrastive": 1.0},
         temperature=1.0, max_len=64,  # cross-encoder tokens per query-passage pair
+        # DPA-RAG's pre-aligned stage before round 1's RAG training (ffrag_jax.rerank.
+        # self_align): steps of the generator naming its aligned candidate; 0: off.
+        pre_align_steps=0, pre_align_len=112,
     ))
     c.lora = ConfigDict(dict(
         generator=lora_section("all-linear", ranks=(8, 8, 4, 4)),  # one rank per client

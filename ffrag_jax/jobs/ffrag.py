@@ -48,6 +48,8 @@ from ffrag_jax.errors import UserError
 from ffrag_jax.federated import strategies
 from ffrag_jax.federated.driver import RoundDriver
 from ffrag_jax.jobs.base_model import (
+    abstract_model,
+    check_lengths,
     check_rag_models,
     model_config,
     pretrain,
@@ -58,6 +60,7 @@ from ffrag_jax.models.llama import init_params
 from ffrag_jax.rag import evaluate as rag_eval
 from ffrag_jax.rag import prompts, system
 from ffrag_jax.rerank import rounds as rerank_rounds
+from ffrag_jax.rerank import self_align
 from ffrag_jax.rerank.cross_encoder import Reranker
 from ffrag_jax.retrieval.encoder import TextEncoder, default_encoder_path
 from ffrag_jax.retrieval.knowledge_base import KnowledgeBase
@@ -127,6 +130,10 @@ def _single_passage(config) -> bool:
 
 def reranking(config) -> bool:
     return bool(config.get("rerank") and config.rerank.enabled)
+
+
+def pre_aligning(config) -> bool:
+    return bool(config.get("rerank") and config.rerank.pre_align_steps > 0)
 
 
 def training_questions(config, client: Client) -> list[dict]:
@@ -205,8 +212,9 @@ def validate(config: ConfigDict, mesh: jax.sharding.Mesh) -> None:
     strategy_of(config)
     gen_section = LoRASection.read(config, "generator")
     LoRASection.read(config, "retriever")
-    if reranking(config):
+    if reranking(config) or pre_aligning(config):
         rerank_rounds.validate(config)
+    if reranking(config):
         LoRASection.read(config, "reranker")
     ranks = gen_section.client_ranks(fl.num_clients)
     if min(r.k_private, r.k_shared) < 0 or r.k_private + r.k_shared == 0:
@@ -230,6 +238,9 @@ def validate(config: ConfigDict, mesh: jax.sharding.Mesh) -> None:
         if fl[name] <= 0:
             raise UserError(f"fl.{name} must be positive, got {fl[name]}")
     shapes = check_rag_models(config)
+    if pre_aligning(config):
+        check_lengths(abstract_model(config)[0],
+                      {"rerank.pre_align_len": config.rerank.pre_align_len})
     for rank in sorted(set(ranks)):
         jax.eval_shape(lambda p, rank=rank: gen_section.init(jax.random.key(0), p, rank),
                        shapes)
@@ -376,6 +387,35 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
                      steps[0]["loss"], steps[-1]["loss"])
         return adapter
 
+    def pre_align(k: int, gen_params: dict, query_params: dict, adapter):
+        """Client k's pre-aligned stage (ffrag_jax.rerank.self_align) before its first RAG
+        training: its generator learns to name the candidate it answers right with."""
+        c, s, ra = clients[k], sources[k], config.rerank
+        pool = [q for q in c.train if q.get("type") != "unanswerable"]
+        pick = np.random.default_rng([config.seed, k, 11]).choice(len(pool), ra.questions)
+        questions = [pool[i] for i in pick]
+        query_enc = dataclasses.replace(enc, params=query_params, lora=None)
+        ids = s.search(query_enc.embed([q["question"] for q in questions]))[1]
+        labels = rerank_rounds.preferences.preference_labels(
+            gen_params, gen_cfg, tokenizer, questions, ids, s.texts, tags=s.passage_tags,
+            lora=adapter, prompt_len=r.prompt_len, max_new_tokens=config.eval.max_new_tokens,
+            batch_size=config.eval.batch_size)
+        prompts_, responses = self_align.examples(questions, ids, s.texts, s.passage_tags,
+                                                  labels)
+        rngs = [jax.random.fold_in(rng, 900_000 + k * 1000 + step)
+                for step in range(ra.pre_align_steps)]
+        trainer.within(f"client {k + 1}/{len(clients)} {c.name} pre-alignment", 0,
+                       ra.pre_align_steps)
+        adapter, steps = self_align.train_adapter(
+            gen_params, gen_cfg, tokenizer, adapter, prompts_, responses,
+            steps=ra.pre_align_steps, batch_size=fl.batch_size, lr=fl.lr,
+            max_len=ra.pre_align_len, rngs=rngs, seed=(config.seed, k, 12))
+        for step, out in enumerate(steps, 1):
+            if step % config.log_every == 0 or step == len(steps):
+                metrics.write(kind="train", phase="pre_align", round=1, client=k, name=c.name,
+                              step=step, **out)
+        return adapter
+
     def one_round(server: dict, t: int, selected: list[int], weights: np.ndarray):
         """Every client's local training from the strategy's start, then aggregation."""
         rnd = t + 1
@@ -388,6 +428,11 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         frozen = sharding.on_one_device({"generator": round_gen, "retriever": round_query})
         round_rr = None if rr is None else dataclasses.replace(
             rr, params=strategy.round_params(server["reranker"])[0])
+        if rnd == 1 and pre_aligning(config):
+            starts["generator"] = federated.pad_and_stack([
+                pre_align(k, round_gen, round_query, federated.unpad_rank(
+                    federated.client(starts["generator"], k), gen_ranks[k]))
+                for k in range(len(clients))], max(gen_ranks))
 
         def start_reranker(k: int) -> Reranker | None:
             """Client k's reranker at the round's start (it orders the reader's contexts)."""

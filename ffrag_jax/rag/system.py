@@ -36,7 +36,7 @@ from ffrag_jax.evaluation.boundary import parse
 from ffrag_jax.models import hf, lora
 from ffrag_jax.models.llama import LlamaConfig
 from ffrag_jax.models.lora import LoRA
-from ffrag_jax.rag import prompts
+from ffrag_jax.rag import compression, expansion, prompts
 from ffrag_jax.rag.evaluate import answer_prompts
 from ffrag_jax.rerank import cross_encoder as rerank_lib
 from ffrag_jax.rerank.cross_encoder import Reranker
@@ -76,7 +76,8 @@ class RagSystem:
 
     def ask(self, questions: Sequence[str], *, mode: str = "dense", max_new_tokens: int = 16,
             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-            batch_size: int = 32, rerank: bool = False) -> list[dict]:
+            batch_size: int = 32, rerank: bool = False, expand: bool = False,
+            compress: int = 0) -> list[dict]:
         """Per question ``{"question", "answer", "context", "sources", "cut", "abstained"}``:
         ``sources`` are the hits of every base (best first, each naming its base), ``context``
         the passage text the reader saw (its first ``context_passages``, tagged by source when
@@ -85,7 +86,11 @@ class RagSystem:
         ``prompt_len`` (``[]``, ``["question"]``, ``["passage"]``; a warning says so too),
         ``abstained`` whether the answer is the knowledge boundary's abstention. With
         ``rerank`` the system's reranker reorders every question's hits first (each hit then
-        has its ``rerank_score`` beside the retriever's ``score``).
+        has its ``rerank_score`` beside the retriever's ``score``). ``expand``: query expansion
+        (:mod:`ffrag_jax.rag.expansion`: the reader's closed-book draft appended, both queries'
+        hits merged; ``draft`` in the record). ``compress``: a token budget for the passages
+        read, whose best sentences by the reranker are kept (:mod:`ffrag_jax.rag.compression`;
+        the rest in ``dropped``).
         An empty question is an error."""
         questions = list(questions)
         if not questions:
@@ -97,24 +102,42 @@ class RagSystem:
         if max_new_tokens > room:
             raise UserError(f"--max-new-tokens {max_new_tokens}: this reader has room for "
                             f"{room} new tokens after its {self.prompt_len}-token prompt")
+        if (rerank or compress > 0) and self.reranker is None:
+            raise UserError(f"--{'rerank' if rerank else 'compress'}: this system was trained "
+                            "without a reranker (rerank.enabled=False)")
         hits = multi_source.hits(self.bases, self.search(questions, mode))
+        drafts = [""] * len(questions)
+        if expand:
+            drafts = answer_prompts(
+                self.gen_params, self.gen_cfg, self.tokenizer,
+                prompts.fit_prompts(self.tokenizer, questions, [""] * len(questions),
+                                    self.prompt_len),
+                lora=self.gen_lora, prompt_len=self.prompt_len, max_new_tokens=max_new_tokens,
+                batch_size=batch_size)
+            drafts = ["" if parse(d).abstained else parse(d).value for d in drafts]
+            more = multi_source.hits(self.bases, self.search(expansion.expanded(questions,
+                                                                                drafts), mode))
+            hits = expansion.merge_hits(hits, more, sum(self.quotas.values()))
         if rerank:
-            if self.reranker is None:
-                raise UserError("--rerank: this system was trained without a reranker "
-                                "(rerank.enabled=False)")
             for question, row in zip(questions, hits, strict=True):
                 scores = self.reranker.score(question, [h["text"] for h in row])
                 for h, score in zip(row, scores, strict=True):
                     h["rerank_score"] = float(score)
                 row.sort(key=lambda h: -h["rerank_score"])  # stable: ties keep their order
-        contexts = []
+        contexts, dropped = [], []
         for question, row in zip(questions, hits, strict=True):
             if not row:
                 logging.warning("no passage retrieved for %r: answering closed-book", question)
             read = row[: self.context_passages]
+            kept, cut = compression.compress(
+                question, [h["text"] for h in read],
+                lambda q, texts: self.reranker.score(q, texts),
+                lambda t: len(self.tokenizer(t, add_special_tokens=False)["input_ids"]),
+                compress)
+            dropped.append(cut)
             contexts.append(prompts.tagged_context(
-                [h["text"] for h in read],
-                None if self.tags is None else [self.tags.get(h["kb"]) for h in read]))
+                [text for _, text in kept],
+                None if self.tags is None else [self.tags.get(read[i]["kb"]) for i, _ in kept]))
         fitted = prompts.fit_prompts(self.tokenizer, questions, contexts, self.prompt_len)
         cuts = []
         for i, (q, c, p) in enumerate(zip(questions, contexts, fitted, strict=True)):
@@ -130,10 +153,15 @@ class RagSystem:
             self.gen_params, self.gen_cfg, self.tokenizer, fitted, lora=self.gen_lora,
             prompt_len=self.prompt_len, max_new_tokens=max_new_tokens, batch_size=batch_size,
             rng=rng, temperature=temperature, top_p=top_p, top_k=top_k)
-        return [{"question": q, "answer": a, "context": p.passage, "sources": row, "cut": cut,
-                 "abstained": parse(a).abstained}
-                for q, a, p, row, cut in zip(questions, answers, fitted, hits, cuts,
-                                             strict=True)]
+        out = [{"question": q, "answer": a, "context": p.passage, "sources": row, "cut": cut,
+                "abstained": parse(a).abstained}
+               for q, a, p, row, cut in zip(questions, answers, fitted, hits, cuts, strict=True)]
+        for record, draft, cut in zip(out, drafts, dropped, strict=True):
+            if expand:
+                record["draft"] = draft
+            if compress > 0:
+                record["dropped"] = cut
+        return out
 
 
 def export_system(folder: Path, *, gen_cfg: LlamaConfig, gen_params: dict, tokenizer,

@@ -36,13 +36,19 @@ LABELS = {"preference": "the generator's own answers", "relevance": "gold fact a
 
 
 def validate(config) -> None:
-    """The ``rerank`` section's checks (only when ``rerank.enabled``)."""
+    """The ``rerank`` section's checks (the pre-aligned stage's, and with ``rerank.enabled``
+    the reranker's)."""
     r = config.rerank
+    if r.pre_align_steps < 0:
+        raise UserError(f"rerank.pre_align_steps must be >= 0, got {r.pre_align_steps}")
+    for name in ("questions", "pre_align_len"):
+        if r[name] < 1:
+            raise UserError(f"rerank.{name} must be at least 1, got {r[name]}")
     if not r.enabled:
         return
     if r.labels not in LABELS:
         raise UserError(f"rerank.labels={r.labels!r}; choose {' or '.join(LABELS)}")
-    for name in ("questions", "local_steps", "batch_size", "max_len"):
+    for name in ("local_steps", "batch_size", "max_len"):
         if r[name] < 1:
             raise UserError(f"rerank.{name} must be at least 1, got {r[name]}")
     if r.lr <= 0:
