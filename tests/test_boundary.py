@@ -312,3 +312,16 @@ def test_pre_alignment_examples_name_the_first_aligned_candidate():
     assert prompts[0] == ("Passages: (1) [case] Patient Cd takes Rin. (2) [case] Patient Ab "
                           "takes Lox.\nQuestion: What does Ab take?\nHelpful passage:")
     assert responses == [" 2", " none"]  # no aligned candidate: "none"
+
+
+def test_boundary_pretraining_examples_tag_answers_and_abstain_on_near_misses():
+    examples = boundary.reading_examples("geography", 200, 0, 0.3)
+    assert examples == boundary.reading_examples("geography", 200, 0, 0.3)
+    abstained = [e for e in examples if e["answer"] == boundary.ABSTAIN]
+    assert 0.2 < len(abstained) / len(examples) < 0.4
+    for e in examples:
+        tag = e["context"].split("]")[0] + "]"
+        assert tag in ("[case]", "[authority]")
+        if e["answer"] != boundary.ABSTAIN:
+            value = e["answer"].removesuffix(" " + tag)
+            assert e["answer"].endswith(tag) and value in e["context"]

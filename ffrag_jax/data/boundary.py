@@ -177,3 +177,37 @@ def split_by_type(questions: list[dict], held_out: float, rng: random.Random
 def type_counts(questions: list[dict]) -> dict[str, int]:
     """How many questions of each type (every type named, zeros included)."""
     return {kind: sum(q["type"] == kind for q in questions) for kind in TYPES}
+
+
+def reading_examples(domain: str, n: int, seed: int, unanswerable_rate: float) -> list[dict]:
+    """Pretraining examples of the boundary format on a base domain (no client data):
+    ``{context, question, answer}`` where the context is one fact after a random source tag
+    and the answer its value with that tag; with ``unanswerable_rate`` the question asks what
+    the fact does not say (another relation of its entity, or its relation of another entity)
+    and the answer is :data:`ABSTAIN`. A reader pretrained so knows the tags and the
+    abstention as words before any client trains; which questions its domain's bases can
+    answer is what the federated dual task then teaches."""
+    synthetic._check_domain(domain)
+    relations = synthetic.DOMAINS[domain]["relations"]
+    kind = synthetic.DOMAINS[domain]["entity"]
+    rng = random.Random(f"boundary-reading:{domain}:{seed}")
+    out = []
+    for _ in range(n):
+        relation = rng.choice(sorted(relations))
+        value_kind, fact, _ = relations[relation]
+        entity = synthetic._entity(rng, kind)
+        value = synthetic._value(rng, value_kind)
+        tag = rng.choice(SOURCES)
+        asked_entity, asked_relation, answer = entity, relation, f"{value} [{tag}]"
+        if rng.random() < unanswerable_rate:
+            answer = ABSTAIN
+            others = [r for r in sorted(relations) if r != relation]
+            if others and rng.random() < 0.5:
+                asked_relation = rng.choice(others)
+            else:
+                while asked_entity == entity:
+                    asked_entity = synthetic._entity(rng, kind)
+        out.append({"domain": domain, "context": f"[{tag}] " + fact.format(e=entity, v=value),
+                    "question": _question(rng, domain, asked_relation, asked_entity),
+                    "answer": answer})
+    return out

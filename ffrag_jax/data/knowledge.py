@@ -114,7 +114,12 @@ def _boundary_knowledge(config: ConfigDict, domains: list[str]
 
 
 def reading_examples(config: ConfigDict) -> list[dict]:
-    """The pretraining examples: reading comprehension on the base domain (no client data)."""
+    """The pretraining examples: reading comprehension on the base domain (no client data);
+    with a knowledge boundary, in its format (tagged passages and answers, abstentions:
+    :func:`boundary.reading_examples`)."""
+    if boundary_enabled(config):
+        return boundary.reading_examples(config.pretrain.domain, config.pretrain.num_examples,
+                                         config.seed, config.boundary.unanswerable_rate)
     return synthetic.make_examples(config.pretrain.domain, config.pretrain.num_examples,
                                    config.seed, distractors=config.pretrain.get("distractors", 0),
                                    user_questions=True)
