@@ -63,6 +63,9 @@ def get_config() -> ConfigDict:
         overlap_entities=30,  # per client: in both bases (each relation agrees or conflicts)
         conflict_rate=0.5,  # of the overlap facts, the case note contradicts the authority
         unanswerable_rate=0.3,  # about this many unanswerable per answerable question
+        # dual task: the share of answerable training questions shown without the passages
+        # that support them, with the abstention as target (insufficient-evidence examples)
+        negatives=0.25,
         abstain_weight=1.0,  # the dual_task loss's weight on abstention answers
         tag_weight=1.0,  # and on the source tag's tokens
     ))

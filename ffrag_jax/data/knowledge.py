@@ -84,7 +84,7 @@ def _boundary_knowledge(config: ConfigDict, domains: list[str]
     """:func:`client_knowledge` with a knowledge boundary: the shared base holds every domain's
     authority-only facts, then each client's overlap entities' authoritative facts."""
     d, b = config.data, config.boundary
-    for name in ("conflict_rate", "unanswerable_rate"):
+    for name in ("conflict_rate", "unanswerable_rate", "negatives"):
         if not 0.0 <= b[name] <= 1.0:
             raise UserError(f"boundary.{name} must be in [0, 1], got {b[name]}")
     names = {domain: boundary._Names(domain, config.seed + 1000) for domain in sorted(set(domains))}

@@ -165,10 +165,35 @@ def _client_batch(config, tokenizer, query_enc: TextEncoder, sources: Sources, c
                         f"fl.retriever_lr (now {config.fl.retriever_lr:g}) or fl.lr "
                         f"(now {config.fl.lr:g})")
     _, ids = sources.search(vectors)
+    if boundary_enabled(config) and config.boundary.dual_task:
+        questions, ids = _without_evidence(config, questions, ids, seed)
     if reranker is not None:  # the reader learns on what it will read: the reranked order
         ids, _ = rerank_rounds.rerank_ids(reranker, [q["question"] for q in questions], ids,
                                           sources.texts)
     return _batch(config, tokenizer, query_enc, sources, questions, ids)
+
+
+def _without_evidence(config, questions: list[dict], ids: np.ndarray, seed
+                      ) -> tuple[list[dict], np.ndarray]:
+    """The dual task's insufficient-evidence examples made from answerable questions: with
+    probability ``boundary.negatives`` a question loses the passages that support its answer
+    (its gold fact and the case note on it) from its candidates, and its target becomes the
+    abstention. The reader so learns to abstain when what it reads does not hold the answer,
+    not only on the questions no base answers (a pure function of ``seed``)."""
+    rate = config.boundary.negatives
+    if rate <= 0:
+        return questions, ids
+    rng = np.random.default_rng([config.seed, *seed, 99])
+    questions, ids = list(questions), ids.copy()
+    for i, q in enumerate(questions):
+        if q.get("type") == "unanswerable" or rng.random() >= rate:
+            continue
+        support = {q["fact"], q.get("case_fact", -1)} - {-1}
+        kept = [x for x in ids[i] if x >= 0 and x not in support]
+        ids[i] = kept + [-1] * (ids.shape[1] - len(kept))
+        questions[i] = {**q, "type": "unanswerable", "source": None,
+                        "answer": boundary.ABSTAIN}
+    return questions, ids
 
 
 def _batch(config, tokenizer, enc, sources: Sources, questions: list[dict], ids: np.ndarray
