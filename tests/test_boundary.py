@@ -217,6 +217,26 @@ def test_federated_run_with_a_reranker_records_exports_and_answers(rerank_run, c
         assert (workdir / name).exists(), name
     system = json.loads((workdir / "export/system.json").read_text())
     assert system["tags"] == {"private": "case", "shared": "authority"}
+    # the generator's preferences over candidates, both readings: 0/1, nothing on padding or
+    # on unanswerable questions
+    from ffrag_jax.rag.system import load_system
+    from ffrag_jax.rerank import preferences
+
+    system = load_system(workdir, 0)
+    texts = [c["text"] for kb in system.bases for c in kb.chunks]
+    qs = [{"question": "Who heard case Bo-12?", "answer": "Judge Ra [case]", "gold": "Judge Ra",
+           "type": "case"},
+          {"question": "When?", "answer": boundary.ABSTAIN, "type": "unanswerable"}]
+    ids = np.array([[0, 1, -1], [2, 3, 4]])
+    common = dict(lora=system.gen_lora, prompt_len=system.prompt_len, batch_size=4)
+    answer = preferences.preference_labels(system.gen_params, system.gen_cfg, system.tokenizer,
+                                           qs, ids, texts, max_new_tokens=4, **common)
+    likely = preferences.likelihood_labels(system.gen_params, system.gen_cfg, system.tokenizer,
+                                           qs, ids, texts, answer_len=12, **common)
+    for labels in (answer, likely):
+        assert labels.shape == (2, 3) and set(np.unique(labels)) <= {0.0, 1.0}
+        assert labels[0, 2] == 0 and not labels[1].any()
+    assert likely[0].sum() <= 1
     # ask --rerank reproduces the job's last-round answers of client 0's fused model
     rows = [json.loads(x) for x in (workdir / "predictions.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["client"] == 0 and r["model"] == "fused"][:4]

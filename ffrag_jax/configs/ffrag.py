@@ -84,6 +84,9 @@ def get_config() -> ConfigDict:
         enabled=False,
         path=config_dict.placeholder(str),  # None: the packaged MiniLM with a fresh head
         labels="preference",  # or "relevance": gold fact + case note (the baseline)
+        # the generator's preference: "answer" (its greedy answer with the passage alone is
+        # right) or "likelihood" (the passage under which the gold answer is likeliest)
+        preference="likelihood",
         questions=48,  # training questions labelled per client and round
         augment="paraphrase,constraint,decomposition,specific,general,entity_swap",
         local_steps=20, batch_size=8, lr=2e-3,

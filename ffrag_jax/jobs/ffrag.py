@@ -387,10 +387,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
             return s.search(query_enc.embed(texts))[1]
 
         def label(questions, ids):
-            return rerank_rounds.preferences.preference_labels(
-                gen_params, gen_cfg, tokenizer, questions, ids, s.texts, tags=s.passage_tags,
-                lora=gen_lora, prompt_len=r.prompt_len, max_new_tokens=config.eval.max_new_tokens,
-                batch_size=config.eval.batch_size)
+            return preference_labels(config, gen_params, gen_lora, s, questions, ids)
 
         trainer.within(f"client {k + 1}/{len(clients)} {c.name} reranker data", 0,
                        config.rerank.local_steps)
@@ -412,6 +409,19 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
                      steps[0]["loss"], steps[-1]["loss"])
         return adapter
 
+    def preference_labels(config, gen_params, gen_lora, s: Sources, questions, ids):
+        """The client generator's preferences over candidates ``ids`` (rerank.preference:
+        its greedy answers' correctness, or the gold answer's likelihood)."""
+        common = dict(tags=s.passage_tags, lora=gen_lora, prompt_len=r.prompt_len,
+                      batch_size=config.eval.batch_size)
+        if config.rerank.preference == "likelihood":
+            return rerank_rounds.preferences.likelihood_labels(
+                gen_params, gen_cfg, tokenizer, questions, ids, s.texts,
+                answer_len=r.answer_len, **common)
+        return rerank_rounds.preferences.preference_labels(
+            gen_params, gen_cfg, tokenizer, questions, ids, s.texts,
+            max_new_tokens=config.eval.max_new_tokens, **common)
+
     def pre_align(k: int, gen_params: dict, query_params: dict, adapter):
         """Client k's pre-aligned stage (ffrag_jax.rerank.self_align) before its first RAG
         training: its generator learns to name the candidate it answers right with."""
@@ -421,10 +431,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         questions = [pool[i] for i in pick]
         query_enc = dataclasses.replace(enc, params=query_params, lora=None)
         ids = s.search(query_enc.embed([q["question"] for q in questions]))[1]
-        labels = rerank_rounds.preferences.preference_labels(
-            gen_params, gen_cfg, tokenizer, questions, ids, s.texts, tags=s.passage_tags,
-            lora=adapter, prompt_len=r.prompt_len, max_new_tokens=config.eval.max_new_tokens,
-            batch_size=config.eval.batch_size)
+        labels = preference_labels(config, gen_params, adapter, s, questions, ids)
         prompts_, responses = self_align.examples(questions, ids, s.texts, s.passage_tags,
                                                   labels)
         rngs = [jax.random.fold_in(rng, 900_000 + k * 1000 + step)

@@ -33,6 +33,7 @@ from ffrag_jax.rerank.step import COMBINE, RerankLossConfig, rerank_step
 from ffrag_jax.training import train
 
 LABELS = {"preference": "the generator's own answers", "relevance": "gold fact and case note"}
+PREFERENCES = ("answer", "likelihood")  # how the generator's preference is read
 
 
 def validate(config) -> None:
@@ -48,6 +49,9 @@ def validate(config) -> None:
         return
     if r.labels not in LABELS:
         raise UserError(f"rerank.labels={r.labels!r}; choose {' or '.join(LABELS)}")
+    if r.preference not in PREFERENCES:
+        raise UserError(f"rerank.preference={r.preference!r}; choose "
+                        f"{' or '.join(PREFERENCES)}")
     for name in ("local_steps", "batch_size", "max_len"):
         if r[name] < 1:
             raise UserError(f"rerank.{name} must be at least 1, got {r[name]}")
