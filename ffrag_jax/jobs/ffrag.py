@@ -167,7 +167,10 @@ def _client_batch(config, tokenizer, query_enc: TextEncoder, sources: Sources, c
     _, ids = sources.search(vectors)
     if boundary_enabled(config) and config.boundary.dual_task:
         questions, ids = _without_evidence(config, questions, ids, seed)
-    if reranker is not None:  # the reader learns on what it will read: the reranked order
+    if reranker is not None and not _single_passage(config):
+        # A context of several passages is read in the reranked order, as at inference. With
+        # one passage per prompt the losses see every candidate on its own, in any order: no
+        # reranking needed (it would cost a cross-encoder pass per step).
         ids, _ = rerank_rounds.rerank_ids(reranker, [q["question"] for q in questions], ids,
                                           sources.texts)
     return _batch(config, tokenizer, query_enc, sources, questions, ids)
