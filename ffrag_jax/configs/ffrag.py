@@ -65,7 +65,7 @@ def get_config() -> ConfigDict:
         unanswerable_rate=0.3,  # about this many unanswerable per answerable question
         # dual task: the share of answerable training questions shown without the passages
         # that support them, with the abstention as target (insufficient-evidence examples)
-        negatives=0.25,
+        negatives=0.0,
         abstain_weight=1.0,  # the dual_task loss's weight on abstention answers
         tag_weight=1.0,  # and on the source tag's tokens
     ))
