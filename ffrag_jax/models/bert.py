@@ -59,7 +59,10 @@ class EncoderConfig:
         return self.hidden_size
 
 
-class _Layer(nn.Module):
+class AdaptedModule(nn.Module):
+    """A module of the encoder family whose projections are ``LoRALinear`` (the encoder's
+    layers, the reranker's head): the LoRA settings and the one way to make a projection."""
+
     cfg: EncoderConfig
     lora_scale: float = 1.0
     lora_dropout: float = 0.0
@@ -70,6 +73,9 @@ class _Layer(nn.Module):
                           param_dtype=jnp.dtype(self.cfg.param_dtype),
                           lora_scale=self.lora_scale, lora_dropout=self.lora_dropout,
                           deterministic=self.deterministic, name=name)
+
+
+class _Layer(AdaptedModule):
 
     def norm(self, name: str) -> nn.LayerNorm:
         return nn.LayerNorm(self.cfg.layer_norm_eps, dtype=jnp.dtype(self.cfg.dtype),
@@ -166,16 +172,23 @@ def encode(params: dict, cfg: EncoderConfig, input_ids: jax.Array, attention_mas
     if input_ids.shape[1] > cfg.max_position_embeddings:
         raise UserError(f"sequence length {input_ids.shape[1]} is longer than the encoder's "
                         f"max_position_embeddings {cfg.max_position_embeddings}")
+    states = apply_adapted(Encoder, params, cfg, lora, dropout_rng, input_ids, attention_mask)
+    return pool(cfg, states, attention_mask)
+
+
+def apply_adapted(module: type[AdaptedModule] | type[nn.Module], params: dict,
+                  cfg: EncoderConfig, lora, dropout_rng: jax.Array | None, *inputs):
+    """``module(cfg)`` applied to ``inputs`` with weights ``params`` and the adapter ``lora``
+    (its scale and dropout; None: none), dropout active only with ``dropout_rng``."""
     variables = {"params": params}
     scale, dropout = 1.0, 0.0
     if lora is not None:
         variables["lora"] = lora.weights
         scale, dropout = lora.scale, lora.dropout
-    model = Encoder(cfg, lora_scale=scale, lora_dropout=dropout,
-                    deterministic=dropout_rng is None)
+    model = module(cfg, lora_scale=scale, lora_dropout=dropout,
+                   deterministic=dropout_rng is None)
     rngs = None if dropout_rng is None else {"dropout": dropout_rng}
-    states = model.apply(variables, input_ids, attention_mask, rngs=rngs)
-    return pool(cfg, states, attention_mask)
+    return model.apply(variables, *inputs, rngs=rngs)
 
 
 def init_params(rng: jax.Array, cfg: EncoderConfig) -> dict:

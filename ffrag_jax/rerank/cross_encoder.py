@@ -35,8 +35,7 @@ from flax import traverse_util
 
 from ffrag_jax.errors import UserError
 from ffrag_jax.models import hf
-from ffrag_jax.models.bert import Encoder, EncoderConfig
-from ffrag_jax.models.layers import LoRALinear
+from ffrag_jax.models.bert import AdaptedModule, Encoder, EncoderConfig, apply_adapted
 from ffrag_jax.retrieval import encoder as encoder_lib
 
 # HF name (without the model's "bert." prefix where it has one) -> Flax path, transposed.
@@ -50,19 +49,8 @@ CLASSIFIER_KEY_MAP: tuple[tuple[str, str, bool], ...] = (
 )
 
 
-class CrossEncoder(nn.Module):
+class CrossEncoder(AdaptedModule):
     """Relevance logits ``[B]`` of ``[B, T]`` query-passage pairs."""
-
-    cfg: EncoderConfig
-    lora_scale: float = 1.0
-    lora_dropout: float = 0.0
-    deterministic: bool = True
-
-    def linear(self, features: int, name: str) -> LoRALinear:
-        return LoRALinear(features, use_bias=True, dtype=jnp.dtype(self.cfg.dtype),
-                          param_dtype=jnp.dtype(self.cfg.param_dtype),
-                          lora_scale=self.lora_scale, lora_dropout=self.lora_dropout,
-                          deterministic=self.deterministic, name=name)
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, token_type_ids):
@@ -78,18 +66,9 @@ def scores(params: dict, cfg: EncoderConfig, batch: dict, lora=None, *,
     """Logits ``[...]`` of ``batch`` ``{input_ids, attention_mask, token_type_ids}`` (each
     ``[..., T]``: any leading shape, e.g. ``[B, K, T]`` for K passages per question)."""
     lead, length = batch["input_ids"].shape[:-1], batch["input_ids"].shape[-1]
-    variables = {"params": params}
-    scale, dropout = 1.0, 0.0
-    if lora is not None:
-        variables["lora"] = lora.weights
-        scale, dropout = lora.scale, lora.dropout
-    model = CrossEncoder(cfg, lora_scale=scale, lora_dropout=dropout,
-                         deterministic=dropout_rng is None)
     flat = [batch[k].reshape(-1, length) for k in ("input_ids", "attention_mask",
                                                     "token_type_ids")]
-    out = model.apply(variables, *flat, rngs=None if dropout_rng is None else {
-        "dropout": dropout_rng})
-    return out.reshape(lead)
+    return apply_adapted(CrossEncoder, params, cfg, lora, dropout_rng, *flat).reshape(lead)
 
 
 def init_params(rng: jax.Array, cfg: EncoderConfig) -> dict:
