@@ -629,9 +629,12 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     logging.info("exported the system to %s (python -m ffrag_jax.ask --workdir %s ...)",
                  export, workdir)
     records = read_jsonl(metrics.path)
+    panels = [("eval", "recall@1", "retrieval recall@1"), ("eval", "rag_em", "RAG exact match")]
+    if boundary_enabled(config):
+        panels += [("eval", "hallucination_rate", "hallucination rate"),
+                   ("eval", "abstain_f1", "abstention F1")]
     plot_client_rounds(records, workdir / "rounds.png", "ffrag_jax FF-RAG: held-out questions",
-                       panels=[("eval", "recall@1", "retrieval recall@1"),
-                               ("eval", "rag_em", "RAG exact match")])
+                       panels=panels)
     plot_training_loss(records, workdir / "loss.png", title="ffrag_jax FF-RAG")
     summary = summarize(records, fl.rounds)
     summary["wall_time_s"] = round(time.perf_counter() - started, 1)

@@ -230,7 +230,10 @@ def plot_client_rounds(records: list[dict], path: str | Path, title: str = "",
                               key=lambda r: r["round"])
                 if mine:
                     mine = base + mine  # the global and fused curves start at the base model
-                    ax.plot([r["round"] for r in mine], [r[field] for r in mine], style,
+                    # "nan" (a client without questions of a kind) plots as a gap
+                    ax.plot([r["round"] for r in mine],
+                            [r[field] if isinstance(r[field], float | int) else float("nan")
+                             for r in mine], style,
                             marker=".", color=colors[i % len(colors)],
                             label=f"{mine[-1].get('name', client)} ({model})")
         ax.set_xlabel("round")
