@@ -348,7 +348,7 @@ def test_boundary_pretraining_examples_tag_answers_and_abstain_on_near_misses():
 
 
 def test_insufficient_evidence_examples_drop_the_supporting_passages():
-    from ffrag_jax.jobs.ffrag import _without_evidence
+    from ffrag_jax.jobs.ffrag_client import without_evidence
 
     config = _config(**{"boundary.negatives": 1.0})
     questions = [{"question": "q0", "answer": "A", "type": "conflict", "source": "authority",
@@ -356,9 +356,9 @@ def test_insufficient_evidence_examples_drop_the_supporting_passages():
                  {"question": "q1", "answer": boundary.ABSTAIN, "type": "unanswerable",
                   "source": None, "fact": -1, "case_fact": -1}]
     ids = np.array([[2, 5, 7, 9], [4, 3, -1, -1]])
-    out_q, out_ids = _without_evidence(config, questions, ids, (1, 0, 0))
+    out_q, out_ids = without_evidence(config, questions, ids, (1, 0, 0))
     assert out_ids.tolist() == [[5, 9, -1, -1], [4, 3, -1, -1]]
     assert out_q[0]["answer"] == boundary.ABSTAIN and out_q[0]["type"] == "unanswerable"
     assert out_q[1] == questions[1] and questions[0]["answer"] == "A"  # inputs untouched
-    none = _without_evidence(_config(**{"boundary.negatives": 0.0}), questions, ids, (1, 0, 0))
+    none = without_evidence(_config(**{"boundary.negatives": 0.0}), questions, ids, (1, 0, 0))
     assert none[0] == questions and (none[1] == ids).all()
