@@ -119,10 +119,12 @@ class RagSystem:
                                                                                 drafts), mode))
             hits = expansion.merge_hits(hits, more, sum(self.quotas.values()))
         if rerank:
-            for question, row in zip(questions, hits, strict=True):
-                scores = self.reranker.score(question, [h["text"] for h in row])
-                for h, score in zip(row, scores, strict=True):
-                    h["rerank_score"] = float(score)
+            pairs = [(q, h) for q, row in zip(questions, hits, strict=True) for h in row]
+            scores = self.reranker.score_pairs([q for q, _ in pairs],  # one batched pass
+                                               [h["text"] for _, h in pairs])
+            for (_, h), score in zip(pairs, scores, strict=True):
+                h["rerank_score"] = float(score)
+            for row in hits:
                 row.sort(key=lambda h: -h["rerank_score"])  # stable: ties keep their order
         contexts, dropped = [], []
         for question, row in zip(questions, hits, strict=True):

@@ -85,10 +85,10 @@ def load(path: str | os.PathLike | None = None, *, seed: int = 0, dtype: str = "
 
     folder = hf.check_model_dir(encoder_lib.default_encoder_path() if path is None else path)
     hf_config = hf.read_json(folder / "config.json", "the transformers config")
-    if int(hf_config.get("num_labels", len(hf_config.get("id2label", {})) or 1)) != 1 and any(
-            "classifier" in n for n in hf.safetensors_files(folder)):
-        raise UserError(f"{folder}: a classifier with {hf_config.get('num_labels')} labels; a "
-                        "reranker scores with one")
+    labels = len(hf_config.get("id2label") or {}) or int(hf_config.get("num_labels", 1))
+    if labels != 1 and any("classifier" in n for n in hf.safetensors_files(folder)):
+        raise UserError(f"{folder}: a classifier with {labels} labels; a reranker scores "
+                        "with one")
     cfg = encoder_lib.config_from_hf(folder, dtype=dtype)
     fresh = traverse_util.flatten_dict(init_params(jax.random.key(seed), cfg), sep="/")
     expected = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in fresh.items()}
@@ -144,15 +144,15 @@ def tokenize_pairs(tokenizer, queries: Sequence[str], passages: Sequence[str], m
     if not queries:
         return {k: np.zeros((0, max_len), np.int32)
                 for k in ("input_ids", "attention_mask", "token_type_ids")}
-    full = tokenizer(list(queries), list(passages), truncation=False)["input_ids"]
-    cut = sum(len(x) > max_len for x in full)
+    q_len = [len(x) for x in tokenizer(list(queries), add_special_tokens=False)["input_ids"]]
+    p_len = [len(x) for x in tokenizer(list(passages), add_special_tokens=False)["input_ids"]]
+    cut = sum(q + p + 3 > max_len for q, p in zip(q_len, p_len, strict=True))  # [CLS] [SEP] [SEP]
     if cut:
         logging.warning("%s: %d of %d query-passage pairs are longer than the cross-encoder's "
                         "%d tokens; the passages are cut from their end", where, cut,
-                        len(full), max_len)
+                        len(q_len), max_len)
     # The passage loses tokens from its end; a query too long to leave room for a quarter of
     # the window is cut too (longest side first).
-    q_len = [len(x) for x in tokenizer(list(queries), add_special_tokens=False)["input_ids"]]
     out = {k: np.zeros((len(queries), max_len), np.int32)
            for k in ("input_ids", "attention_mask", "token_type_ids")}
     for strategy, rows in (("only_second", [i for i, n in enumerate(q_len)

@@ -28,7 +28,6 @@ import numpy as np
 from ffrag_jax.errors import UserError
 from ffrag_jax.rerank import augment, preferences
 from ffrag_jax.rerank.cross_encoder import Reranker
-from ffrag_jax.rerank.losses import TASKS
 from ffrag_jax.rerank.step import COMBINE, RerankLossConfig, rerank_step
 from ffrag_jax.training import train
 
@@ -124,7 +123,7 @@ def client_data(config, questions: Sequence[dict], domain: str, search, texts, t
     # Entity swaps point at another pool question: label that one too, as their origin.
     extra = sorted({o for _, o, _ in made if o is not None})
     originals = picked + [pool[j] for j in extra]
-    origin_row = {("pool", j): len(picked) + n for n, j in enumerate(extra)}
+    origin_row = {j: len(picked) + n for n, j in enumerate(extra)}  # pool index -> its row
     queries = originals + [a for _, _, a in made]
     ids = search([q["question"] for q in queries])
     prefs = label_fn(queries, ids)
@@ -132,7 +131,7 @@ def client_data(config, questions: Sequence[dict], domain: str, search, texts, t
     filtered = 0
     for n, (i, origin, _) in enumerate(made):
         row = len(originals) + n
-        src = i if origin is None else origin_row[("pool", origin)]
+        src = i if origin is None else origin_row[origin]
         if augment.consistent(prefs[src], ids[src], prefs[row], ids[row]):
             kept_rows.append(row)
         else:
@@ -169,5 +168,5 @@ def local_steps(config, adapter, reranker: Reranker, data: ClientData, rngs,
     return state.trainable["lora"], out
 
 
-__all__ = ["LABELS", "TASKS", "ClientData", "client_data", "local_steps", "rerank_ids",
+__all__ = ["LABELS", "ClientData", "client_data", "local_steps", "rerank_ids",
            "validate"]
