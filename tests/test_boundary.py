@@ -14,7 +14,7 @@ from killing import comparable, kill_and_resume
 from ffrag_jax import rag
 from ffrag_jax.data import boundary
 from ffrag_jax.errors import UserError
-from ffrag_jax.evaluation.boundary import boundary_metrics, parse
+from ffrag_jax.evaluation.boundary import boundary_metrics, parse, read
 from ffrag_jax.rerank import augment
 
 
@@ -102,6 +102,23 @@ def test_boundary_metrics_by_hand():
     # nothing to abstain on and nothing abstained: abstention scores are undefined (NaN)
     m = boundary_metrics(["A1 [case]"], questions[:1])
     assert np.isnan(m["abstain_f1"]) and np.isnan(m["conflict_accuracy"])
+
+
+def test_readings_pick_one_answer_from_the_answers_with_each_candidate():
+    per = [["insufficient evidence", "B2 [case]", "B3 [authority]"],  # top abstains
+           ["A1 [case]", "A2 [authority]"],  # the authority's answer comes second
+           ["insufficient evidence", "insufficient evidence"],  # every candidate abstains
+           ["C1 [case]"]]
+    assert read(per, "top") == ["insufficient evidence", "A1 [case]",
+                                "insufficient evidence", "C1 [case]"]
+    assert read(per, "first_answer") == ["B2 [case]", "A1 [case]", "insufficient evidence",
+                                         "C1 [case]"]
+    assert read(per, "authority_first") == ["B3 [authority]", "A2 [authority]",
+                                            "insufficient evidence", "C1 [case]"]
+    with pytest.raises(UserError, match="boundary.reading='vote'; choose top or "):
+        read(per, "vote")
+    with pytest.raises(UserError, match="question 1 has no candidate answer"):
+        read([["A1"], []], "top")
 
 
 def test_dual_task_loss_is_the_weighted_rag_sequence_and_needs_its_weights():

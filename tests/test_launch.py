@@ -49,7 +49,8 @@ def _error_line(result):
 
 
 def test_unknown_config_name_lists_configs():
-    assert "unknown config 'nope'; configs: boundary, demo, fflora" in _error_line(_launch("--config", "nope"))
+    line = _error_line(_launch("--config", "nope"))
+    assert "unknown config 'nope'; configs: boundary, demo, fflora" in line
 
 
 def test_unknown_override_key_lists_keys():

@@ -13,6 +13,7 @@ import torch
 
 from ffrag_jax import rerank
 from ffrag_jax.models import lora as lora_lib
+from ffrag_jax.rerank.step import task_losses as step_task_losses
 from ffrag_jax.training import train
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -198,6 +199,35 @@ def test_reranker_bad_input_empty_candidates_and_long_passages(tiny_cross_encode
         rerank.tokenize_pairs(reranker.tokenizer, ["a", "b"], ["c"], 16)
     with pytest.raises(Exception, match="unknown reranker loss 'listwise'"):
         rerank.RerankLossConfig(weights=(("listwise", 1.0),))
+
+
+def test_a_residual_reranker_adds_the_centred_retriever_prior():
+    retrieved = np.asarray([[0.9, 0.8, 0.4, -np.inf], [0.2, 0.7, 0.1, 0.0]], np.float32)
+    valid = np.isfinite(retrieved)
+    prior = rerank.retriever_prior(retrieved, valid, 10.0)
+    np.testing.assert_allclose(prior[0], [2.0, 1.0, -3.0, 0.0], atol=1e-5)  # mean 0.7
+    np.testing.assert_allclose(prior[1], [-0.5, 4.5, -1.5, -2.5], atol=1e-5)
+    plain = rerank.Reranker.load(None, max_len=24)
+    residual = rerank.Reranker.load(None, max_len=24, prior_scale=10.0)
+    logits = np.asarray([[0.1, 0.0, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0]], np.float32)
+    np.testing.assert_array_equal(plain.with_prior(logits, None, valid), logits)
+    np.testing.assert_allclose(residual.with_prior(logits, retrieved, valid), logits + prior)
+    with pytest.raises(Exception, match="residual .* needs the retriever's scores"):
+        residual.with_prior(logits, None, valid)
+    # In the step, the losses see logit + prior: the same as the losses of those scores.
+    enc = rerank.tokenize_pairs(plain.tokenizer, ["q"] * 8, [f"passage {i}" for i in range(8)],
+                                24)
+    batch = {k: jnp.asarray(v.reshape(2, 4, 24)) for k, v in enc.items()}
+    batch.update(labels=jnp.asarray([[0, 1, 0, 0], [1, 0, 0, 1]], jnp.float32),
+                 valid=jnp.asarray(valid), prior=jnp.asarray(prior))
+    cfg = rerank.RerankLossConfig()
+    ours, _, s = step_task_losses({}, {"params": plain.params}, batch, None, cfg=plain.cfg,
+                                  loss_cfg=cfg)
+    bare = rerank.scores(plain.params, plain.cfg, batch)
+    np.testing.assert_allclose(np.asarray(s), np.asarray(bare) + prior, rtol=1e-6, atol=1e-6)
+    expected, _ = rerank.task_losses(bare + prior, batch["labels"], batch["valid"],
+                                     temperature=cfg.temperature)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(expected), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("combine", ["mgda", "fixed"])

@@ -68,6 +68,10 @@ def get_config() -> ConfigDict:
         negatives=0.0,
         abstain_weight=1.0,  # the dual_task loss's weight on abstention answers
         tag_weight=1.0,  # and on the source tag's tokens
+        # how the reader's answers with each candidate alone make one (evaluation/boundary.py
+        # READINGS): "top" (the first candidate's), "first_answer" (the first not abstained
+        # on), "authority_first" (the first tagged [authority], else first_answer)
+        reading="top",
     ))
     c.fl = ConfigDict(dict(
         strategy="ff",  # ff: personal + stacked global adapters; stack: FLoRA, merged
@@ -93,6 +97,9 @@ def get_config() -> ConfigDict:
         combine="mgda",  # or "fixed": the losses' weights
         losses={"pointwise": 1.0, "pairwise": 1.0, "contrastive": 1.0},
         temperature=1.0, max_len=64,  # cross-encoder tokens per query-passage pair
+        # > 0: a residual reranker, score = logit + prior_scale x the retriever's score
+        # (centred per question; rerank/cross_encoder.py retriever_prior); 0: the logit alone
+        prior_scale=20.0,
         # DPA-RAG's pre-aligned stage before round 1's RAG training (ffrag_jax.rerank.
         # self_align): steps of the generator naming its aligned candidate; 0: off.
         pre_align_steps=0, pre_align_len=112,

@@ -12,6 +12,12 @@ per question type (:mod:`ffrag_jax.data.boundary`).
   whose tag names the right source;
 * ``em_<type>``: the value's exact match per answerable type.
 
+How a reader that reads one candidate at a time turns its K answers into one
+(:data:`READINGS`, ``boundary.reading``): ``top`` keeps the first candidate's; ``first_answer``
+the first one not abstained on (the reader judges sufficiency per passage, so it abstains only
+when no candidate holds the answer); ``authority_first`` the first answer tagged
+``[authority]`` if any (the authority wins a conflict), else as ``first_answer``.
+
 A metric whose questions are absent (no conflict question, nothing answered) is NaN
 (``"nan"`` in ``metrics.jsonl``; left out of means).
 """
@@ -25,6 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ffrag_jax.data.boundary import ABSTAIN, ANSWERABLE, source_of
+from ffrag_jax.errors import UserError
 from ffrag_jax.evaluation.answers import exact_match, f1, normalize_answer
 
 _TAG = re.compile(r"\s*\[([^\[\]]*)\]\s*$")
@@ -48,6 +55,34 @@ def parse(prediction: str) -> Parsed:
         prediction, None)
     value = value.strip()
     return Parsed(value, tag, normalize_answer(value) == normalize_answer(ABSTAIN))
+
+
+def _top(answers: Sequence[str]) -> str:
+    return answers[0]
+
+
+def _first_answer(answers: Sequence[str]) -> str:
+    return next((a for a in answers if not parse(a).abstained), answers[0])
+
+
+def _authority_first(answers: Sequence[str]) -> str:
+    return next((a for a in answers if not parse(a).abstained and parse(a).tag == "authority"),
+                _first_answer(answers))
+
+
+READINGS = {"top": _top, "first_answer": _first_answer, "authority_first": _authority_first}
+
+
+def read(per_candidate: Sequence[Sequence[str]], reading: str) -> list[str]:
+    """One answer per question from its answers with each candidate alone (best first, at
+    least one per question) by the rule ``reading`` (:data:`READINGS`)."""
+    if reading not in READINGS:
+        raise UserError(f"boundary.reading={reading!r}; choose {' or '.join(READINGS)}")
+    rule = READINGS[reading]
+    for i, answers in enumerate(per_candidate):
+        if not answers:
+            raise UserError(f"question {i} has no candidate answer to read")
+    return [rule(answers) for answers in per_candidate]
 
 
 def _mean(flags: list[bool] | list[float]) -> float:

@@ -157,7 +157,8 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     ret_ranks = tuple(ret_section.client_ranks(len(clients)))
     rr = rr_section = None
     if reranking(config):  # the cross-encoder: the packaged MiniLM and a fresh head, or a folder
-        rr = Reranker.load(config.rerank.path, max_len=config.rerank.max_len, seed=config.seed)
+        rr = Reranker.load(config.rerank.path, max_len=config.rerank.max_len, seed=config.seed,
+                           prior_scale=config.rerank.prior_scale)
         rr_section = LoRASection.read(config, "reranker")
         rr_ranks = tuple(rr_section.client_ranks(len(clients)))
         rr_section.init(rng, rr.params)
@@ -250,7 +251,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         c, s = clients[k], sources[k]
 
         def search(texts):
-            return s.search(query_enc.embed(texts))[1]
+            return s.search(query_enc.embed(texts))
 
         def label(questions, ids):
             return preference_labels(config, gen_params, gen_lora, s, questions, ids)

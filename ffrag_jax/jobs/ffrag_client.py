@@ -31,7 +31,7 @@ def evaluate_client(config, client: Client, sources: Sources, query_enc: TextEnc
     scores with the retriever's order alone are added as ``retriever_only_<metric>``, with
     the reranking cost (``rerank_ms_per_question``)."""
     questions = [q["question"] for q in client.test]
-    _, ids = sources.search(query_enc.embed(questions))
+    retrieved, ids = sources.search(query_enc.embed(questions))
 
     def run(ids, predictions=None, closed_book=closed_book):
         return rag_eval.evaluate(gen_params, gen_cfg, tokenizer, client.test, ids,
@@ -40,14 +40,16 @@ def evaluate_client(config, client: Client, sources: Sources, query_enc: TextEnc
                                  max_new_tokens=config.eval.max_new_tokens,
                                  batch_size=config.eval.batch_size, predictions=predictions,
                                  contexts=contexts(config, sources, ids),
-                                 boundary=boundary_enabled(config))
+                                 boundary=boundary_enabled(config),
+                                 candidates=candidate_contexts(config, sources, ids),
+                                 reading=reading(config))
 
     if reranker is None:
         return run(ids, predictions)
-    reranked, _ = rerank_rounds.rerank_ids(reranker, questions, ids, sources.texts)
+    reranked, _ = rerank_rounds.rerank_ids(reranker, questions, ids, sources.texts, retrieved)
     # The cost of a second, identical pass: the first one compiled the shapes it needed.
     started = time.perf_counter()
-    rerank_rounds.rerank_ids(reranker, questions, ids, sources.texts)
+    rerank_rounds.rerank_ids(reranker, questions, ids, sources.texts, retrieved)
     cost = (time.perf_counter() - started) * 1000 / max(len(questions), 1)
     plain = run(ids, closed_book=False)
     out = run(reranked, predictions)
@@ -61,6 +63,22 @@ def contexts(config, sources: Sources, ids: np.ndarray) -> list[str]:
     after its source tag with ``rag.source_tags``."""
     return prompts.contexts(ids, sources.texts, config.rag.context_passages,
                             sources.passage_tags)
+
+
+def reading(config) -> str:
+    """How the reader's answers with each candidate become one (``boundary.reading``; without a
+    boundary: the top candidate's)."""
+    return config.boundary.reading if boundary_enabled(config) else "top"
+
+
+def candidate_contexts(config, sources: Sources, ids: np.ndarray) -> list[list[str]] | None:
+    """Per question, each candidate's context (after its tag) when the reader reads them one
+    at a time (a boundary ``reading`` other than ``top``); None: it reads the top context."""
+    if reading(config) == "top" or not single_passage(config):
+        return None
+    tags = sources.passage_tags
+    return [[prompts.tagged_context([sources.texts[i]], None if tags is None else [tags[i]])
+             for i in row if i >= 0] or [""] for row in ids]
 
 
 def single_passage(config) -> bool:
@@ -111,8 +129,10 @@ def client_batch(config, tokenizer, query_enc: TextEncoder, sources: Sources, cl
         # A context of several passages is read in the reranked order, as at inference. With
         # one passage per prompt the losses see every candidate on its own, in any order: no
         # reranking needed (it would cost a cross-encoder pass per step).
+        # The retriever's (inner-product) scores of the candidates without_evidence kept.
+        retrieved = np.einsum("nd,nkd->nk", vectors, sources.vectors[np.maximum(ids, 0)])
         ids, _ = rerank_rounds.rerank_ids(reranker, [q["question"] for q in questions], ids,
-                                          sources.texts)
+                                          sources.texts, retrieved)
     return step_batch(config, tokenizer, query_enc, sources, questions, ids)
 
 

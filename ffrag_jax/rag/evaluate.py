@@ -13,7 +13,7 @@ import numpy as np
 from ffrag_jax import evaluation
 from ffrag_jax.data import text
 from ffrag_jax.data.boundary import ANSWERABLE
-from ffrag_jax.evaluation.boundary import boundary_metrics, parse
+from ffrag_jax.evaluation.boundary import boundary_metrics, parse, read
 from ffrag_jax.models.llama import LlamaConfig
 from ffrag_jax.rag.prompts import Prompt, fit_prompts
 
@@ -55,7 +55,8 @@ def evaluate(gen_params: dict, gen_cfg: LlamaConfig, tokenizer, questions: Seque
              ids: np.ndarray, passages: Sequence[str], *, closed_book: bool, lora=None,
              prompt_len: int, max_new_tokens: int, batch_size: int,
              predictions: list | None = None, contexts: Sequence[str] | None = None,
-             boundary: bool = False) -> dict:
+             boundary: bool = False, candidates: Sequence[Sequence[str]] | None = None,
+             reading: str = "top") -> dict:
     """Metrics of ``questions`` (``{question, answer, fact}``, ``fact`` indexing
     ``passages``) whose retrieved passage ids are ``ids`` ``[N, K]`` (best first, -1: none):
     recall, the answer-in-context rate of the top passage, RAG exact match and F1 with the top
@@ -68,14 +69,38 @@ def evaluate(gen_params: dict, gen_cfg: LlamaConfig, tokenizer, questions: Seque
     EM/F1 scores are over the answerable questions, on the answer's value (tag removed), and
     the boundary metrics are added. With a ``predictions`` list, one record per question is
     appended to it: ``{question, answer, retrieved (passage texts, best first), prediction}``
-    (+ ``type`` with ``boundary``)."""
+    (+ ``type`` with ``boundary``, + ``per_candidate``: the answers with each candidate).
+
+    With ``candidates`` (per question, the contexts of its candidates, best first; at least
+    one) the reader answers with each alone and ``reading``
+    (:data:`~ffrag_jax.evaluation.boundary.READINGS`) picks the answer; the scores of the
+    first candidate's answers alone are added as ``top1_<metric>``."""
     texts = [q["question"] for q in questions]
     answers = [q["answer"] for q in questions]
     top = [passages[i] if i >= 0 else "" for i in ids[:, 0]]
     contexts = top if contexts is None else list(contexts)
     common = dict(lora=lora, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
                   batch_size=batch_size)
-    said = answer(gen_params, gen_cfg, tokenizer, texts, contexts, **common)
+    extra = {}
+    if candidates is None:
+        said = answer(gen_params, gen_cfg, tokenizer, texts, contexts, **common)
+    else:
+        flat = [(i, c) for i, row in enumerate(candidates) for c in row]
+        flat_said = answer(gen_params, gen_cfg, tokenizer, [texts[i] for i, _ in flat],
+                           [c for _, c in flat], **common)
+        per_question = [[] for _ in texts]
+        for (i, _), a in zip(flat, flat_said, strict=True):
+            per_question[i].append(a)
+        said = read(per_question, reading)
+        top1 = [a[0] for a in per_question]
+        if boundary:
+            extra.update(boundary_metrics(top1, questions))
+        scored_top1 = [i for i, q in enumerate(questions)
+                       if not boundary or q["type"] in ANSWERABLE]
+        extra.update(answer_metrics([parse(top1[i]).value if boundary else top1[i]
+                                     for i in scored_top1],
+                                    [answers[i] for i in scored_top1], "rag"))
+        extra = {f"top1_{k}": v for k, v in extra.items()}
     scored = range(len(questions))
     values = said
     if boundary:
@@ -94,8 +119,11 @@ def evaluate(gen_params: dict, gen_cfg: LlamaConfig, tokenizer, questions: Seque
             book = [parse(p).value for p in book]
         out.update(answer_metrics(pick(book), pick(answers), "closed_book"))
     if predictions is not None:
+        each = per_question if candidates is not None else [None] * len(texts)
         predictions.extend(
             {"question": t, "answer": a, "retrieved": [passages[i] for i in row if i >= 0],
-             "prediction": p, **({"type": q["type"]} if boundary else {})}
-            for t, a, row, p, q in zip(texts, answers, ids, said, questions, strict=True))
-    return {**out, "questions": len(questions)}
+             "prediction": p, **({"type": q["type"]} if boundary else {}),
+             **({} if e is None else {"per_candidate": e})}
+            for t, a, row, p, q, e in zip(texts, answers, ids, said, questions, each,
+                                          strict=True))
+    return {**out, **extra, "questions": len(questions)}

@@ -122,9 +122,17 @@ class RagSystem:
             pairs = [(q, h) for q, row in zip(questions, hits, strict=True) for h in row]
             scores = self.reranker.score_pairs([q for q, _ in pairs],  # one batched pass
                                                [h["text"] for _, h in pairs])
-            for (_, h), score in zip(pairs, scores, strict=True):
-                h["rerank_score"] = float(score)
-            for row in hits:
+            if self.reranker.prior_scale > 0 and mode != "dense":
+                logging.warning("the reranker's prior was trained on dense retrieval scores; "
+                                "with --mode %s its order mixes other scores", mode)
+            at = 0
+            for row in hits:  # a residual reranker adds its prior of the row's scores
+                logits = scores[at : at + len(row)]
+                at += len(row)
+                final = self.reranker.with_prior(logits, np.asarray([h["score"] for h in row]),
+                                                 np.ones(len(row), bool))
+                for h, score in zip(row, final, strict=True):
+                    h["rerank_score"] = float(score)
                 row.sort(key=lambda h: -h["rerank_score"])  # stable: ties keep their order
         contexts, dropped = [], []
         for question, row in zip(questions, hits, strict=True):
@@ -228,7 +236,9 @@ def export_system(folder: Path, *, gen_cfg: LlamaConfig, gen_params: dict, token
             lora.save_weights(folder / "clients" / str(k) / "reranker_lora.safetensors",
                               adapter)
     system = {"format": FORMAT, "retriever": retriever_path, "retriever_sides": retriever_sides,
-              "reranker": None if reranker is None else {"max_len": reranker["reranker"].max_len},
+              "reranker": None if reranker is None else {
+                  "max_len": reranker["reranker"].max_len,
+                  "prior_scale": reranker["reranker"].prior_scale},
               "prompt_len": prompt_len,
               # How the reader was trained to be prompted: <s> + this template, fitted to
               # prompt_len tokens by rag.fit_prompt, then " <answer></s>".
@@ -296,7 +306,8 @@ def load_system(folder: str | Path, client: int | None = None) -> RagSystem:
              for n in names]
     reranker = None
     if system.get("reranker"):
-        reranker = Reranker.load(folder / "reranker", max_len=system["reranker"]["max_len"])
+        reranker = Reranker.load(folder / "reranker", max_len=system["reranker"]["max_len"],
+                                 prior_scale=system["reranker"].get("prior_scale", 0.0))
         if client is not None:
             reranker.lora = lora.load_weights(folder / "clients" / str(client) /
                                               "reranker_lora.safetensors")

@@ -7,6 +7,7 @@ from ffrag_jax.rerank.cross_encoder import (
     Reranker,
     init_params,
     load,
+    retriever_prior,
     save,
     scores,
     tokenize_pairs,
@@ -18,6 +19,6 @@ from ffrag_jax.rerank.step import RerankLossConfig, rerank_step, update, update_
 __all__ = [
     "TASKS", "CrossEncoder", "RerankLossConfig", "Reranker", "combine", "contrastive",
     "frank_wolfe", "gram", "init_params", "load", "pairwise", "pointwise", "rerank_step",
-    "save", "scores", "task_losses", "tokenize_pairs", "two_task_weight", "update",
+    "retriever_prior", "save", "scores", "task_losses", "tokenize_pairs", "two_task_weight", "update",
     "update_clients",
 ]

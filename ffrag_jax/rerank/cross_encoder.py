@@ -169,21 +169,51 @@ def tokenize_pairs(tokenizer, queries: Sequence[str], passages: Sequence[str], m
     return out
 
 
+def retriever_prior(retriever_scores: np.ndarray, valid: np.ndarray, scale: float
+                    ) -> np.ndarray:
+    """The residual reranker's prior ``[..., K]``: ``scale`` x the retriever's scores of a
+    question's candidates, centred on their mean over the valid ones (0 where not valid).
+
+    The reranker's score of a candidate is this prior plus the cross-encoder's logit, in
+    training and at inference: a fresh head (logits ~ 0) keeps the retriever's order, and the
+    cross-encoder learns only where the generator's preferences differ from it. Centring keeps
+    the point-wise loss's sigmoid off saturation (the ranking losses ignore a row's shift)."""
+    valid = np.asarray(valid, bool)
+    s = np.where(valid, np.asarray(retriever_scores, np.float32), 0.0)
+    mean = s.sum(-1, keepdims=True) / np.maximum(valid.sum(-1, keepdims=True), 1)
+    return np.where(valid, scale * (s - mean), 0.0).astype(np.float32)
+
+
 @dataclasses.dataclass
 class Reranker:
-    """A cross-encoder ready to score: config, weights, tokenizer, its adapter and window."""
+    """A cross-encoder ready to score: config, weights, tokenizer, its adapter and window;
+    ``prior_scale`` > 0: a residual reranker over the retriever's scores
+    (:func:`retriever_prior`)."""
 
     cfg: EncoderConfig
     params: dict
     tokenizer: Any
     lora: Any = None
     max_len: int = 128
+    prior_scale: float = 0.0
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, *, max_len: int = 128,
-             seed: int = 0) -> Reranker:
+             seed: int = 0, prior_scale: float = 0.0) -> Reranker:
         cfg, params, tokenizer = load(path, seed=seed)
-        return cls(cfg, params, tokenizer, None, min(max_len, cfg.max_position_embeddings))
+        return cls(cfg, params, tokenizer, None, min(max_len, cfg.max_position_embeddings),
+                   prior_scale)
+
+    def with_prior(self, logits: np.ndarray, retriever_scores: np.ndarray | None,
+                   valid: np.ndarray) -> np.ndarray:
+        """The reranking scores ``[..., K]``: ``logits`` plus the :func:`retriever_prior` of
+        ``retriever_scores`` (needed when ``prior_scale`` > 0)."""
+        if self.prior_scale <= 0:
+            return logits
+        if retriever_scores is None:
+            raise UserError("this reranker is residual (prior_scale "
+                            f"{self.prior_scale:g}): it needs the retriever's scores")
+        return logits + retriever_prior(retriever_scores, valid, self.prior_scale)
 
     def score(self, query: str, passages: Sequence[str], *, batch_size: int = 64
               ) -> np.ndarray:

@@ -131,10 +131,11 @@ def relevance_labels(questions: Sequence[dict], ids: np.ndarray) -> np.ndarray:
 
 
 def reranker_batch(tokenizer, questions: Sequence[dict], ids: np.ndarray,
-                   texts: Sequence[str], labels: np.ndarray, max_len: int) -> dict:
+                   texts: Sequence[str], labels: np.ndarray, max_len: int,
+                   prior: np.ndarray | None = None) -> dict:
     """The reranker step's arrays (:mod:`ffrag_jax.rerank.step`) for the labelled questions:
     ``input_ids``/``attention_mask``/``token_type_ids`` ``[B, K, T]``, ``labels`` and
-    ``valid`` ``[B, K]``."""
+    ``valid`` ``[B, K]`` (+ ``prior`` ``[B, K]`` when given for every question)."""
     keep = labelled(questions)
     b, k = len(keep), ids.shape[1]
     pairs_q = [questions[i]["question"] for i in keep for _ in range(k)]
@@ -143,4 +144,6 @@ def reranker_batch(tokenizer, questions: Sequence[dict], ids: np.ndarray,
     batch = {name: v.reshape(b, k, max_len) for name, v in enc.items()}
     batch["labels"] = labels[keep].astype(np.float32)
     batch["valid"] = ids[keep] >= 0
+    if prior is not None:
+        batch["prior"] = np.asarray(prior, np.float32)[keep]
     return batch

@@ -76,15 +76,19 @@ def loss_config(config) -> RerankLossConfig:
 
 
 def rerank_ids(reranker: Reranker, questions: Sequence[str], ids: np.ndarray,
-               texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """``(ids, scores)`` ``[N, K]``: each row's candidates reordered by the reranker, best
-    first (stable for ties; padding -1 stays last, score -inf)."""
+               texts: Sequence[str], retriever_scores: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, scores)`` ``[N, K]``: each row's candidates reordered by the reranker (a
+    residual one adds its prior of ``retriever_scores`` ``[N, K]``), best first (stable for
+    ties; padding -1 stays last, score -inf)."""
     rows, cols = np.nonzero(ids >= 0)
     scores = np.full(ids.shape, -np.inf, np.float32)
     if len(rows):
         scores[rows, cols] = reranker.score_pairs([questions[i] for i in rows],
                                                   [texts[ids[i, j]] for i, j in
                                                    zip(rows, cols, strict=True)])
+        scores = np.where(ids >= 0, reranker.with_prior(scores, retriever_scores, ids >= 0),
+                          -np.inf)
     order = np.argsort(-scores, axis=1, kind="stable")
     return np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)
 
@@ -104,8 +108,8 @@ class ClientData:
 def client_data(config, questions: Sequence[dict], domain: str, search, texts, tags,
                 label_fn, reranker: Reranker, seed: Sequence[int]) -> ClientData:
     """The reranker's training set of one client round (steps 1-3 of the module docstring).
-    ``search(list of question texts) -> ids [N, K]``; ``label_fn(questions, ids) -> [N, K]``
-    preference labels (the client's generator)."""
+    ``search(list of question texts) -> (scores, ids) [N, K]``;
+    ``label_fn(questions, ids) -> [N, K]`` preference labels (the client's generator)."""
     started = time.perf_counter()
     r = config.rerank
     pool = [q for q in questions if q.get("type") != "unanswerable"]
@@ -125,7 +129,7 @@ def client_data(config, questions: Sequence[dict], domain: str, search, texts, t
     originals = picked + [pool[j] for j in extra]
     origin_row = {j: len(picked) + n for n, j in enumerate(extra)}  # pool index -> its row
     queries = originals + [a for _, _, a in made]
-    ids = search([q["question"] for q in queries])
+    retrieved, ids = search([q["question"] for q in queries])
     prefs = label_fn(queries, ids)
     kept_rows = list(range(len(picked)))
     filtered = 0
@@ -140,8 +144,12 @@ def client_data(config, questions: Sequence[dict], domain: str, search, texts, t
     kept_ids = ids[kept_rows]
     labels = prefs[kept_rows] if r.labels == "preference" else preferences.relevance_labels(
         kept, kept_ids)
+    prior = None
+    if reranker.prior_scale > 0:
+        prior = reranker.with_prior(np.zeros(kept_ids.shape, np.float32),
+                                    retrieved[kept_rows], kept_ids >= 0)
     batch = preferences.reranker_batch(reranker.tokenizer, kept, kept_ids, texts, labels,
-                                       reranker.max_len)
+                                       reranker.max_len, prior)
     return ClientData(batch, len(kept), len(made), filtered,
                       int((~labels.astype(bool)).all(1).sum()),
                       time.perf_counter() - started)

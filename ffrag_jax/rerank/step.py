@@ -5,7 +5,8 @@ min-norm combination, recomputed every step).
 
 ``batch``: ``input_ids``/``attention_mask``/``token_type_ids`` ``[B, K, T]``
 (:func:`~ffrag_jax.rerank.cross_encoder.tokenize_pairs`), ``labels`` ``[B, K]`` (1 aligned, 0
-not) and ``valid`` ``[B, K]``.
+not) and ``valid`` ``[B, K]``; optional ``prior`` ``[B, K]``: added to the scores (a residual
+reranker, :func:`~ffrag_jax.rerank.cross_encoder.retriever_prior`).
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ def task_losses(trainable: dict, frozen: dict, batch: dict, rng, *, cfg: Encoder
     ``trainable["params"]``); ``active``: the task has a question to learn from."""
     params = trainable.get("params", frozen.get("params"))
     s = scores(params, cfg, batch, trainable.get("lora"), dropout_rng=rng)
+    if "prior" in batch:
+        s = s + batch["prior"]
     all_losses, active = losses.task_losses(s, batch["labels"], batch["valid"],
                                             temperature=loss_cfg.temperature)
     keep = jnp.asarray([losses.TASKS.index(t) for t in loss_cfg.tasks])
