@@ -193,7 +193,10 @@ RERANK_SMALL = {
     "eval.batch_size": 8,
     "rerank.enabled": True, "rerank.questions": 3, "rerank.augment": "paraphrase,entity_swap",
     "rerank.local_steps": 2, "rerank.batch_size": 2, "rerank.max_len": 32,
-    "lora.reranker.rank": 2, "rerank.pre_align_steps": 2, "rerank.pre_align_len": 64}
+    "lora.reranker.rank": 2, "rerank.pre_align_steps": 2, "rerank.pre_align_len": 64,
+    # the reader answers with each candidate alone; the first answer that is not an
+    # abstention is kept (as ask must then do too)
+    "boundary.reading": "first_answer"}
 
 
 @pytest.fixture(scope="module")
@@ -234,6 +237,7 @@ def test_federated_run_with_a_reranker_records_exports_and_answers(rerank_run, c
         assert (workdir / name).exists(), name
     system = json.loads((workdir / "export/system.json").read_text())
     assert system["tags"] == {"private": "case", "shared": "authority"}
+    assert system["reading"] == "first_answer" and system["reranker"]["prior_scale"] == 20.0
     # the generator's preferences over candidates, both readings: 0/1, nothing on padding or
     # on unanswerable questions
     from ffrag_jax.rag.system import load_system
@@ -263,6 +267,7 @@ def test_federated_run_with_a_reranker_records_exports_and_answers(rerank_run, c
                      str(questions), "--max-new-tokens", "8"]) == 0
     answers = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [a["answer"] for a in answers] == [r["prediction"] for r in rows]
+    assert [a["per_hit"] for a in answers] == [r["per_candidate"] for r in rows]
     assert all("rerank_score" in h for a in answers for h in a["sources"])
     assert ask.main(["--workdir", str(workdir), "Who heard case Bo-12?", "--rerank"]) == 0
     out = capsys.readouterr().out

@@ -62,6 +62,7 @@ from ffrag_jax.jobs.ffrag_client import (
     single_passage,
     training_questions,
 )
+from ffrag_jax.jobs.ffrag_client import reading as reading_rule
 from ffrag_jax.models import lora
 from ffrag_jax.models.llama import init_params
 from ffrag_jax.rag import system
@@ -476,7 +477,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         query_params=server["retriever"]["params"] if strategy.changes_base else None,
         bases={"shared": shared_base, **{s.bases[0].name: s.bases[0] for s in sources}},
         quotas={"private": r.k_private, "shared": r.k_shared}, prompt_len=r.prompt_len,
-        context_passages=r.context_passages,
+        context_passages=r.context_passages, reading=reading_rule(config),
         reranker=None if rr is None else {
             "reranker": dataclasses.replace(
                 rr, params=merged(strategy.global_model(server["reranker"]))),

@@ -32,7 +32,7 @@ from absl import logging
 
 from ffrag_jax import federated, files
 from ffrag_jax.errors import UserError
-from ffrag_jax.evaluation.boundary import parse
+from ffrag_jax.evaluation.boundary import parse, read
 from ffrag_jax.models import hf, lora
 from ffrag_jax.models.llama import LlamaConfig
 from ffrag_jax.models.lora import LoRA
@@ -63,6 +63,9 @@ class RagSystem:
     context_passages: int = 1  # the reader reads the first n passages
     tags: dict[str, str] | None = None  # base name -> source tag shown before its passages
     reranker: Reranker | None = None  # the preference-aligned cross-encoder, if trained
+    # how the answers with each hit alone make one (evaluation.boundary.READINGS); "top":
+    # the reader reads the first context_passages only
+    reading: str = "top"
 
     def search(self, questions: Sequence[str], mode: str = "dense"
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -90,7 +93,8 @@ class RagSystem:
         (:mod:`ffrag_jax.rag.expansion`: the reader's closed-book draft appended, both queries'
         hits merged; ``draft`` in the record). ``compress``: a token budget for the passages
         read, whose best sentences by the reranker are kept (:mod:`ffrag_jax.rag.compression`;
-        the rest in ``dropped``).
+        the rest in ``dropped``). A system trained with a boundary ``reading`` other than
+        ``top`` answers with each hit alone (``per_hit``) and keeps one answer by that rule.
         An empty question is an error."""
         questions = list(questions)
         if not questions:
@@ -138,16 +142,16 @@ class RagSystem:
         for question, row in zip(questions, hits, strict=True):
             if not row:
                 logging.warning("no passage retrieved for %r: answering closed-book", question)
-            read = row[: self.context_passages]
+            shown = row[: self.context_passages]
             kept, cut = compression.compress(
-                question, [h["text"] for h in read],
+                question, [h["text"] for h in shown],
                 lambda q, texts: self.reranker.score(q, texts),
                 lambda t: len(self.tokenizer(t, add_special_tokens=False)["input_ids"]),
                 compress)
             dropped.append(cut)
             contexts.append(prompts.tagged_context(
                 [text for _, text in kept],
-                None if self.tags is None else [self.tags.get(read[i]["kb"]) for i, _ in kept]))
+                None if self.tags is None else [self.tags.get(shown[i]["kb"]) for i, _ in kept]))
         fitted = prompts.fit_prompts(self.tokenizer, questions, contexts, self.prompt_len)
         cuts = []
         for i, (q, c, p) in enumerate(zip(questions, contexts, fitted, strict=True)):
@@ -163,14 +167,42 @@ class RagSystem:
             self.gen_params, self.gen_cfg, self.tokenizer, fitted, lora=self.gen_lora,
             prompt_len=self.prompt_len, max_new_tokens=max_new_tokens, batch_size=batch_size,
             rng=rng, temperature=temperature, top_p=top_p, top_k=top_k)
+        per_hit = None
+        if self.reading != "top" and self.context_passages == 1:
+            per_hit = self._read_each_hit(questions, hits, max_new_tokens, batch_size,
+                                          rng=rng, temperature=temperature, top_p=top_p,
+                                          top_k=top_k)
+            answers = read([each or [a] for each, a in zip(per_hit, answers, strict=True)],
+                           self.reading)
         out = [{"question": q, "answer": a, "context": p.passage, "sources": row, "cut": cut,
                 "abstained": parse(a).abstained}
                for q, a, p, row, cut in zip(questions, answers, fitted, hits, cuts, strict=True)]
+        if per_hit is not None:
+            for record, each in zip(out, per_hit, strict=True):
+                record["per_hit"] = each
         for record, draft, cut in zip(out, drafts, dropped, strict=True):
             if expand:
                 record["draft"] = draft
             if compress > 0:
                 record["dropped"] = cut
+        return out
+
+    def _read_each_hit(self, questions: list[str], hits: list[list[dict]],
+                       max_new_tokens: int, batch_size: int, **sampling) -> list[list[str]]:
+        """Per question, the reader's answer with each of its hits alone (best first, after
+        its tag), as the jobs evaluate a reading other than ``top``."""
+        flat = [(i, prompts.tagged_context([h["text"]], None if self.tags is None
+                                           else [self.tags.get(h["kb"])]))
+                for i, row in enumerate(hits) for h in row]
+        said = answer_prompts(
+            self.gen_params, self.gen_cfg, self.tokenizer,
+            prompts.fit_prompts(self.tokenizer, [questions[i] for i, _ in flat],
+                                [c for _, c in flat], self.prompt_len),
+            lora=self.gen_lora, prompt_len=self.prompt_len, max_new_tokens=max_new_tokens,
+            batch_size=batch_size, **sampling)
+        out: list[list[str]] = [[] for _ in questions]
+        for (i, _), a in zip(flat, said, strict=True):
+            out[i].append(a)
         return out
 
 
@@ -181,7 +213,7 @@ def export_system(folder: Path, *, gen_cfg: LlamaConfig, gen_params: dict, token
                   quotas: dict[str, int], prompt_len: int, clients: Sequence[dict] = (),
                   retriever_sides: str = "query", query_params: dict | None = None,
                   context_passages: int = 1, tags: dict[str, str] | None = None,
-                  reranker: dict | None = None) -> Path:
+                  reranker: dict | None = None, reading: str = "top") -> Path:
     """Writes the system folder (see the module docstring). ``bases`` maps a base name to its
     passages, or to the :class:`KnowledgeBase` a job searched (saved as it is, so the system
     searches exactly as the job evaluated); ``clients`` are ``{"name", "base", "generator":
@@ -195,7 +227,9 @@ def export_system(folder: Path, *, gen_cfg: LlamaConfig, gen_params: dict, token
     trained to read (the first n passages, each after its base's source tag).
     ``reranker``: ``{"reranker": Reranker (global adapter merged), "source": its folder,
     "clients": [LoRA per client]}``: written as ``reranker/`` (a transformers
-    ``BertForSequenceClassification``) and ``clients/<k>/reranker_lora.safetensors``."""
+    ``BertForSequenceClassification``) and ``clients/<k>/reranker_lora.safetensors``.
+    ``reading``: how the answers with each hit alone make one (a knowledge boundary's
+    ``boundary.reading``)."""
     folder = Path(folder)
     if retriever_sides not in ("query", "both"):
         raise ValueError(f"retriever_sides must be 'query' or 'both', got {retriever_sides!r}")
@@ -243,7 +277,7 @@ def export_system(folder: Path, *, gen_cfg: LlamaConfig, gen_params: dict, token
               # How the reader was trained to be prompted: <s> + this template, fitted to
               # prompt_len tokens by rag.fit_prompt, then " <answer></s>".
               "prompt_template": prompts.TEMPLATE,
-              "context_passages": context_passages, "tags": tags,
+              "context_passages": context_passages, "tags": tags, "reading": reading,
               "quotas": quotas, "clients": [{"name": c["name"], "base": c["base"]}
                                             for c in clients]}
     files.atomic_write_json(folder / "system.json", system)
@@ -312,4 +346,5 @@ def load_system(folder: str | Path, client: int | None = None) -> RagSystem:
             reranker.lora = lora.load_weights(folder / "clients" / str(client) /
                                               "reranker_lora.safetensors")
     return RagSystem(gen_cfg, gen_params, gen_lora, tokenizer, bases, quotas,
-                     system["prompt_len"], system.get("context_passages", 1), tags, reranker)
+                     system["prompt_len"], system.get("context_passages", 1), tags, reranker,
+                     system.get("reading", "top"))

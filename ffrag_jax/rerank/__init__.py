@@ -19,6 +19,6 @@ from ffrag_jax.rerank.step import RerankLossConfig, rerank_step, update, update_
 __all__ = [
     "TASKS", "CrossEncoder", "RerankLossConfig", "Reranker", "combine", "contrastive",
     "frank_wolfe", "gram", "init_params", "load", "pairwise", "pointwise", "rerank_step",
-    "retriever_prior", "save", "scores", "task_losses", "tokenize_pairs", "two_task_weight", "update",
-    "update_clients",
+    "retriever_prior", "save", "scores", "task_losses", "tokenize_pairs", "two_task_weight",
+    "update", "update_clients",
 ]
