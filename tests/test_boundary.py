@@ -196,7 +196,7 @@ RERANK_SMALL = {
     "lora.reranker.rank": 2, "rerank.pre_align_steps": 2, "rerank.pre_align_len": 64,
     # the reader answers with each candidate alone; the first answer that is not an
     # abstention is kept (as ask must then do too)
-    "boundary.reading": "first_answer"}
+    "boundary.reading": "first_answer", "boundary.abstain_threshold": 0.5}
 
 
 @pytest.fixture(scope="module")
@@ -238,6 +238,7 @@ def test_federated_run_with_a_reranker_records_exports_and_answers(rerank_run, c
     system = json.loads((workdir / "export/system.json").read_text())
     assert system["tags"] == {"private": "case", "shared": "authority"}
     assert system["reading"] == "first_answer" and system["reranker"]["prior_scale"] == 20.0
+    assert system["abstain_threshold"] == 0.5
     # the generator's preferences over candidates, both readings: 0/1, nothing on padding or
     # on unanswerable questions
     from ffrag_jax.rag.system import load_system

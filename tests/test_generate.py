@@ -100,6 +100,37 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(hf_llama_dir):
                                   np.asarray(generate(params, cfg, ids, lens, 10)))
 
 
+def test_the_abstain_gate_decides_the_first_token_on_the_abstentions_probability(hf_llama_dir):
+    """``abstain=(token, threshold)``: the first token is the abstention exactly when its
+    probability (from a full forward) reaches the threshold, else the best other token; the
+    tokens after it follow greedily from there."""
+    cfg, params = hf.load_llama(hf_llama_dir("mha_tied"))
+    rng = np.random.default_rng(3)
+    lens = np.array([8, 5, 7, 6])
+    ids = np.where(np.arange(8) < lens[:, None], rng.integers(3, 128, (4, 8)), 0).astype(np.int32)
+    last = np.stack([np.asarray(forward(params, cfg, ids[b : b + 1, :n]))[0, -1]
+                     for b, n in enumerate(lens)])
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(last), -1))
+    token = int(np.argsort(probs[0])[-2])  # second likeliest for row 0
+    threshold = float(np.median(probs[:, token]))  # some rows above, some below
+    out = np.asarray(generate(params, cfg, ids, lens, 4, abstain=(token, threshold)))
+    masked = last.copy()
+    masked[:, token] = -np.inf
+    want = np.where(probs[:, token] >= threshold, token, masked.argmax(-1))
+    assert 0 < (want == token).sum() < 4
+    np.testing.assert_array_equal(out[:, 0], want)
+    plain = np.asarray(generate(params, cfg, ids, lens, 4))
+    same_start = out[:, 0] == plain[:, 0]
+    np.testing.assert_array_equal(out[same_start], plain[same_start])
+    with pytest.raises(UserError, match="needs 'insufficient evidence' as one token"):
+        from ffrag_jax.evaluation.boundary import abstain_gate
+        from ffrag_jax.rerank.cross_encoder import load as load_ce
+
+        abstain_gate(load_ce(None)[2], 0.5)
+    with pytest.raises(UserError, match=r"abstain_threshold must be in \(0, 1\], got 1.5"):
+        abstain_gate(load_ce(None)[2], 1.5)
+
+
 def _items():
     return [
         {"instruction": "q", "input": "Qusetion: x? Options: A. red, B. blue", "class": "art",

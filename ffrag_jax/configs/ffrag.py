@@ -72,6 +72,10 @@ def get_config() -> ConfigDict:
         # READINGS): "top" (the first candidate's), "first_answer" (the first not abstained
         # on), "authority_first" (the first tagged [authority], else first_answer)
         reading="top",
+        # the first answer token abstains when the abstention's probability is at least
+        # this (models/generate.py); None: plain greedy (the abstention against the likeliest
+        # first token of an answer)
+        abstain_threshold=config_dict.placeholder(float),
     ))
     c.fl = ConfigDict(dict(
         strategy="ff",  # ff: personal + stacked global adapters; stack: FLoRA, merged

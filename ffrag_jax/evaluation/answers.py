@@ -80,11 +80,12 @@ def generate_answers(
 def generate_encoded(params: dict, cfg: LlamaConfig, tokenizer, enc: dict[str, np.ndarray], *,
                      lora=None, max_new_tokens: int = 8, batch_size: int = 64,
                      rng: jax.Array | None = None, temperature: float = 0.0, top_k: int = 0,
-                     top_p: float = 1.0, length_bucket: int = 64, progress: bool = False
-                     ) -> list[str]:
+                     top_p: float = 1.0, length_bucket: int = 64, progress: bool = False,
+                     abstain: tuple[int, float] | None = None) -> list[str]:
     """:func:`generate_answers` of prompts already tokenized: ``enc`` holds right-padded
     ``input_ids`` ``[N, max_prompt_len]`` and ``prompt_len`` ``[N]``
-    (:func:`text.encode_prompts` or :func:`text.pad_prompts`)."""
+    (:func:`text.encode_prompts` or :func:`text.pad_prompts`); ``abstain``: the first token's
+    answer-or-abstain rule of :func:`generate.generate`."""
     n, max_prompt_len = enc["input_ids"].shape
     order = np.argsort(enc["prompt_len"], kind="stable")
     answers: list[str] = [""] * n
@@ -100,7 +101,8 @@ def generate_encoded(params: dict, cfg: LlamaConfig, tokenizer, enc: dict[str, n
             lens = np.concatenate([lens, np.repeat(lens[-1:], batch_size - real, 0)])
         key = None if temperature <= 0 else jax.random.fold_in(rng, b)
         out = np.asarray(generate(params, cfg, ids, lens, max_new_tokens, lora, key,
-                                  temperature=temperature, top_k=top_k, top_p=top_p))[:real]
+                                  temperature=temperature, top_k=top_k, top_p=top_p,
+                                  abstain=abstain))[:real]
         for i, row in zip(rows, out, strict=True):
             row = row.tolist()
             if tokenizer.eos_token_id in row:

@@ -85,6 +85,21 @@ def read(per_candidate: Sequence[Sequence[str]], reading: str) -> list[str]:
     return [rule(answers) for answers in per_candidate]
 
 
+def abstain_gate(tokenizer, threshold: float | None) -> tuple[int, float] | None:
+    """The decoder's answer-or-abstain rule (:func:`ffrag_jax.models.generate.generate`'s
+    ``abstain``): the abstention's token id and ``threshold`` (None or 0: plain greedy). The
+    abstention must be one token (``tokenizer.added_tokens``)."""
+    if not threshold:
+        return None
+    if not 0.0 < threshold <= 1.0:
+        raise UserError(f"boundary.abstain_threshold must be in (0, 1], got {threshold}")
+    ids = tokenizer(ABSTAIN, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise UserError(f"boundary.abstain_threshold needs {ABSTAIN!r} as one token (it is "
+                        f"{len(ids)}): add it to tokenizer.added_tokens")
+    return int(ids[0]), float(threshold)
+
+
 def _mean(flags: list[bool] | list[float]) -> float:
     return float(np.mean(flags)) if flags else float("nan")
 

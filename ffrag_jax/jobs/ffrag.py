@@ -55,6 +55,7 @@ from ffrag_jax.jobs.base_model import (
     run_tokenizer,
 )
 from ffrag_jax.jobs.ffrag_client import (
+    abstain_gate,
     client_batch,
     evaluate_client,
     pre_aligning,
@@ -147,6 +148,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         c.train = training_questions(config, c)
     reading = reading_examples(config)
     tokenizer = run_tokenizer(config, workdir, tokenizer_texts(reading, shared, clients))
+    abstain_gate(config, tokenizer)  # a bad answer-or-abstain rule fails before training
     for c in clients:
         c.train = rag.drop_long_answers(tokenizer, c.train, r.answer_len, f"client {c.name}")
     gen_cfg, params = model_config(config, tokenizer)
@@ -478,6 +480,8 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         bases={"shared": shared_base, **{s.bases[0].name: s.bases[0] for s in sources}},
         quotas={"private": r.k_private, "shared": r.k_shared}, prompt_len=r.prompt_len,
         context_passages=r.context_passages, reading=reading_rule(config),
+        abstain_threshold=config.boundary.abstain_threshold if boundary_enabled(config)
+        else None,
         reranker=None if rr is None else {
             "reranker": dataclasses.replace(
                 rr, params=merged(strategy.global_model(server["reranker"]))),

@@ -14,6 +14,7 @@ from ffrag_jax import rag
 from ffrag_jax.data import boundary
 from ffrag_jax.data.knowledge import Client, boundary_enabled
 from ffrag_jax.errors import UserError
+from ffrag_jax.evaluation import boundary as boundary_eval
 from ffrag_jax.rag import evaluate as rag_eval
 from ffrag_jax.rag import prompts
 from ffrag_jax.rerank import rounds as rerank_rounds
@@ -42,7 +43,8 @@ def evaluate_client(config, client: Client, sources: Sources, query_enc: TextEnc
                                  contexts=contexts(config, sources, ids),
                                  boundary=boundary_enabled(config),
                                  candidates=candidate_contexts(config, sources, ids),
-                                 reading=reading(config))
+                                 reading=reading(config),
+                                 abstain=abstain_gate(config, tokenizer))
 
     if reranker is None:
         return run(ids, predictions)
@@ -69,6 +71,14 @@ def reading(config) -> str:
     """How the reader's answers with each candidate become one (``boundary.reading``; without a
     boundary: the top candidate's)."""
     return config.boundary.reading if boundary_enabled(config) else "top"
+
+
+def abstain_gate(config, tokenizer) -> tuple[int, float] | None:
+    """The decoder's answer-or-abstain rule (``boundary.abstain_threshold``; none without a
+    boundary)."""
+    if not boundary_enabled(config):
+        return None
+    return boundary_eval.abstain_gate(tokenizer, config.boundary.get("abstain_threshold"))
 
 
 def candidate_contexts(config, sources: Sources, ids: np.ndarray) -> list[list[str]] | None:

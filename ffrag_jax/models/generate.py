@@ -46,7 +46,7 @@ def filter_logits(logits: jax.Array, temperature: float = 1.0, top_k: int = 0,
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k",
-                                             "top_p"))
+                                             "top_p", "abstain"))
 def generate(
     params: dict,
     cfg: LlamaConfig,
@@ -59,6 +59,7 @@ def generate(
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    abstain: tuple[int, float] | None = None,
 ) -> jax.Array:
     """New tokens ``[B, max_new_tokens]`` for right-padded prompts ``input_ids`` ``[B, P]``
     whose real lengths are ``prompt_len`` ``[B]``.
@@ -66,6 +67,13 @@ def generate(
     ``temperature == 0`` is greedy (``rng`` unused); otherwise tokens are sampled with
     :func:`filter_logits` and ``rng`` (a key; step ``t`` uses ``fold_in(rng, t)``). Tokens
     after an EOS are still produced; callers cut at the first EOS.
+
+    ``abstain = (token, threshold)``: the first token decides between answering and abstaining
+    (a knowledge boundary's one-token abstention): it is ``token`` when that token's
+    probability is at least ``threshold``, else the pick among the other tokens. Plain greedy
+    decoding would compare the abstention with the likeliest *first token* of an answer, and
+    abstain whenever the answers' probability is spread over several first tokens, however
+    unlikely the abstention itself.
     """
     if temperature > 0 and rng is None:
         raise ValueError("sampling (temperature > 0) needs an rng key")
@@ -83,7 +91,15 @@ def generate(
     cache = init_cache(cfg, batch, length + max_new_tokens)
     positions = jnp.broadcast_to(jnp.arange(length)[None], (batch, length))
     logits, cache = forward_cached(params, cfg, input_ids, positions, cache, lora)
-    first = pick(logits[rows, prompt_len - 1], 0).astype(input_ids.dtype)
+    last = logits[rows, prompt_len - 1]
+    if abstain is None:
+        first = pick(last, 0)
+    else:
+        token, threshold = abstain
+        p_abstain = jax.nn.softmax(last.astype(jnp.float32), axis=-1)[:, token]
+        first = jnp.where(p_abstain >= threshold, token,
+                          pick(last.at[:, token].set(-jnp.inf), 0))
+    first = first.astype(input_ids.dtype)
 
     def body(t, carry):
         # Decode: the token generated at step t - 1 sits at position prompt_len + t - 1.

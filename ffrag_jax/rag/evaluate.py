@@ -56,7 +56,7 @@ def evaluate(gen_params: dict, gen_cfg: LlamaConfig, tokenizer, questions: Seque
              prompt_len: int, max_new_tokens: int, batch_size: int,
              predictions: list | None = None, contexts: Sequence[str] | None = None,
              boundary: bool = False, candidates: Sequence[Sequence[str]] | None = None,
-             reading: str = "top") -> dict:
+             reading: str = "top", abstain: tuple[int, float] | None = None) -> dict:
     """Metrics of ``questions`` (``{question, answer, fact}``, ``fact`` indexing
     ``passages``) whose retrieved passage ids are ``ids`` ``[N, K]`` (best first, -1: none):
     recall, the answer-in-context rate of the top passage, RAG exact match and F1 with the top
@@ -74,13 +74,14 @@ def evaluate(gen_params: dict, gen_cfg: LlamaConfig, tokenizer, questions: Seque
     With ``candidates`` (per question, the contexts of its candidates, best first; at least
     one) the reader answers with each alone and ``reading``
     (:data:`~ffrag_jax.evaluation.boundary.READINGS`) picks the answer; the scores of the
-    first candidate's answers alone are added as ``top1_<metric>``."""
+    first candidate's answers alone are added as ``top1_<metric>``. ``abstain``: the
+    decoder's answer-or-abstain rule (:func:`~ffrag_jax.evaluation.boundary.abstain_gate`)."""
     texts = [q["question"] for q in questions]
     answers = [q["answer"] for q in questions]
     top = [passages[i] if i >= 0 else "" for i in ids[:, 0]]
     contexts = top if contexts is None else list(contexts)
     common = dict(lora=lora, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
-                  batch_size=batch_size)
+                  batch_size=batch_size, abstain=abstain)
     extra = {}
     if candidates is None:
         said = answer(gen_params, gen_cfg, tokenizer, texts, contexts, **common)

@@ -32,7 +32,7 @@ from absl import logging
 
 from ffrag_jax import federated, files
 from ffrag_jax.errors import UserError
-from ffrag_jax.evaluation.boundary import parse, read
+from ffrag_jax.evaluation.boundary import abstain_gate, parse, read
 from ffrag_jax.models import hf, lora
 from ffrag_jax.models.llama import LlamaConfig
 from ffrag_jax.models.lora import LoRA
@@ -66,6 +66,7 @@ class RagSystem:
     # how the answers with each hit alone make one (evaluation.boundary.READINGS); "top":
     # the reader reads the first context_passages only
     reading: str = "top"
+    abstain: tuple[int, float] | None = None  # the decoder's answer-or-abstain rule
 
     def search(self, questions: Sequence[str], mode: str = "dense"
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -166,7 +167,7 @@ class RagSystem:
         answers = answer_prompts(
             self.gen_params, self.gen_cfg, self.tokenizer, fitted, lora=self.gen_lora,
             prompt_len=self.prompt_len, max_new_tokens=max_new_tokens, batch_size=batch_size,
-            rng=rng, temperature=temperature, top_p=top_p, top_k=top_k)
+            rng=rng, temperature=temperature, top_p=top_p, top_k=top_k, abstain=self.abstain)
         per_hit = None
         if self.reading != "top" and self.context_passages == 1:
             per_hit = self._read_each_hit(questions, hits, max_new_tokens, batch_size,
@@ -199,7 +200,7 @@ class RagSystem:
             prompts.fit_prompts(self.tokenizer, [questions[i] for i, _ in flat],
                                 [c for _, c in flat], self.prompt_len),
             lora=self.gen_lora, prompt_len=self.prompt_len, max_new_tokens=max_new_tokens,
-            batch_size=batch_size, **sampling)
+            batch_size=batch_size, abstain=self.abstain, **sampling)
         out: list[list[str]] = [[] for _ in questions]
         for (i, _), a in zip(flat, said, strict=True):
             out[i].append(a)
@@ -213,7 +214,8 @@ def export_system(folder: Path, *, gen_cfg: LlamaConfig, gen_params: dict, token
                   quotas: dict[str, int], prompt_len: int, clients: Sequence[dict] = (),
                   retriever_sides: str = "query", query_params: dict | None = None,
                   context_passages: int = 1, tags: dict[str, str] | None = None,
-                  reranker: dict | None = None, reading: str = "top") -> Path:
+                  reranker: dict | None = None, reading: str = "top",
+                  abstain_threshold: float | None = None) -> Path:
     """Writes the system folder (see the module docstring). ``bases`` maps a base name to its
     passages, or to the :class:`KnowledgeBase` a job searched (saved as it is, so the system
     searches exactly as the job evaluated); ``clients`` are ``{"name", "base", "generator":
@@ -229,7 +231,8 @@ def export_system(folder: Path, *, gen_cfg: LlamaConfig, gen_params: dict, token
     "clients": [LoRA per client]}``: written as ``reranker/`` (a transformers
     ``BertForSequenceClassification``) and ``clients/<k>/reranker_lora.safetensors``.
     ``reading``: how the answers with each hit alone make one (a knowledge boundary's
-    ``boundary.reading``)."""
+    ``boundary.reading``); ``abstain_threshold``: the decoder's answer-or-abstain rule
+    (:func:`~ffrag_jax.evaluation.boundary.abstain_gate`)."""
     folder = Path(folder)
     if retriever_sides not in ("query", "both"):
         raise ValueError(f"retriever_sides must be 'query' or 'both', got {retriever_sides!r}")
@@ -278,6 +281,7 @@ def export_system(folder: Path, *, gen_cfg: LlamaConfig, gen_params: dict, token
               # prompt_len tokens by rag.fit_prompt, then " <answer></s>".
               "prompt_template": prompts.TEMPLATE,
               "context_passages": context_passages, "tags": tags, "reading": reading,
+              "abstain_threshold": abstain_threshold,
               "quotas": quotas, "clients": [{"name": c["name"], "base": c["base"]}
                                             for c in clients]}
     files.atomic_write_json(folder / "system.json", system)
@@ -347,4 +351,5 @@ def load_system(folder: str | Path, client: int | None = None) -> RagSystem:
                                               "reranker_lora.safetensors")
     return RagSystem(gen_cfg, gen_params, gen_lora, tokenizer, bases, quotas,
                      system["prompt_len"], system.get("context_passages", 1), tags, reranker,
-                     system.get("reading", "top"))
+                     system.get("reading", "top"),
+                     abstain_gate(tokenizer, system.get("abstain_threshold")))
