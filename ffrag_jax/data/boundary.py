@@ -24,7 +24,6 @@ values would be an unintended conflict). Deterministic in the seed (``random.Ran
 
 from __future__ import annotations
 
-import os
 import random
 
 from ffrag_jax.data import synthetic
@@ -180,22 +179,6 @@ def type_counts(questions: list[dict]) -> dict[str, int]:
     return {kind: sum(q["type"] == kind for q in questions) for kind in TYPES}
 
 
-def near_miss(rng: random.Random, kind: str, entity: str, draws: int = 30) -> str:
-    """Another entity of ``kind`` that looks like ``entity``: of ``draws`` fresh ones, the one
-    sharing the longest prefix or suffix with it. The near misses a client's retriever brings
-    share name parts with the asked entity; a reader pretrained only on unrelated names would
-    not learn to check every part."""
-    def shared(other: str) -> int:
-        ends = [os.path.commonprefix([entity, other]),
-                os.path.commonprefix([entity[::-1], other[::-1]])]
-        return max(len(e) for e in ends)
-
-    others = [e for e in (synthetic._entity(rng, kind) for _ in range(draws)) if e != entity]
-    while not others:
-        others = [e for e in [synthetic._entity(rng, kind)] if e != entity]
-    return max(others, key=shared)
-
-
 def reading_examples(domain: str, n: int, seed: int, unanswerable_rate: float) -> list[dict]:
     """Pretraining examples of the boundary format on a base domain (no client data):
     ``{context, question, answer}`` where the context is one fact after a random source tag
@@ -222,7 +205,8 @@ def reading_examples(domain: str, n: int, seed: int, unanswerable_rate: float) -
             if others and rng.random() < 0.5:
                 asked_relation = rng.choice(others)
             else:
-                asked_entity = near_miss(rng, kind, entity)
+                while asked_entity == entity:
+                    asked_entity = synthetic._entity(rng, kind)
         out.append({"domain": domain, "context": f"[{tag}] " + fact.format(e=entity, v=value),
                     "question": _question(rng, domain, asked_relation, asked_entity),
                     "answer": answer})
