@@ -2,8 +2,10 @@
 the question generator, the boundary metrics, the dual-task loss, query augmentation, and a
 shrunk run with a reranker (its records, export, ask --rerank, and exact resume after kills)."""
 
+import importlib.util
 import json
 import random
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -280,6 +282,23 @@ def test_federated_run_with_a_reranker_records_exports_and_answers(rerank_run, c
     assert all("draft" in a and "dropped" in a for a in answers)
     assert ask.main(["--workdir", str(workdir), "--compress", "-1", "Who?"]) == 2
     assert "--compress >= 0 expected" in capsys.readouterr().err
+    # tools/redecode.py, as the run decoded: the fused models' last evaluation again
+    spec = importlib.util.spec_from_file_location(
+        "redecode", Path(__file__).parents[1] / "tools" / "redecode.py")
+    redecode = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(redecode)
+    assert redecode.main([str(workdir), "--rerank"]) == 0
+    again = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    last = [r for r in records if r["kind"] == "eval" and r["model"] == "fused"
+            and r["round"] == 1]
+    for row, record in zip(again, last, strict=False):
+        for key in ("answerable_em", "hallucination_rate", "attribution_accuracy"):
+            expected = record[key]
+            if expected == "nan":
+                assert np.isnan(row[key]), key
+            else:
+                assert row[key] == pytest.approx(expected, abs=1e-4), key
+    assert [r["client"] for r in again] == [0, 1, "mean"]
 
 
 @pytest.mark.long
