@@ -68,11 +68,11 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    def mean(values: list[float]) -> float:  # NaN (not a warning) when every client's is
+    def average(values: list[float]) -> float:  # NaN, not a warning, when every client's is
         values = [v for v in values if not np.isnan(v)]
         return round(float(np.mean(values)), 4) if values else float("nan")
 
-    mean = {m: mean([float(per[k][m]) for k in per]) for m in KEYS}
+    mean = {m: average([float(per[k][m]) for k in per]) for m in KEYS}
     print(json.dumps({"client": "mean", **mean}))
     return 0
 
