@@ -68,6 +68,7 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
     def average(values: list[float]) -> float:  # NaN, not a warning, when every client's is
         values = [v for v in values if not np.isnan(v)]
         return round(float(np.mean(values)), 4) if values else float("nan")
