@@ -19,8 +19,11 @@ from ffrag_jax.configs import ffrag
 
 def get_config() -> ConfigDict:
     c = ffrag.get_config()
-    c.data.private_entities = 60  # case entities per client (x 3 relations)
-    c.data.shared_entities = 30  # authority-only entities per domain
+    # As many entities as the ffrag demo: with 60 per client the reader memorised the few
+    # training answers instead of reading (seed 0: 36 of 264 answers right with the gold
+    # passage on top).
+    c.data.private_entities = 150  # case entities per client (x 3 relations)
+    c.data.shared_entities = 50  # authority-only entities per domain
     c.data.held_out = 0.2
     # The demo's shipped BPE with the tags and the abstention as one token each.
     c.tokenizer.added_tokens = "[case],[authority],insufficient evidence"
@@ -29,4 +32,7 @@ def get_config() -> ConfigDict:
     c.rag.prompt_len = 56
     c.rag.answer_len = 12
     c.rag.losses = {"dual_task": 1.0, "lsr": 1.0}
+    # Abstain when the abstention is likelier than not (greedy abstained on half the
+    # answerable questions: their answers' first tokens are spread, the abstention is one).
+    c.boundary.abstain_threshold = 0.5
     return c
