@@ -20,7 +20,7 @@ from ml_collections import ConfigDict
 
 from ffrag_jax.data import boundary, synthetic
 from ffrag_jax.errors import UserError
-from ffrag_jax.evaluation.boundary import READINGS
+from ffrag_jax.evaluation.boundary import check_reading
 from ffrag_jax.rag import prompts
 
 
@@ -88,8 +88,7 @@ def _boundary_knowledge(config: ConfigDict, domains: list[str]
     for name in ("conflict_rate", "unanswerable_rate", "negatives"):
         if not 0.0 <= b[name] <= 1.0:
             raise UserError(f"boundary.{name} must be in [0, 1], got {b[name]}")
-    if b.get("reading", "top") not in READINGS:
-        raise UserError(f"boundary.reading={b.reading!r}; choose {' or '.join(READINGS)}")
+    check_reading(b.get("reading", "top"))
     names = {domain: boundary._Names(domain, config.seed + 1000) for domain in sorted(set(domains))}
     shared: list[str] = []
     authority_questions: dict[str, list[dict]] = {}

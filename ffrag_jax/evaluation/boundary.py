@@ -73,11 +73,16 @@ def _authority_first(answers: Sequence[str]) -> str:
 READINGS = {"top": _top, "first_answer": _first_answer, "authority_first": _authority_first}
 
 
+def check_reading(reading: str) -> None:
+    """A ``boundary.reading`` that is not one of :data:`READINGS` is an error naming it."""
+    if reading not in READINGS:
+        raise UserError(f"boundary.reading={reading!r}; choose {' or '.join(READINGS)}")
+
+
 def read(per_candidate: Sequence[Sequence[str]], reading: str) -> list[str]:
     """One answer per question from its answers with each candidate alone (best first, at
     least one per question) by the rule ``reading`` (:data:`READINGS`)."""
-    if reading not in READINGS:
-        raise UserError(f"boundary.reading={reading!r}; choose {' or '.join(READINGS)}")
+    check_reading(reading)
     rule = READINGS[reading]
     for i, answers in enumerate(per_candidate):
         if not answers:

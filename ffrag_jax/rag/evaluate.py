@@ -37,6 +37,19 @@ def answer(gen_params: dict, gen_cfg: LlamaConfig, tokenizer, questions: Sequenc
                           prompt_len=prompt_len, **kwargs)
 
 
+def answer_each(gen_params: dict, gen_cfg: LlamaConfig, tokenizer, questions: Sequence[str],
+                candidates: Sequence[Sequence[str]], **kwargs) -> list[list[str]]:
+    """Per question, the reader's answers with each of its candidate contexts alone (best
+    first), all generated in one :func:`answer` pass."""
+    flat = [(i, c) for i, row in enumerate(candidates) for c in row]
+    said = answer(gen_params, gen_cfg, tokenizer, [questions[i] for i, _ in flat],
+                  [c for _, c in flat], **kwargs)
+    out: list[list[str]] = [[] for _ in questions]
+    for (i, _), a in zip(flat, said, strict=True):
+        out[i].append(a)
+    return out
+
+
 def retrieval_metrics(ids: np.ndarray, gold: np.ndarray) -> dict:
     """``recall@1`` and ``recall@K`` of retrieved ids ``[N, K]`` (-1: none) against the gold
     passage ids ``[N]``."""
@@ -86,12 +99,7 @@ def evaluate(gen_params: dict, gen_cfg: LlamaConfig, tokenizer, questions: Seque
     if candidates is None:
         said = answer(gen_params, gen_cfg, tokenizer, texts, contexts, **common)
     else:
-        flat = [(i, c) for i, row in enumerate(candidates) for c in row]
-        flat_said = answer(gen_params, gen_cfg, tokenizer, [texts[i] for i, _ in flat],
-                           [c for _, c in flat], **common)
-        per_question = [[] for _ in texts]
-        for (i, _), a in zip(flat, flat_said, strict=True):
-            per_question[i].append(a)
+        per_question = answer_each(gen_params, gen_cfg, tokenizer, texts, candidates, **common)
         said = read(per_question, reading)
         top1 = [a[0] for a in per_question]
         if boundary:

@@ -37,7 +37,7 @@ from ffrag_jax.models import hf, lora
 from ffrag_jax.models.llama import LlamaConfig
 from ffrag_jax.models.lora import LoRA
 from ffrag_jax.rag import compression, expansion, prompts
-from ffrag_jax.rag.evaluate import answer_prompts
+from ffrag_jax.rag.evaluate import answer_each, answer_prompts
 from ffrag_jax.rerank import cross_encoder as rerank_lib
 from ffrag_jax.rerank.cross_encoder import Reranker
 from ffrag_jax.retrieval import encoder as encoder_lib
@@ -164,17 +164,22 @@ class RagSystem:
                                 self.prompt_len, p.question if "question" in cut else p.passage)
             cuts.append(cut)
         rng = jax.random.key(seed) if temperature > 0 else None
-        answers = answer_prompts(
-            self.gen_params, self.gen_cfg, self.tokenizer, fitted, lora=self.gen_lora,
-            prompt_len=self.prompt_len, max_new_tokens=max_new_tokens, batch_size=batch_size,
-            rng=rng, temperature=temperature, top_p=top_p, top_k=top_k, abstain=self.abstain)
+        common = dict(lora=self.gen_lora, prompt_len=self.prompt_len,
+                      max_new_tokens=max_new_tokens, batch_size=batch_size, rng=rng,
+                      temperature=temperature, top_p=top_p, top_k=top_k, abstain=self.abstain)
         per_hit = None
         if self.reading != "top" and self.context_passages == 1:
-            per_hit = self._read_each_hit(questions, hits, max_new_tokens, batch_size,
-                                          rng=rng, temperature=temperature, top_p=top_p,
-                                          top_k=top_k)
-            answers = read([each or [a] for each, a in zip(per_hit, answers, strict=True)],
-                           self.reading)
+            # Each hit alone, after its tag (a question without hits: closed-book), as the
+            # jobs evaluate such a reading; the first hit's prompt is among them.
+            per_hit = answer_each(
+                self.gen_params, self.gen_cfg, self.tokenizer, questions,
+                [[prompts.tagged_context([h["text"]], None if self.tags is None
+                                         else [self.tags.get(h["kb"])]) for h in row] or [""]
+                 for row in hits], **common)
+            answers = read(per_hit, self.reading)
+        else:
+            answers = answer_prompts(self.gen_params, self.gen_cfg, self.tokenizer, fitted,
+                                     **common)
         out = [{"question": q, "answer": a, "context": p.passage, "sources": row, "cut": cut,
                 "abstained": parse(a).abstained}
                for q, a, p, row, cut in zip(questions, answers, fitted, hits, cuts, strict=True)]
@@ -186,24 +191,6 @@ class RagSystem:
                 record["draft"] = draft
             if compress > 0:
                 record["dropped"] = cut
-        return out
-
-    def _read_each_hit(self, questions: list[str], hits: list[list[dict]],
-                       max_new_tokens: int, batch_size: int, **sampling) -> list[list[str]]:
-        """Per question, the reader's answer with each of its hits alone (best first, after
-        its tag), as the jobs evaluate a reading other than ``top``."""
-        flat = [(i, prompts.tagged_context([h["text"]], None if self.tags is None
-                                           else [self.tags.get(h["kb"])]))
-                for i, row in enumerate(hits) for h in row]
-        said = answer_prompts(
-            self.gen_params, self.gen_cfg, self.tokenizer,
-            prompts.fit_prompts(self.tokenizer, [questions[i] for i, _ in flat],
-                                [c for _, c in flat], self.prompt_len),
-            lora=self.gen_lora, prompt_len=self.prompt_len, max_new_tokens=max_new_tokens,
-            batch_size=batch_size, abstain=self.abstain, **sampling)
-        out: list[list[str]] = [[] for _ in questions]
-        for (i, _), a in zip(flat, said, strict=True):
-            out[i].append(a)
         return out
 
 

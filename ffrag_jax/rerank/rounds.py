@@ -27,7 +27,7 @@ import numpy as np
 
 from ffrag_jax.errors import UserError
 from ffrag_jax.rerank import augment, preferences
-from ffrag_jax.rerank.cross_encoder import Reranker
+from ffrag_jax.rerank.cross_encoder import Reranker, retriever_prior
 from ffrag_jax.rerank.step import COMBINE, RerankLossConfig, rerank_step
 from ffrag_jax.training import train
 
@@ -87,8 +87,8 @@ def rerank_ids(reranker: Reranker, questions: Sequence[str], ids: np.ndarray,
         scores[rows, cols] = reranker.score_pairs([questions[i] for i in rows],
                                                   [texts[ids[i, j]] for i, j in
                                                    zip(rows, cols, strict=True)])
-        scores = np.where(ids >= 0, reranker.with_prior(scores, retriever_scores, ids >= 0),
-                          -np.inf)
+        # padding stays -inf: its prior is 0
+        scores = reranker.with_prior(scores, retriever_scores, ids >= 0)
     order = np.argsort(-scores, axis=1, kind="stable")
     return np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)
 
@@ -144,10 +144,8 @@ def client_data(config, questions: Sequence[dict], domain: str, search, texts, t
     kept_ids = ids[kept_rows]
     labels = prefs[kept_rows] if r.labels == "preference" else preferences.relevance_labels(
         kept, kept_ids)
-    prior = None
-    if reranker.prior_scale > 0:
-        prior = reranker.with_prior(np.zeros(kept_ids.shape, np.float32),
-                                    retrieved[kept_rows], kept_ids >= 0)
+    prior = None if reranker.prior_scale <= 0 else retriever_prior(
+        retrieved[kept_rows], kept_ids >= 0, reranker.prior_scale)
     batch = preferences.reranker_batch(reranker.tokenizer, kept, kept_ids, texts, labels,
                                        reranker.max_len, prior)
     return ClientData(batch, len(kept), len(made), filtered,
