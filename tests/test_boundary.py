@@ -389,6 +389,37 @@ def test_boundary_pretraining_examples_tag_answers_and_abstain_on_near_misses():
             assert e["answer"].endswith(tag) and value in e["context"]
 
 
+def test_the_pretraining_abstention_rate_and_its_check(tmp_path):
+    from ffrag_jax.data.knowledge import reading_examples
+    from ffrag_jax.training import run as run_lib
+
+    def abstaining(**overrides):
+        examples = reading_examples(_config(**{"pretrain.num_examples": 300, **overrides}))
+        return sum(e["answer"] == boundary.ABSTAIN for e in examples) / len(examples)
+
+    assert abstaining() == abstaining(**{"boundary.pretrain_abstain_rate": 0.3})  # None: 0.3
+    assert abstaining(**{"boundary.pretrain_abstain_rate": 0.0}) == 0.0
+    assert 0.5 < abstaining(**{"boundary.pretrain_abstain_rate": 0.7}) < 0.9
+    with pytest.raises(UserError, match=r"boundary.pretrain_abstain_rate must be in \[0, 1\]"):
+        run_lib.run(_config(**{"boundary.pretrain_abstain_rate": 1.5}), tmp_path / "bad")
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_the_reranker_scores_each_passage_after_its_source_tag():
+    from ffrag_jax.retrieval.knowledge_base import KnowledgeBase
+    from ffrag_jax.retrieval.multi_source import Sources
+
+    def base(name, texts):
+        # only the texts and vectors matter here: no index, no encoder
+        return KnowledgeBase(name, [{"text": t, "doc_id": str(i)} for i, t in enumerate(texts)],
+                             np.eye(4, dtype=np.float32)[: len(texts)], None, None, {}, None)
+
+    bases = [base("private", ["Ward A2.", "Ward B3."]), base("shared", ["Ward C4."])]
+    assert Sources(bases, [1, 1], ("case", "authority")).tagged_texts == [
+        "[case] Ward A2.", "[case] Ward B3.", "[authority] Ward C4."]
+    assert Sources(bases, [1, 1]).tagged_texts == ["Ward A2.", "Ward B3.", "Ward C4."]
+
+
 def test_insufficient_evidence_examples_drop_the_supporting_passages():
     from ffrag_jax.jobs.ffrag_client import without_evidence
 

@@ -85,8 +85,8 @@ def _boundary_knowledge(config: ConfigDict, domains: list[str]
     """:func:`client_knowledge` with a knowledge boundary: the shared base holds every domain's
     authority-only facts, then each client's overlap entities' authoritative facts."""
     d, b = config.data, config.boundary
-    for name in ("conflict_rate", "unanswerable_rate", "negatives"):
-        if not 0.0 <= b[name] <= 1.0:
+    for name in ("conflict_rate", "unanswerable_rate", "negatives", "pretrain_abstain_rate"):
+        if b.get(name) is not None and not 0.0 <= b[name] <= 1.0:
             raise UserError(f"boundary.{name} must be in [0, 1], got {b[name]}")
     check_reading(b.get("reading", "top"))
     names = {domain: boundary._Names(domain, config.seed + 1000) for domain in sorted(set(domains))}
@@ -115,13 +115,20 @@ def _boundary_knowledge(config: ConfigDict, domains: list[str]
     return shared, clients
 
 
+def pretrain_abstain_rate(config: ConfigDict) -> float:
+    """The share of the base reader's pretraining examples that abstain
+    (``boundary.pretrain_abstain_rate``; None: ``boundary.unanswerable_rate``)."""
+    rate = config.boundary.get("pretrain_abstain_rate")
+    return config.boundary.unanswerable_rate if rate is None else rate
+
+
 def reading_examples(config: ConfigDict) -> list[dict]:
     """The pretraining examples: reading comprehension on the base domain (no client data);
     with a knowledge boundary, in its format (tagged passages and answers, abstentions:
     :func:`boundary.reading_examples`)."""
     if boundary_enabled(config):
         return boundary.reading_examples(config.pretrain.domain, config.pretrain.num_examples,
-                                         config.seed, config.boundary.unanswerable_rate)
+                                         config.seed, pretrain_abstain_rate(config))
     return synthetic.make_examples(config.pretrain.domain, config.pretrain.num_examples,
                                    config.seed, distractors=config.pretrain.get("distractors", 0),
                                    user_questions=True)

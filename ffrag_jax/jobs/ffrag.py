@@ -261,8 +261,8 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
 
         trainer.within(f"client {k + 1}/{len(clients)} {c.name} reranker data", 0,
                        config.rerank.local_steps)
-        data = rerank_rounds.client_data(config, c.train, c.domain, search, s.texts,
-                                         s.passage_tags, label, reranker, (rnd, k))
+        data = rerank_rounds.client_data(config, c.train, c.domain, search, s.tagged_texts,
+                                         label, reranker, (rnd, k))
         rngs = [jax.random.fold_in(rng, rnd * 100_000 + k * 1000 + 500 + step)
                 for step in range(config.rerank.local_steps)]
         adapter, steps = rerank_rounds.local_steps(config, reranker.lora, reranker, data, rngs,

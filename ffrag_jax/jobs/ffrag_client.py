@@ -48,10 +48,11 @@ def evaluate_client(config, client: Client, sources: Sources, query_enc: TextEnc
 
     if reranker is None:
         return run(ids, predictions)
-    reranked, _ = rerank_rounds.rerank_ids(reranker, questions, ids, sources.texts, retrieved)
+    reranked, _ = rerank_rounds.rerank_ids(reranker, questions, ids, sources.tagged_texts,
+                                           retrieved)
     # The cost of a second, identical pass: the first one compiled the shapes it needed.
     started = time.perf_counter()
-    rerank_rounds.rerank_ids(reranker, questions, ids, sources.texts, retrieved)
+    rerank_rounds.rerank_ids(reranker, questions, ids, sources.tagged_texts, retrieved)
     cost = (time.perf_counter() - started) * 1000 / max(len(questions), 1)
     plain = run(ids, closed_book=False)
     out = run(reranked, predictions)
@@ -142,7 +143,7 @@ def client_batch(config, tokenizer, query_enc: TextEncoder, sources: Sources, cl
         # The retriever's (inner-product) scores of the candidates without_evidence kept.
         retrieved = np.einsum("nd,nkd->nk", vectors, sources.vectors[np.maximum(ids, 0)])
         ids, _ = rerank_rounds.rerank_ids(reranker, [q["question"] for q in questions], ids,
-                                          sources.texts, retrieved)
+                                          sources.tagged_texts, retrieved)
     return step_batch(config, tokenizer, query_enc, sources, questions, ids)
 
 

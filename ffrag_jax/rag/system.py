@@ -68,6 +68,12 @@ class RagSystem:
     reading: str = "top"
     abstain: tuple[int, float] | None = None  # the decoder's answer-or-abstain rule
 
+    def tagged(self, hit: dict) -> str:
+        """A hit's text after its base's source tag (the text alone without tags), as the
+        reader reads it and the reranker scores it."""
+        return prompts.tagged_context([hit["text"]],
+                                      None if self.tags is None else [self.tags.get(hit["kb"])])
+
     def search(self, questions: Sequence[str], mode: str = "dense"
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """:func:`multi_source.rank` of ``questions`` over the system's bases with its quotas
@@ -125,8 +131,9 @@ class RagSystem:
             hits = expansion.merge_hits(hits, more, sum(self.quotas.values()))
         if rerank:
             pairs = [(q, h) for q, row in zip(questions, hits, strict=True) for h in row]
-            scores = self.reranker.score_pairs([q for q, _ in pairs],  # one batched pass
-                                               [h["text"] for _, h in pairs])
+            scores = self.reranker.score_pairs(  # one batched pass, passages after their tags
+                [q for q, _ in pairs],
+                [self.tagged(h) for _, h in pairs])
             if self.reranker.prior_scale > 0 and mode != "dense":
                 logging.warning("the reranker's prior was trained on dense retrieval scores; "
                                 "with --mode %s its order mixes other scores", mode)
@@ -173,9 +180,7 @@ class RagSystem:
             # jobs evaluate such a reading; the first hit's prompt is among them.
             per_hit = answer_each(
                 self.gen_params, self.gen_cfg, self.tokenizer, questions,
-                [[prompts.tagged_context([h["text"]], None if self.tags is None
-                                         else [self.tags.get(h["kb"])]) for h in row] or [""]
-                 for row in hits], **common)
+                [[self.tagged(h) for h in row] or [""] for row in hits], **common)
             answers = read(per_hit, self.reading)
         else:
             answers = answer_prompts(self.gen_params, self.gen_cfg, self.tokenizer, fitted,

@@ -105,10 +105,11 @@ class ClientData:
     seconds: float
 
 
-def client_data(config, questions: Sequence[dict], domain: str, search, texts, tags,
-                label_fn, reranker: Reranker, seed: Sequence[int]) -> ClientData:
+def client_data(config, questions: Sequence[dict], domain: str, search, texts, label_fn,
+                reranker: Reranker, seed: Sequence[int]) -> ClientData:
     """The reranker's training set of one client round (steps 1-3 of the module docstring).
-    ``search(list of question texts) -> (scores, ids) [N, K]``;
+    ``search(list of question texts) -> (scores, ids) [N, K]``; ``texts``: the passages as
+    the reranker scores them (after their source tags);
     ``label_fn(questions, ids) -> [N, K]`` preference labels (the client's generator)."""
     started = time.perf_counter()
     r = config.rerank

@@ -86,6 +86,18 @@ class Sources:
     def k(self) -> int:
         return sum(self.quotas)
 
+    @property
+    def tagged_texts(self) -> list[str]:
+        """Every passage after its source tag (``"[case] ..."``), as the reader reads it and
+        the reranker scores it: a case note and the authority that contradicts it differ in
+        their tags, which is what decides between them. The texts themselves without tags."""
+        from ffrag_jax.rag.prompts import tagged_context  # rag imports this module
+
+        if self.passage_tags is None:
+            return self.texts
+        return [tagged_context([text], [tag])
+                for text, tag in zip(self.texts, self.passage_tags, strict=True)]
+
     def search(self, query_vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(scores, ids)`` ``[N, k]`` of :func:`rank`, ids global (-1: padding)."""
         scores, base, chunk = rank(self.bases, self.quotas, [""] * len(query_vectors),
