@@ -200,6 +200,31 @@ def test_ffrag_divergence_names_the_learning_rates(tmp_path):
                     tmp_path / "run")
 
 
+def test_a_retriever_lr_of_zero_leaves_the_query_encoder_as_it_is(tmp_path):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ffrag_jax.launch import load_config
+    from ffrag_jax.training import run as run_lib
+    from ffrag_jax.training import train
+
+    # fl.retriever_lr=0: the optimizer of the query encoder's adapter moves nothing, whatever
+    # the gradient (the adapter's B stays 0, so the encoder is the one it started from)
+    opt = train.make_optimizer(0.0, 10)
+    params = {"a": jnp.ones((3, 2)), "b": jnp.zeros((2, 3))}
+    state = opt.init(params)
+    for seed in range(3):
+        grads = jax.tree.map(lambda p, s=seed: jax.random.normal(jax.random.key(s), p.shape),
+                             params)
+        updates, state = opt.update(grads, state, params)
+        assert all(not np.asarray(u).any() for u in jax.tree.leaves(updates))
+    with pytest.raises(UserError, match=r"fl.retriever_lr must be >= 0, got -0.001"):
+        run_lib.run(load_config("demo", {**SMALL, "fl.retriever_lr": -1e-3}), tmp_path / "r")
+    with pytest.raises(UserError, match=r"fl.lr must be positive, got 0"):
+        run_lib.run(load_config("demo", {**SMALL, "fl.lr": 0.0}), tmp_path / "g")
+
+
 LONG_QUESTION = ("I am going through the court records of last month for my report and I "
                  "would really like to know, if you can tell me, who heard case Bo-12?")
 

@@ -84,6 +84,8 @@ def get_config() -> ConfigDict:
     c.fl = ConfigDict(dict(
         strategy="ff",  # ff: personal + stacked global adapters; stack: FLoRA, merged
         num_clients=4, rounds=3,
+        # retriever_lr=0: the query encoder stays as it is (an off-the-shelf retriever, as
+        # in DPA-RAG, where only the reranker learns the generator's preferences)
         local_steps=30, batch_size=16, lr=3e-3, retriever_lr=1e-3,
         # True: each round's batches are retrieved up front (the round-start encoder) and all
         # clients train in one vmapped program; False: clients in turn, retrieval per step.

@@ -127,9 +127,10 @@ def validate(config: ConfigDict, mesh: jax.sharding.Mesh) -> None:
     for name in ("local_steps", "batch_size"):
         if fl[name] < 1:
             raise UserError(f"fl.{name} must be at least 1, got {fl[name]}")
-    for name in ("lr", "retriever_lr"):
-        if fl[name] <= 0:
-            raise UserError(f"fl.{name} must be positive, got {fl[name]}")
+    if fl.lr <= 0:
+        raise UserError(f"fl.lr must be positive, got {fl.lr}")
+    if fl.retriever_lr < 0:  # 0: the query encoder is not trained (an off-the-shelf retriever)
+        raise UserError(f"fl.retriever_lr must be >= 0, got {fl.retriever_lr}")
     shapes = check_rag_models(config)
     if pre_aligning(config):
         check_lengths(abstract_model(config)[0],
