@@ -9,6 +9,7 @@ padding (id -1, score ``-inf``) at the end of the row.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 
@@ -86,7 +87,7 @@ class Sources:
     def k(self) -> int:
         return sum(self.quotas)
 
-    @property
+    @functools.cached_property  # the bases do not change: built once, read every step
     def tagged_texts(self) -> list[str]:
         """Every passage after its source tag (``"[case] ..."``), as the reader reads it and
         the reranker scores it: a case note and the authority that contradicts it differ in
