@@ -66,6 +66,41 @@ def test_boundary_questions_by_type_are_consistent_and_deterministic():
         assert len(base) == len(set(base))
 
 
+def test_digests_are_long_records_relevant_to_their_facts(tmp_path):
+    from ffrag_jax.data.knowledge import client_knowledge
+    from ffrag_jax.rerank.preferences import relevance_labels
+    from ffrag_jax.training import run as run_lib
+
+    plain_shared, plain = client_knowledge(_config())
+    shared, clients = client_knowledge(_config(**{"boundary.digest_rate": 0.5}))
+    assert shared[: len(plain_shared)] == plain_shared
+    for before, c in zip(plain, clients, strict=True):
+        n_case = len(before.private)
+        assert c.private[:n_case] == before.private
+        # 3 facts of its base a record, half the facts (rounded down to whole records)
+        assert all(sum(f in r for f in before.private) == 3 for r in c.private[n_case:])
+        assert all(sum(f in r for f in plain_shared) == 3 for r in shared[len(plain_shared):])
+        assert len(c.private) - n_case == int(round(0.5 * n_case)) // 3
+        passages, old = c.private + shared, before.private + plain_shared
+        with_record = 0
+        for q, q0 in zip(c.train + c.test, before.train + before.test, strict=True):
+            # the same passage under its new index; each record holds the fact or case note
+            assert (q["fact"] < 0 and q0["fact"] < 0) or passages[q["fact"]] == old[q0["fact"]]
+            held = [passages[i] for i in (q["fact"], q["case_fact"]) if i >= 0]
+            assert all(any(h in passages[r] for h in held) for r in q["digests"])
+            with_record += bool(q["digests"])
+        assert with_record > len(c.train) / 4
+        q = next(q for q in c.train if q["digests"])
+        ids = np.array([[q["fact"], q["digests"][0], 0 if q["fact"] else 1, -1]])
+        assert relevance_labels([q], ids).tolist() == [[1, 1, float(0 == q["case_fact"]), 0]]
+    with pytest.raises(UserError, match=r"boundary.digest_rate must be in \[0, 1\]"):
+        run_lib.run(_config(**{"boundary.digest_rate": -0.1}), tmp_path / "bad")
+    with pytest.raises(UserError, match="boundary.digest_size must be at least 1"):
+        run_lib.run(_config(**{"boundary.digest_rate": 0.2, "boundary.digest_size": 0}),
+                    tmp_path / "bad")
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
 def test_targets_tags_and_unknown_source_tags():
     q = {"question": "Who?", "answer": "Dr. Lo", "type": "conflict", "source": "authority"}
     assert boundary.target(q) == "Dr. Lo [authority]"

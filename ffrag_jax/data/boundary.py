@@ -179,6 +179,65 @@ def type_counts(questions: list[dict]) -> dict[str, int]:
     return {kind: sum(q["type"] == kind for q in questions) for kind in TYPES}
 
 
+def digests(facts: list[str], rate: float, size: int, rng: random.Random
+            ) -> tuple[list[str], dict[int, int]]:
+    """Long records over a base's ``facts``: ``round(rate * len(facts))`` of them (at least
+    ``size`` facts to make one), drawn without replacement and grouped ``size`` to a record in
+    a random order. Returns ``(records, member)``: the records' texts and, for each fact in
+    one, the index of its record.
+
+    A record states its facts as plainly as the facts themselves, so a dataset marks it
+    relevant to each of them; a reader with a short window sees only its first facts (the
+    prompt cuts the passage's end) and must pick the asked one among several values. It is
+    relevant and less useful: what a reranker learnt from the generator's preferences can
+    tell apart and one learnt from relevance labels cannot (DPA-RAG's premise)."""
+    n = int(round(rate * len(facts))) // size * size
+    picked = rng.sample(range(len(facts)), n)
+    records, member = [], {}
+    for start in range(0, n, size):
+        group = picked[start : start + size]
+        for f in group:
+            member[f] = len(records)
+        records.append(" ".join(facts[f] for f in group))
+    return records, member
+
+
+def _moved(i: int, case_len: int, grown: int, base: int, case_member: dict,
+           shared_member: dict) -> tuple[int, int]:
+    """Passage ``i`` of a client's passages (case, then shared) after :func:`add_digests`:
+    ``(its new index, the index of the record holding it or -1)``."""
+    if i < 0:
+        return -1, -1
+    if i < case_len:
+        return i, case_len + case_member[i] if i in case_member else -1
+    s = i - case_len
+    return grown + s, grown + base + shared_member[s] if s in shared_member else -1
+
+
+def add_digests(shared: list[str], clients: list, rate: float, size: int, seed: int
+                ) -> None:
+    """Appends :func:`digests` to the shared base and to each client's case base, in place,
+    and points every question at them: its ``fact`` and ``case_fact`` indices are remapped
+    (the shared base follows the longer case base) and ``digests`` lists the records holding
+    either. ``clients``: :class:`ffrag_jax.data.knowledge.Client` (``private``, ``train``,
+    ``test``)."""
+    rng = random.Random(f"digests:{seed}")
+    shared_records, shared_member = digests(shared, rate, size, rng)
+    base = len(shared)
+    shared.extend(shared_records)
+    for client in clients:
+        case_len = len(client.private)
+        case_records, case_member = digests(client.private, rate, size, rng)
+        client.private.extend(case_records)
+        grown = len(client.private)
+        for q in (*client.train, *client.test):
+            q["fact"], fact_record = _moved(q["fact"], case_len, grown, base, case_member,
+                                            shared_member)
+            q["case_fact"], case_record = _moved(q.get("case_fact", -1), case_len, grown,
+                                                 base, case_member, shared_member)
+            q["digests"] = [r for r in (fact_record, case_record) if r >= 0]
+
+
 def reading_examples(domain: str, n: int, seed: int, unanswerable_rate: float) -> list[dict]:
     """Pretraining examples of the boundary format on a base domain (no client data):
     ``{context, question, answer}`` where the context is one fact after a random source tag

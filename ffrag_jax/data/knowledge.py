@@ -85,10 +85,13 @@ def _boundary_knowledge(config: ConfigDict, domains: list[str]
     """:func:`client_knowledge` with a knowledge boundary: the shared base holds every domain's
     authority-only facts, then each client's overlap entities' authoritative facts."""
     d, b = config.data, config.boundary
-    for name in ("conflict_rate", "unanswerable_rate", "negatives", "pretrain_abstain_rate"):
+    for name in ("conflict_rate", "unanswerable_rate", "negatives", "pretrain_abstain_rate",
+                 "digest_rate"):
         if b.get(name) is not None and not 0.0 <= b[name] <= 1.0:
             raise UserError(f"boundary.{name} must be in [0, 1], got {b[name]}")
     check_reading(b.get("reading", "top"))
+    if b.get("digest_size", 1) < 1:
+        raise UserError(f"boundary.digest_size must be at least 1, got {b.digest_size}")
     names = {domain: boundary._Names(domain, config.seed + 1000) for domain in sorted(set(domains))}
     shared: list[str] = []
     authority_questions: dict[str, list[dict]] = {}
@@ -112,6 +115,8 @@ def _boundary_knowledge(config: ConfigDict, domains: list[str]
         train, test = boundary.split_by_type(questions, d.held_out,
                                              random.Random(f"split:{config.seed}:{k}"))
         clients.append(Client(f"{k}:{domain}", domain, case, train, test))
+    if b.get("digest_rate"):
+        boundary.add_digests(shared, clients, b.digest_rate, b.digest_size, config.seed)
     return shared, clients
 
 

@@ -8,7 +8,8 @@ gold one (:func:`preference_labels`). A generator too weak to answer many questi
 softer preference: the candidate under which the gold answer is likeliest, when it is likelier
 there than with no passage at all. A **relevance** label instead marks the passages a
 dataset would call relevant: the gold fact and, when the case base holds a note on the same
-fact (agreeing or contradicting), that note (:func:`relevance_labels`); a reranker trained on
+fact (agreeing or contradicting), that note, and any long record stating either
+(``boundary.digest_rate``) (:func:`relevance_labels`); a reranker trained on
 them is the baseline a preference-aligned one must beat.
 
 Unanswerable questions carry no gold passage: they are left out of both. A question whose every
@@ -120,12 +121,12 @@ def _answer_logprob(gen_params, gen_cfg, batch, lora):
 
 
 def relevance_labels(questions: Sequence[dict], ids: np.ndarray) -> np.ndarray:
-    """``[N, K]`` 1.0 where candidate ``ids[i, k]`` is question ``i``'s gold fact or the case
-    note on it (``case_fact``)."""
+    """``[N, K]`` 1.0 where candidate ``ids[i, k]`` is question ``i``'s gold fact, the case
+    note on it (``case_fact``) or a record stating either (``digests``)."""
     out = np.zeros(ids.shape, np.float32)
     for i in labelled(questions):
         q = questions[i]
-        relevant = {q["fact"], q.get("case_fact", -1)} - {-1}
+        relevant = {q["fact"], q.get("case_fact", -1), *q.get("digests", ())} - {-1}
         out[i] = np.isin(ids[i], list(relevant))
     return out
 
