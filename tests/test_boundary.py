@@ -92,7 +92,7 @@ def test_digests_are_long_records_relevant_to_their_facts(tmp_path):
         assert with_record > len(c.train) / 4
         q = next(q for q in c.train if q["digests"])
         ids = np.array([[q["fact"], q["digests"][0], 0 if q["fact"] else 1, -1]])
-        assert relevance_labels([q], ids).tolist() == [[1, 1, float(0 == q["case_fact"]), 0]]
+        assert relevance_labels([q], ids).tolist() == [[1, 1, float(q["case_fact"] == 0), 0]]
     with pytest.raises(UserError, match=r"boundary.digest_rate must be in \[0, 1\]"):
         run_lib.run(_config(**{"boundary.digest_rate": -0.1}), tmp_path / "bad")
     with pytest.raises(UserError, match="boundary.digest_size must be at least 1"):

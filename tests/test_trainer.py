@@ -2,6 +2,8 @@
 curves equal to the JSONL, a jax.profiler trace, and a stop whose KeyboardInterrupt was
 swallowed."""
 
+import contextlib
+import logging as std_logging
 import struct
 
 import jax.numpy as jnp
@@ -79,19 +81,41 @@ def _events(folder):
     return out
 
 
+@contextlib.contextmanager
+def records_of(logger_name):
+    """The stdlib logging records of every level that ``logger_name`` (and its children)
+    emits inside (tensorboardX reports an illegal summary name at INFO)."""
+    seen = []
+    handler = std_logging.Handler(std_logging.DEBUG)
+    handler.emit = seen.append
+    logger = std_logging.getLogger(logger_name)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(std_logging.DEBUG)
+    try:
+        yield seen
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def test_tensorboard_curves_are_the_jsonl_values(tmp_path):
     trainer, metrics = _trainer(tmp_path, 4)
     trainer.add_hook(lambda info: metrics.write(kind="train", phase="toy", step=info.step,
                                                 **info.out))
     start, state = trainer.initial_state({"x": jnp.zeros(())})
     trainer.run(state, _count_step, start)
-    metrics.write(kind="eval", round=1, client=0, name="0:clinic", model="fused", loss=0.5)
+    with records_of("tensorboardX") as said:
+        metrics.write(kind="eval", round=1, client=0, name="0:clinic", model="fused",
+                      loss=0.5, **{"recall@1": 0.25})
     metrics.close()
+    assert not said  # the tags were legal already (no message per name)
     records = read_jsonl(tmp_path / "metrics.jsonl")
     curves = _events(tmp_path / "tensorboard/toy")
     assert curves["train/loss"] == [(r["step"], r["loss"]) for r in records if "phase" in r]
-    # (TensorBoard tags keep [A-Za-z0-9_./-]: tensorboardX writes "0:clinic" as "0_clinic")
-    assert _events(tmp_path / "tensorboard/eval") == {"eval/fused/0_clinic/loss": [(1, 0.5)]}
+    # (TensorBoard tags keep [A-Za-z0-9_./-]: "0:clinic" is written "0_clinic")
+    assert _events(tmp_path / "tensorboard/eval") == {"eval/fused/0_clinic/loss": [(1, 0.5)],
+                                                      "eval/fused/0_clinic/recall_1": [(1, 0.25)]}
 
 
 def test_a_profile_trace_of_the_asked_steps(tmp_path):

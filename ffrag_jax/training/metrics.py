@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 
@@ -88,6 +89,8 @@ def open_log(workdir: Path) -> MetricsLog:
     return MetricsLog(Path(workdir) / "metrics.jsonl", tensorboard=Path(workdir) / "tensorboard")
 
 
+_ILLEGAL_TAG = re.compile(r"[^-/\w.]")  # tensorboardX's summary-name rule
+
 # Fields that say what a record is about, not values to plot.
 _LABELS = ("kind", "phase", "model", "client", "name", "step", "round", "time", "metric",
            "selected", "questions", "count", "accepted")
@@ -127,8 +130,10 @@ class TensorBoardMirror:
         for key, value in record.items():
             if key in _LABELS or isinstance(value, bool) or not isinstance(value, int | float):
                 continue
-            writer.add_scalar(f"{record.get('kind', 'metrics')}/{where + '/' if where else ''}"
-                              f"{key}", value, step)
+            tag = f"{record.get('kind', 'metrics')}/{where + '/' if where else ''}{key}"
+            # TensorBoard's legal characters, replaced as tensorboardX would (it otherwise
+            # logs a warning per name: a wall of them in every evaluation's output)
+            writer.add_scalar(_ILLEGAL_TAG.sub("_", tag), value, step)
 
     def close(self) -> None:
         for writer in self._writers.values():
