@@ -93,6 +93,22 @@ def test_digests_are_long_records_relevant_to_their_facts(tmp_path):
         q = next(q for q in c.train if q["digests"])
         ids = np.array([[q["fact"], q["digests"][0], 0 if q["fact"] else 1, -1]])
         assert relevance_labels([q], ids).tolist() == [[1, 1, float(q["case_fact"] == 0), 0]]
+    # By entity: a record is one entity's facts in its base (a case file), all of them.
+    shared, clients = client_knowledge(_config(**{"boundary.digest_rate": 0.5,
+                                                  "boundary.digest_by": "entity"}))
+    for before, c in zip(plain, clients, strict=True):
+        n_case = len(before.private)
+        for q in c.train + c.test:
+            for r in q["digests"]:
+                base = before.private if r < len(c.private) else plain_shared
+                held = [f for f in base if f in (c.private + shared)[r]]
+                assert len(held) >= 2 and all(q["entity"] in f for f in held)
+                assert held == [f for f in base if q["entity"] in f.split(" is ")[0]
+                                or f" {q['entity']} " in f]
+        assert len(c.private) > n_case and any(q["digests"] for q in c.test)
+    with pytest.raises(UserError, match="boundary.digest_by='topic'; choose random or entity"):
+        run_lib.run(_config(**{"boundary.digest_rate": 0.2, "boundary.digest_by": "topic"}),
+                    tmp_path / "bad")
     with pytest.raises(UserError, match=r"boundary.digest_rate must be in \[0, 1\]"):
         run_lib.run(_config(**{"boundary.digest_rate": -0.1}), tmp_path / "bad")
     with pytest.raises(UserError, match="boundary.digest_size must be at least 1"):

@@ -70,10 +70,12 @@ def get_config() -> ConfigDict:
         # dual task: the share of answerable training questions shown without the passages
         # that support them, with the abstention as target (insufficient-evidence examples)
         negatives=0.0,
-        # the share of each base's facts also stated in a long record of digest_size facts
-        # (data/boundary.py digests): relevant to each, and harder to read for a reader whose
-        # window cuts the record's end (the relevant-but-unhelpful passages of DPA-RAG)
-        digest_rate=0.0, digest_size=3,
+        # long records also stating facts (data/boundary.py digests): relevant to each, and
+        # harder to read for a reader whose window cuts the record's end (the
+        # relevant-but-unhelpful passages of DPA-RAG). digest_by="random": digest_rate of a
+        # base's facts, digest_size to a record; "entity": digest_rate of its entities, each
+        # record all of one entity's facts there (a case file)
+        digest_rate=0.0, digest_size=3, digest_by="random",
         abstain_weight=1.0,  # the dual_task loss's weight on abstention answers
         tag_weight=1.0,  # and on the source tag's tokens
         # how the reader's answers with each candidate alone make one (evaluation/boundary.py

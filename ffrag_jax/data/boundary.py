@@ -179,27 +179,44 @@ def type_counts(questions: list[dict]) -> dict[str, int]:
     return {kind: sum(q["type"] == kind for q in questions) for kind in TYPES}
 
 
-def digests(facts: list[str], rate: float, size: int, rng: random.Random
-            ) -> tuple[list[str], dict[int, int]]:
-    """Long records over a base's ``facts``: ``round(rate * len(facts))`` of them (at least
-    ``size`` facts to make one), drawn without replacement and grouped ``size`` to a record in
-    a random order. Returns ``(records, member)``: the records' texts and, for each fact in
-    one, the index of its record.
+DIGEST_BY = ("random", "entity")  # how boundary.digest_by groups facts into records
+
+
+def digests(facts: list[str], rate: float, size: int, rng: random.Random,
+            groups: list[list[int]] | None = None) -> tuple[list[str], dict[int, int]]:
+    """Long records over a base's ``facts``. Without ``groups``: ``round(rate * len(facts))``
+    facts (whole records of ``size``), drawn without replacement and grouped ``size`` to a
+    record. With ``groups`` (lists of fact indices, e.g. every fact of one entity: a case
+    file): ``round(rate * len(groups))`` of them, each a record, its facts in a random
+    order. Returns ``(records, member)``: the records' texts and, for each fact in one, the
+    index of its record.
 
     A record states its facts as plainly as the facts themselves, so a dataset marks it
     relevant to each of them; a reader with a short window sees only its first facts (the
     prompt cuts the passage's end) and must pick the asked one among several values. It is
     relevant and less useful: what a reranker learnt from the generator's preferences can
     tell apart and one learnt from relevance labels cannot (DPA-RAG's premise)."""
-    n = int(round(rate * len(facts))) // size * size
-    picked = rng.sample(range(len(facts)), n)
+    if groups is None:
+        n = int(round(rate * len(facts))) // size * size
+        picked = rng.sample(range(len(facts)), n)
+        chosen = [picked[start : start + size] for start in range(0, n, size)]
+    else:
+        chosen = [rng.sample(g, len(g)) for g in
+                  rng.sample(groups, int(round(rate * len(groups))))]
     records, member = [], {}
-    for start in range(0, n, size):
-        group = picked[start : start + size]
+    for group in chosen:
         for f in group:
             member[f] = len(records)
         records.append(" ".join(facts[f] for f in group))
     return records, member
+
+
+def _entity_groups(entity_of: dict[int, str]) -> list[list[int]]:
+    """The fact indices of each entity with two or more facts, in a fixed order."""
+    by_entity: dict[str, list[int]] = {}
+    for f, entity in sorted(entity_of.items()):
+        by_entity.setdefault(entity, []).append(f)
+    return [fs for _, fs in sorted(by_entity.items()) if len(fs) > 1]
 
 
 def _moved(i: int, case_len: int, grown: int, base: int, case_member: dict,
@@ -214,20 +231,38 @@ def _moved(i: int, case_len: int, grown: int, base: int, case_member: dict,
     return grown + s, grown + base + shared_member[s] if s in shared_member else -1
 
 
-def add_digests(shared: list[str], clients: list, rate: float, size: int, seed: int
-                ) -> None:
+def add_digests(shared: list[str], clients: list, rate: float, size: int, seed: int,
+                by: str = "random") -> None:
     """Appends :func:`digests` to the shared base and to each client's case base, in place,
     and points every question at them: its ``fact`` and ``case_fact`` indices are remapped
     (the shared base follows the longer case base) and ``digests`` lists the records holding
-    either. ``clients``: :class:`ffrag_jax.data.knowledge.Client` (``private``, ``train``,
-    ``test``)."""
+    either. ``by``: ``"random"`` (records of ``size`` facts) or ``"entity"`` (each record one
+    entity's facts in its base). ``clients``: :class:`ffrag_jax.data.knowledge.Client`
+    (``private``, ``train``, ``test``)."""
+    if by not in DIGEST_BY:
+        raise UserError(f"boundary.digest_by={by!r}; choose {' or '.join(DIGEST_BY)}")
     rng = random.Random(f"digests:{seed}")
-    shared_records, shared_member = digests(shared, rate, size, rng)
+    shared_entity, case_entity = {}, []  # fact index -> its entity (from the questions)
+    for client in clients:
+        mine, n = {}, len(client.private)
+        for q in (*client.train, *client.test):
+            for i in (q["fact"], q.get("case_fact", -1)):
+                if 0 <= i < n:
+                    mine[i] = q["entity"]
+                elif i >= n:
+                    shared_entity[i - n] = (client.domain, q["entity"])
+        case_entity.append(mine)
+
+    def groups(entity_of):
+        return None if by == "random" else _entity_groups(entity_of)
+
+    shared_records, shared_member = digests(shared, rate, size, rng, groups(shared_entity))
     base = len(shared)
     shared.extend(shared_records)
-    for client in clients:
+    for client, entity_of in zip(clients, case_entity, strict=True):
         case_len = len(client.private)
-        case_records, case_member = digests(client.private, rate, size, rng)
+        case_records, case_member = digests(client.private, rate, size, rng,
+                                            groups(entity_of))
         client.private.extend(case_records)
         grown = len(client.private)
         for q in (*client.train, *client.test):

@@ -92,6 +92,9 @@ def _boundary_knowledge(config: ConfigDict, domains: list[str]
     check_reading(b.get("reading", "top"))
     if b.get("digest_size", 1) < 1:
         raise UserError(f"boundary.digest_size must be at least 1, got {b.digest_size}")
+    if b.get("digest_by", "random") not in boundary.DIGEST_BY:
+        raise UserError(f"boundary.digest_by={b.digest_by!r}; choose "
+                        f"{' or '.join(boundary.DIGEST_BY)}")
     names = {domain: boundary._Names(domain, config.seed + 1000) for domain in sorted(set(domains))}
     shared: list[str] = []
     authority_questions: dict[str, list[dict]] = {}
@@ -116,7 +119,8 @@ def _boundary_knowledge(config: ConfigDict, domains: list[str]
                                              random.Random(f"split:{config.seed}:{k}"))
         clients.append(Client(f"{k}:{domain}", domain, case, train, test))
     if b.get("digest_rate"):
-        boundary.add_digests(shared, clients, b.digest_rate, b.digest_size, config.seed)
+        boundary.add_digests(shared, clients, b.digest_rate, b.digest_size, config.seed,
+                             b.get("digest_by", "random"))
     return shared, clients
 
 
