@@ -24,11 +24,13 @@ for seed in ${SEEDS:-0 1 2}; do
       *) echo "unknown arm $arm" >&2; exit 2 ;;
     esac
     name=$arm-$seed work=$work_root/$arm-$seed
-    rm -rf "$work"; mkdir -p "$out/$name"
+    mkdir -p "$out/$name"
     (
       start=$(date +%s)
       # shellcheck disable=SC2086  # EXTRA is a list of flags
-      timeout "$cap" python -m ffrag_jax.launch --config boundary --workdir "$work" \
+      # --overwrite: a fresh run; the launcher deletes only the files of an ffrag_jax run
+      # there and never touches a folder that is not one
+      timeout "$cap" python -m ffrag_jax.launch --config boundary --workdir "$work" --overwrite \
         --config.seed="$seed" --config.pretrain.seed="$seed" \
         --config.boundary.dual_task=False --config.rerank.enabled=True "${labels[@]}" \
         --config.boundary.pretrain_abstain_rate=0 --config.pretrain.steps=2400 \

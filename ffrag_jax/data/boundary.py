@@ -241,6 +241,8 @@ def add_digests(shared: list[str], clients: list, rate: float, size: int, seed: 
     (``private``, ``train``, ``test``)."""
     if by not in DIGEST_BY:
         raise UserError(f"boundary.digest_by={by!r}; choose {' or '.join(DIGEST_BY)}")
+    if size < 1:
+        raise UserError(f"boundary.digest_size must be at least 1, got {size}")
     rng = random.Random(f"digests:{seed}")
     shared_entity, case_entity = {}, []  # fact index -> its entity (from the questions)
     for client in clients:

@@ -90,11 +90,6 @@ def _boundary_knowledge(config: ConfigDict, domains: list[str]
         if b.get(name) is not None and not 0.0 <= b[name] <= 1.0:
             raise UserError(f"boundary.{name} must be in [0, 1], got {b[name]}")
     check_reading(b.get("reading", "top"))
-    if b.get("digest_size", 1) < 1:
-        raise UserError(f"boundary.digest_size must be at least 1, got {b.digest_size}")
-    if b.get("digest_by", "random") not in boundary.DIGEST_BY:
-        raise UserError(f"boundary.digest_by={b.digest_by!r}; choose "
-                        f"{' or '.join(boundary.DIGEST_BY)}")
     names = {domain: boundary._Names(domain, config.seed + 1000) for domain in sorted(set(domains))}
     shared: list[str] = []
     authority_questions: dict[str, list[dict]] = {}
