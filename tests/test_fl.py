@@ -104,6 +104,34 @@ def test_round_rejects_a_non_finite_client(params, strategy):
         np.testing.assert_allclose(got, want, atol=1e-6)
 
 
+def test_a_server_optimiser_round_rejects_a_non_finite_client(params):
+    """FedAdam through the jitted round: a client whose training diverges (its own learning
+    rate is NaN; clients start from the global adapter, so only its run can go bad) is left
+    out, and the server steps exactly as in the round where it had weight 0."""
+    template = lora.init(jax.random.key(0), params, ["q_proj", "v_proj"], 4, 8.0)
+    server = fl.init_server("fedadam", params, template, 3, 3, 4, jax.random.key(5))
+    masks, batches = jnp.ones((3, 4)), _batches(3, 3)
+    rngs, selected = jax.random.split(jax.random.key(3), 3), jnp.arange(3)
+    steps = jnp.asarray([2, 3, 2])  # client 1 is the one with 3 steps
+
+    @jax.jit  # one program for both runs: `poison` is traced
+    def run(weights, poison):
+        def optimizer(n):
+            return train.make_optimizer(jnp.where(poison & (n == 3), jnp.nan, 1e-2), n)
+        return fl_round.run_round(server, None, selected, weights, masks, batches, rngs, steps,
+                                  cfg=CFG, optimizer=optimizer, strategy="fedadam")
+
+    new, _, info = run(jnp.asarray([0.25, 0.5, 0.25]), jnp.asarray(True))
+    assert info["accepted"].tolist() == [True, False, True]
+    ref, _, _ = run(jnp.asarray([0.5, 0.0, 0.5]), jnp.asarray(False))
+    for got, want in zip(jax.tree.leaves(new), jax.tree.leaves(ref), strict=True):
+        assert np.all(np.isfinite(got))
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    assert int(new["server_opt"][0].count) == 1
+    assert not np.allclose(new["global"].weights["layers"]["self_attn"]["q_proj"]["b"],
+                           server["global"].weights["layers"]["self_attn"]["q_proj"]["b"])
+
+
 def test_round_with_every_client_rejected_keeps_the_state(params):
     template = lora.init(jax.random.key(0), params, ["q_proj"], 2, 4.0)
     server = fl.init_server("fedavg", params, template, 2, 2, 2, jax.random.key(5))

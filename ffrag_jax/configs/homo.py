@@ -3,7 +3,8 @@
 10 clients, every client rank 16 with alpha 32, targets q_proj/v_proj, dropout 0.05, AdamW
 lr 3e-4 without warmup and a linear decay to 0 over each client's own steps, grad clip 1.0,
 effective batch 128 from micro-batches of 16, cutoff 512 tokens, Alpaca prompts, FLoRA
-stacking (``fl.strategy``: stack, fedavg, zeropad or ff).
+stacking (``fl.strategy``: stack, fedavg, zeropad, ff, or a server optimiser or robust rule;
+see ``ffrag_jax.federated.strategies``).
 
 Real runs name a local HF Llama folder and the reference data layout:
 
@@ -62,8 +63,17 @@ def get_config() -> ConfigDict:
         num_clients=10,
         fraction=1.0,  # clients per round: max(int(fraction * N), 1)
         rounds=3,
-        strategy="stack",  # stack (FLoRA) | fedavg (FedIT) | zeropad (HetLoRA-style) | ff
+        # stack (FLoRA) | fedavg (FedIT) | zeropad (HetLoRA-style) | ff (FF-LoRA) | fedavgm |
+        # fedadam | fedyogi (server optimisers) | median | trimmed_mean (robust)
+        strategy="stack",
         fusion="add",  # ff only: add (W + G + P_k) | chain (reference's literal variant)
+        # The server-side settings of the strategies that have them (each takes its own).
+        server=ConfigDict(dict(
+            lr=1.0,  # fedavgm/fedadam/fedyogi: the server's step on (global - average)
+            momentum=0.9,  # fedavgm
+            b1=0.9, b2=0.99, tau=1e-3,  # fedadam/fedyogi (tau: their epsilon)
+            trim=0.2,  # trimmed_mean: the fraction dropped at each end, per coordinate
+        )),
         local_epochs=1.0,
         batch_size=128,  # effective batch per optimizer step
         micro_batch_size=16,

@@ -9,6 +9,9 @@ used by every job through :mod:`ffrag_jax.federated.strategies`.
   clients zero-padded to one rank, the HetLoRA-style ``zeropad``). This is not the average of
   the products.
 * :func:`fuse`: FF-LoRA's fusion of the global and a personal adapter, as one exact adapter.
+* :func:`coordinate_median` and :func:`trimmed_mean`: the robust rules (Yin et al., 2018),
+  coordinate by coordinate over the accepted clients of a batch, unweighted (a client's
+  example count is what a bad client would lie about).
 
 :func:`fedavg` and :func:`zeropad` take lists of clients of any ranks: the readable reference
 forms of the rules that tests check the jitted ones against.
@@ -92,6 +95,41 @@ def weighted_mean(clients: LoRA, weights: jax.Array) -> LoRA:
     """``sum_k w_k x_k`` leaf by leaf over a client batch ``[K, ...]`` (FedIT's average of
     ``a`` and of ``b``)."""
     return jax.tree.map(lambda x: jnp.tensordot(weights, x, axes=1), clients)
+
+
+def _sorted_accepted(x: jax.Array, accepted: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``x`` ``[K, ...]`` sorted along the client axis with the rejected clients last (as
+    ``+inf``), and the number of accepted clients (traced)."""
+    mask = accepted.reshape((-1,) + (1,) * (x.ndim - 1))
+    return jnp.sort(jnp.where(mask, x, jnp.inf), axis=0), jnp.sum(accepted.astype(jnp.int32))
+
+
+def coordinate_median(clients: LoRA, accepted: jax.Array) -> LoRA:
+    """The coordinate-wise median of the accepted clients ``[K, ...]`` (``accepted`` ``[K]``
+    bool; an even count averages the two middle values), leaf by leaf. Inside jit."""
+    def median(x):
+        s, n = _sorted_accepted(x, accepted)
+        lo, hi = jnp.maximum(n - 1, 0) // 2, n // 2
+        return (jnp.take(s, lo, axis=0) + jnp.take(s, hi, axis=0)) / 2
+
+    return jax.tree.map(median, clients)
+
+
+def trimmed_mean(clients: LoRA, accepted: jax.Array, fraction: float) -> LoRA:
+    """The coordinate-wise trimmed mean of the accepted clients ``[K, ...]``: of the ``n``
+    accepted values of a coordinate, the ``floor(fraction * n)`` largest and smallest are
+    dropped and the rest averaged (``fraction`` in ``[0, 0.5)``; scipy's ``trim_mean``)."""
+    if not 0 <= fraction < 0.5:
+        raise UserError(f"trimmed mean: fraction must be in [0, 0.5), got {fraction}")
+
+    def mean(x):
+        s, n = _sorted_accepted(x, accepted)
+        cut = jnp.floor(fraction * n).astype(jnp.int32)
+        i = jnp.arange(x.shape[0]).reshape((-1,) + (1,) * (x.ndim - 1))
+        kept = (i >= cut) & (i < n - cut)
+        return jnp.sum(jnp.where(kept, s, 0.0), axis=0) / jnp.maximum(n - 2 * cut, 1)
+
+    return jax.tree.map(mean, clients)
 
 
 def _same_scale(loras: Sequence[LoRA], what: str) -> float:

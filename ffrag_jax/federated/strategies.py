@@ -8,7 +8,12 @@ checkpoint restores into the same structure:
 * ``params``: the base weights (:class:`Stack` merges each round's stacked adapter into them);
 * ``global``: the carried global adapter (:class:`FedAvg`, :class:`ZeroPad`: rank ``R``, the
   largest client rank), or the last round's stacked one (:class:`FF`);
-* ``personal``: :class:`FF` only: every client's personal adapter, ``[N, ..., R]``.
+* ``personal``: :class:`FF` only: every client's personal adapter, ``[N, ..., R]``;
+* ``server_opt``: the server optimisers (:class:`FedAvgM`, :class:`FedAdam`,
+  :class:`FedYogi`) only: the optax state of the optimiser that steps the global adapter.
+
+Strategies with settings (a server learning rate, a trim fraction) read them from the
+``fl.server`` section (:func:`from_config`); each class declares the ones it uses as fields.
 
 Client adapters travel as a client batch: leaves ``[K, ...]``, every client zero-padded to
 ``R``. ``ranks`` (static client ranks), where a job gives them, lets stacking cut the padding
@@ -22,18 +27,21 @@ or a federation engine whose clients are other processes all call the same metho
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from ffrag_jax.errors import UserError
 from ffrag_jax.federated.aggregation import (
     client,
+    coordinate_median,
     fuse,
     stack_padded,
+    trimmed_mean,
     weighted_mean,
 )
 from ffrag_jax.models import lora
@@ -207,6 +215,125 @@ class ZeroPad(FedAvg):
         pass
 
 
+# --------------------------------------------------------------------------------------------
+# Robust aggregation and server optimisers: the global adapter of FedIT/zero-padding, combined
+# or stepped differently. Ranks are zero-padded as in ZeroPad.
+
+
+class Median(ZeroPad):
+    """The coordinate-wise median of the accepted clients' ``a`` and ``b`` (Yin et al., 2018):
+    one client, however far off, cannot move a coordinate past the other clients' values.
+    Unweighted: example counts are what a bad client would lie about."""
+
+    name = "median"
+    description = "coordinate-wise median of the clients' a and b (robust to a bad client)"
+
+    def aggregate(self, server, updated, weights, accepted, selected, ranks=None):
+        return {**server, "global": coordinate_median(updated, accepted)}
+
+
+def _check_range(key: str, value: float, low: float, high: float, *, closed_low: bool = True
+                 ) -> None:
+    ok = (value >= low if closed_low else value > low) and value < high
+    if not ok:
+        lower = "[" if closed_low else "("
+        raise UserError(f"fl.server.{key}={value!r}: must be in {lower}{low}, {high})")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrimmedMean(ZeroPad):
+    """The coordinate-wise trimmed mean (Yin et al., 2018): per coordinate, the ``trim``
+    fraction of largest and of smallest client values dropped, the rest averaged
+    (unweighted)."""
+
+    name = "trimmed_mean"
+    description = "coordinate-wise trimmed mean of a and b (fl.server.trim of each end dropped)"
+    trim: float = 0.2
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_range("trim", self.trim, 0.0, 0.5)
+
+    def aggregate(self, server, updated, weights, accepted, selected, ranks=None):
+        return {**server, "global": trimmed_mean(updated, accepted, self.trim)}
+
+
+@dataclasses.dataclass(frozen=True)
+class FedOpt(ZeroPad):
+    """Adaptive federated optimisation (Reddi et al., 2021): the server treats ``global -
+    mean(clients)`` (the FedIT average) as a gradient and steps the global adapter with an
+    optax optimiser (:meth:`transform`) whose state it keeps across rounds. With ``lr=1`` and
+    no momentum it is FedIT."""
+
+    lr: float = 1.0  # the server's learning rate (fl.server.lr), not the clients'
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_range("lr", self.lr, 0.0, float("inf"), closed_low=False)
+
+    def transform(self) -> optax.GradientTransformation:
+        raise NotImplementedError
+
+    def init_server(self, params, *, start=None, personal=None, per_round=1, ranks=None):
+        return {"params": params, "global": start, "server_opt": self.transform().init(start)}
+
+    def aggregate(self, server, updated, weights, accepted, selected, ranks=None):
+        current = server["global"]
+        pseudo_grad = jax.tree.map(jnp.subtract, current, weighted_mean(updated, weights))
+        step, opt = self.transform().update(pseudo_grad, server["server_opt"], current)
+        return {**server, "global": optax.apply_updates(current, step), "server_opt": opt}
+
+
+@dataclasses.dataclass(frozen=True)
+class FedAvgM(FedOpt):
+    """FedAvgM (Hsu et al., 2019): server momentum, ``v = momentum v + g``, ``x -= lr v``
+    (``optax.sgd``)."""
+
+    name = "fedavgm"
+    description = "FedAvgM: server momentum on the FedIT average (fl.server.lr, .momentum)"
+    momentum: float = 0.9
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_range("momentum", self.momentum, 0.0, 1.0)
+
+    def transform(self):
+        return optax.sgd(self.lr, self.momentum or None)
+
+
+@dataclasses.dataclass(frozen=True)
+class FedAdam(FedOpt):
+    """FedAdam (Reddi et al., 2021): Adam on the server, ``tau`` its epsilon
+    (``optax.adam``, bias-corrected moments)."""
+
+    name = "fedadam"
+    description = "FedAdam: Adam on the server (fl.server.lr, .b1, .b2, .tau)"
+    b1: float = 0.9
+    b2: float = 0.99
+    tau: float = 1e-3
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_range("b1", self.b1, 0.0, 1.0)
+        _check_range("b2", self.b2, 0.0, 1.0)
+        _check_range("tau", self.tau, 0.0, float("inf"), closed_low=False)
+
+    def transform(self):
+        return optax.adam(self.lr, self.b1, self.b2, eps=self.tau)
+
+
+@dataclasses.dataclass(frozen=True)
+class FedYogi(FedAdam):
+    """FedYogi (Reddi et al., 2021): Yogi's additive second moment, ``v -= (1 - b2) g^2
+    sign(v - g^2)``, which grows more slowly than Adam's (``optax.yogi``)."""
+
+    name = "fedyogi"
+    description = "FedYogi: Yogi on the server (fl.server.lr, .b1, .b2, .tau)"
+
+    def transform(self):
+        return optax.yogi(self.lr, self.b1, self.b2, eps=self.tau)
+
+
 class FF(Strategy):
     """FF-LoRA: every client keeps a personal adapter; the server stacks them (FLoRA, exact)
     into the next round's frozen global adapter, which clients fuse with their own (``add``:
@@ -261,17 +388,37 @@ class FF(Strategy):
         return adapter_bytes(template, rank), adapter_bytes(template, global_rank)
 
 
-REGISTRY: dict[str, type[Strategy]] = {cls.name: cls for cls in (Stack, FedAvg, ZeroPad, FF)}
+REGISTRY: dict[str, type[Strategy]] = {cls.name: cls for cls in (
+    Stack, FedAvg, ZeroPad, FF, FedAvgM, FedAdam, FedYogi, Median, TrimmedMean)}
+
+# fl.server: the settings of the strategies that have any (each class takes the ones it uses)
+SERVER_KEYS = ("lr", "momentum", "b1", "b2", "tau", "trim")
 
 
 def get(name: str, fusion: str = "add", *, allowed: Sequence[type[Strategy]] | None = None,
-        job: str | None = None) -> Strategy:
+        job: str | None = None, settings: Mapping | None = None) -> Strategy:
     """The strategy called ``name`` (``fl.strategy``); a UserError naming it and the valid
-    ones otherwise (``allowed``: the classes a job runs, ``job`` its name for the message)."""
+    ones otherwise (``allowed``: the classes a job runs, ``job`` its name for the message).
+    ``settings``: ``fl.server`` values; each strategy takes the ones it declares."""
     options = {cls.name: cls for cls in (allowed or REGISTRY.values())}
     if name not in options:
         if job:
             raise UserError(f"fl.strategy={name!r}; {job} runs {' or '.join(options)}")
         raise UserError(f"fl.strategy={name!r}; choose one of {', '.join(options)} ("
                         + "; ".join(f"{n}: {c.description}" for n, c in options.items()) + ")")
-    return options[name](fusion)
+    cls = options[name]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(fusion=fusion, **{k: v for k, v in (settings or {}).items() if k in fields})
+
+
+def from_config(fl, *, allowed: Sequence[type[Strategy]] | None = None,
+                job: str | None = None) -> Strategy:
+    """The strategy of a config's ``fl`` section: ``fl.strategy``, ``fl.fusion`` and the
+    ``fl.server`` settings (an unknown key there is an error naming it)."""
+    settings = dict(fl.get("server") or {})
+    unknown = sorted(set(settings) - set(SERVER_KEYS))
+    if unknown:
+        raise UserError(f"unknown key fl.server.{unknown[0]}; fl.server keys: "
+                        f"{', '.join(SERVER_KEYS)}")
+    return get(fl.strategy, fl.get("fusion", "add"), allowed=allowed, job=job,
+               settings=settings)

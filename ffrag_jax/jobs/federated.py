@@ -97,7 +97,7 @@ def clients_per_round(fl: ConfigDict) -> int:
 def validate(config: ConfigDict, mesh: jax.sharding.Mesh) -> None:
     """Every check of the federated job that needs only the config and the mesh."""
     fl, d = config.fl, config.data
-    strategy = strategies.get(fl.strategy, fl.fusion)
+    strategy = strategies.from_config(fl)
     if fl.rounds <= 0:
         raise UserError(f"fl.rounds must be positive, got {fl.rounds}")
     if fl.num_clients < 1:
@@ -134,7 +134,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     """Runs the federated job in ``workdir``; returns the summary it writes."""
     started = time.perf_counter()
     fl, d = config.fl, config.data
-    strategy = strategies.get(fl.strategy, fl.fusion)
+    strategy = strategies.from_config(fl)
     adapters = LoRASection.read(config, "generator")
     ranks = adapters.client_ranks(fl.num_clients)
     max_rank = max(ranks)

@@ -88,7 +88,7 @@ def merged(model: tuple[dict, lora.LoRA | None]) -> dict:
 
 
 def strategy_of(config: ConfigDict) -> strategies.Strategy:
-    return strategies.get(config.fl.strategy, allowed=STRATEGIES, job="the FF-RAG job")
+    return strategies.from_config(config.fl, allowed=STRATEGIES, job="the FF-RAG job")
 
 
 def validate(config: ConfigDict, mesh: jax.sharding.Mesh) -> None:
