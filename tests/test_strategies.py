@@ -5,6 +5,7 @@ checkpointed with the round."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from ml_collections import ConfigDict
 
@@ -132,8 +133,8 @@ def test_server_optimiser_state_survives_a_checkpoint(tmp_path):
     assert int(nxt_resumed["server_opt"][0].count) == 2
 
 
-def test_strategies_read_their_settings_from_fl_server():
-    fl = ConfigDict(dict(strategy="fedadam", fusion="add", server=ConfigDict(dict(
+def test_strategies_read_their_settings_from_fl_settings():
+    fl = ConfigDict(dict(strategy="fedadam", fusion="add", settings=ConfigDict(dict(
         lr=0.05, momentum=0.9, b1=0.8, b2=0.95, tau=1e-4, trim=0.1))))
     opt = strategies.from_config(fl)
     assert (type(opt), opt.lr, opt.b1, opt.b2, opt.tau) == (strategies.FedAdam, 0.05, 0.8,
@@ -142,14 +143,85 @@ def test_strategies_read_their_settings_from_fl_server():
     assert strategies.from_config(fl).trim == 0.1
     fl.strategy = "fedavg"  # no settings of its own: the section is not its business
     assert type(strategies.from_config(fl)) is strategies.FedAvg
-    fl.server.lr_typo = 1.0
-    with pytest.raises(UserError, match=r"unknown key fl.server.lr_typo; fl.server keys: lr,"):
+    fl.settings.lr_typo = 1.0
+    with pytest.raises(UserError, match=r"unknown key fl.settings.lr_typo; fl.settings keys: lr,"):
         strategies.from_config(fl)
     for name, key, value in (("fedadam", "lr", 0.0), ("fedavgm", "momentum", 1.0),
                              ("fedyogi", "b2", 1.5), ("trimmed_mean", "trim", 0.5),
                              ("fedadam", "tau", -1.0)):
-        with pytest.raises(UserError, match=rf"^fl.server.{key}={value!r}: must be in"):
+        with pytest.raises(UserError, match=rf"^fl.settings.{key}={value!r}: must be in"):
             strategies.get(name, settings={key: value})
     # Zero-padded like zeropad: heterogeneous ranks are fine.
     for name in ("fedavgm", "fedadam", "fedyogi", "median", "trimmed_mean"):
         strategies.get(name).check([8, 4])
+
+
+# --------------------------------------------------------------------------------------------
+# Strategies that change local training: FedProx, FFA-LoRA, FedSA-LoRA
+
+
+def _sgd_steps(tx, w0, grads):
+    """``w`` after plain gradient steps of ``tx`` from ``w0`` with the given gradients."""
+    w = {"w": jnp.asarray(w0)}
+    state = tx.init(w)
+    for g in grads:
+        updates, state = tx.update({"w": jnp.asarray(g)}, state, w)
+        w = optax.apply_updates(w, updates)
+    return float(w["w"])
+
+
+def test_fedprox_adds_the_proximal_gradient_by_hand():
+    # lr 0.1, mu 0.2, gradient 0.5 twice from w0 = 1: step 1 has no pull (w = w0), w = 0.95;
+    # step 2's gradient is 0.5 + 0.2 (0.95 - 1) = 0.49, w = 0.95 - 0.049 = 0.901.
+    prox = strategies.get("fedprox", settings={"mu": 0.2})
+    tx = prox.client_optimizer(lambda num_steps: optax.sgd(0.1))(2)  # a factory, as jobs pass
+    assert _sgd_steps(tx, 1.0, [0.5, 0.5]) == pytest.approx(0.901, abs=1e-7)
+    assert _sgd_steps(strategies.get("fedavg").client_optimizer(optax.sgd(0.1)), 1.0,
+                      [0.5, 0.5]) == pytest.approx(0.9, abs=1e-7)
+    with pytest.raises(UserError, match=r"^fl.settings.mu=-1.0: must be in"):
+        strategies.get("fedprox", settings={"mu": -1.0})
+
+
+def test_ffa_never_moves_a_and_averages_b_exactly():
+    ffa = strategies.get("ffa")
+    start = _adapter([[0.3], [-0.7]], [[0.0, 0.0]])
+    tx = ffa.client_optimizer(optax.adamw(0.1, weight_decay=0.1))
+    lo, state = start, tx.init(start)
+    for _ in range(3):
+        grads = jax.tree.map(jnp.ones_like, lo)
+        updates, state = tx.update(grads, state, lo)
+        lo = optax.apply_updates(lo, updates)
+    np.testing.assert_array_equal(_a(lo), _a(start))  # bit for bit, weight decay included
+    assert not np.allclose(lo.weights["layer"]["q_proj"]["b"], 0.0)
+    # Clients share a, so averaging b averages the products: a_0 (0.25 b_1 + 0.75 b_2).
+    clients = _adapter([[[0.3], [-0.7]]] * 2, [[[1.0, 2.0]], [[3.0, -2.0]]])
+    server = ffa.aggregate({"params": {}, "global": start}, clients, jnp.asarray([0.25, 0.75]),
+                           jnp.asarray([True, True]), jnp.arange(2))
+    new = server["global"]
+    np.testing.assert_array_equal(_a(new), _a(start))
+    np.testing.assert_allclose(new.weights["layer"]["q_proj"]["b"], [[2.5, -1.0]])
+    up, down = ffa.payload_bytes(start, 1, 1)
+    assert up == down == 2 * 4  # b alone: rank 1 x 2 outputs, float32
+
+
+def test_fedsa_shares_a_and_keeps_each_clients_b():
+    fedsa = strategies.get("fedsa")
+    personal = _adapter([[[1.0], [1.0]], [[5.0], [5.0]], [[9.0], [9.0]]],
+                        [[[0.0, 0.0]]] * 3)  # 3 clients; client 0's a is everyone's start
+    server = fedsa.init_server({}, personal=personal)
+    start = fedsa.client_start(server, jnp.asarray([1, 2]), None)
+    np.testing.assert_array_equal(np.asarray(start.weights["layer"]["q_proj"]["a"]),
+                                  [[[1.0], [1.0]]] * 2)
+    # Clients 1 and 2 trained; client 2 was rejected (zeroed, weight 0).
+    updated = _adapter([[[2.0], [4.0]], [[0.0], [0.0]]], [[[1.0, -1.0]], [[0.0, 0.0]]])
+    server = fedsa.aggregate(server, updated, jnp.asarray([1.0, 0.0]),
+                             jnp.asarray([True, False]), jnp.asarray([1, 2]))
+    np.testing.assert_allclose(_a(server["global"]), [[2.0], [4.0]])
+    for k, b in ((0, [[0.0, 0.0]]), (1, [[1.0, -1.0]]), (2, [[0.0, 0.0]])):
+        own = fedsa.client_adapter(server, k)
+        np.testing.assert_allclose(_a(own), [[2.0], [4.0]])  # the shared a
+        np.testing.assert_allclose(own.weights["layer"]["q_proj"]["b"], b)  # its own b
+        jax.tree.map(np.testing.assert_array_equal, fedsa.fused_adapter(server, k), own)
+    assert fedsa.payload_bytes(_adapter([[0.0], [0.0]], [[0.0, 0.0]]), 1, 1) == (8, 8)
+    with pytest.raises(UserError, match="one rank for all clients"):
+        fedsa.check([4, 2])

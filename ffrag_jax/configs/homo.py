@@ -64,15 +64,17 @@ def get_config() -> ConfigDict:
         fraction=1.0,  # clients per round: max(int(fraction * N), 1)
         rounds=3,
         # stack (FLoRA) | fedavg (FedIT) | zeropad (HetLoRA-style) | ff (FF-LoRA) | fedavgm |
-        # fedadam | fedyogi (server optimisers) | median | trimmed_mean (robust)
+        # fedadam | fedyogi (server optimisers) | median | trimmed_mean (robust) | fedprox |
+        # ffa (FFA-LoRA: a frozen) | fedsa (FedSA-LoRA: a shared, b personal)
         strategy="stack",
         fusion="add",  # ff only: add (W + G + P_k) | chain (reference's literal variant)
-        # The server-side settings of the strategies that have them (each takes its own).
-        server=ConfigDict(dict(
+        # The settings of the strategies that have any (each takes its own).
+        settings=ConfigDict(dict(
             lr=1.0,  # fedavgm/fedadam/fedyogi: the server's step on (global - average)
             momentum=0.9,  # fedavgm
             b1=0.9, b2=0.99, tau=1e-3,  # fedadam/fedyogi (tau: their epsilon)
             trim=0.2,  # trimmed_mean: the fraction dropped at each end, per coordinate
+            mu=0.01,  # fedprox: the weight of the proximal term
         )),
         local_epochs=1.0,
         batch_size=128,  # effective batch per optimizer step

@@ -52,6 +52,7 @@ def run_round(
     ``accepted`` ``[K]`` and the per-step client metrics ``[K, S]``."""
     if isinstance(strategy, str):
         strategy = strategies.get(strategy)
+    optimizer = strategy.client_optimizer(optimizer)
     start = strategy.client_start(server, selected, fresh)
     params, chain_global = strategy.round_params(server, fusion or strategy.fusion)
     updated, metrics = update_clients(

@@ -13,7 +13,7 @@ checkpoint restores into the same structure:
   :class:`FedYogi`) only: the optax state of the optimiser that steps the global adapter.
 
 Strategies with settings (a server learning rate, a trim fraction) read them from the
-``fl.server`` section (:func:`from_config`); each class declares the ones it uses as fields.
+``fl.settings`` section (:func:`from_config`); each class declares the ones it uses as fields.
 
 Client adapters travel as a client batch: leaves ``[K, ...]``, every client zero-padded to
 ``R``. ``ranks`` (static client ranks), where a job gives them, lets stacking cut the padding
@@ -36,6 +36,7 @@ import numpy as np
 import optax
 
 from ffrag_jax.errors import UserError
+from ffrag_jax.federated import client_rules
 from ffrag_jax.federated.aggregation import (
     client,
     coordinate_median,
@@ -59,6 +60,24 @@ def adapter_bytes(template: LoRA, rank: int) -> int:
         layers = int(np.prod(a.shape[:-2]))
         total += layers * rank * (a.shape[-2] + ab["b"].shape[-1]) * a.dtype.itemsize
     return total
+
+
+def a_bytes(template: LoRA, rank: int) -> int:
+    """Bytes of the ``a`` factors alone of an adapter at ``rank`` (``r in`` per module and
+    layer): what strategies that share only ``a`` send."""
+    total = 0
+    for ab in module_weights(template.weights).values():
+        a = ab["a"]
+        total += int(np.prod(a.shape[:-2])) * rank * a.shape[-2] * a.dtype.itemsize
+    return total
+
+
+def _with_a(lo: LoRA, a_from: LoRA) -> LoRA:
+    """``lo`` with its ``a`` factors taken from ``a_from`` (same tree; ``a_from`` may lack
+    the leading client axis: it is broadcast)."""
+    def pick(path, x, y):
+        return jnp.broadcast_to(y, x.shape) if getattr(path[-1], "key", None) == "a" else x
+    return jax.tree_util.tree_map_with_path(pick, lo, a_from)
 
 
 def _broadcast(tree, count: int):
@@ -109,6 +128,11 @@ class Strategy:
         """Each selected client's starting adapter ``[K, ...]`` (``fresh``: new adapters,
         for strategies that start from them)."""
         raise NotImplementedError
+
+    def client_optimizer(self, optimizer):
+        """The clients' optimizer (an optax transformation or a factory of one) with what
+        this strategy changes in local training (:mod:`~ffrag_jax.federated.client_rules`)."""
+        return optimizer
 
     def training_fusion(self, has_global: bool) -> str:
         """How clients see the global adapter this round."""
@@ -237,7 +261,7 @@ def _check_range(key: str, value: float, low: float, high: float, *, closed_low:
     ok = (value >= low if closed_low else value > low) and value < high
     if not ok:
         lower = "[" if closed_low else "("
-        raise UserError(f"fl.server.{key}={value!r}: must be in {lower}{low}, {high})")
+        raise UserError(f"fl.settings.{key}={value!r}: must be in {lower}{low}, {high})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,7 +271,7 @@ class TrimmedMean(ZeroPad):
     (unweighted)."""
 
     name = "trimmed_mean"
-    description = "coordinate-wise trimmed mean of a and b (fl.server.trim of each end dropped)"
+    description = "coordinate-wise trimmed mean of a and b (fl.settings.trim of each end dropped)"
     trim: float = 0.2
 
     def __post_init__(self):
@@ -265,7 +289,7 @@ class FedOpt(ZeroPad):
     optax optimiser (:meth:`transform`) whose state it keeps across rounds. With ``lr=1`` and
     no momentum it is FedIT."""
 
-    lr: float = 1.0  # the server's learning rate (fl.server.lr), not the clients'
+    lr: float = 1.0  # the server's learning rate (fl.settings.lr), not the clients'
 
     def __post_init__(self):
         super().__post_init__()
@@ -290,7 +314,7 @@ class FedAvgM(FedOpt):
     (``optax.sgd``)."""
 
     name = "fedavgm"
-    description = "FedAvgM: server momentum on the FedIT average (fl.server.lr, .momentum)"
+    description = "FedAvgM: server momentum on the FedIT average (fl.settings.lr, .momentum)"
     momentum: float = 0.9
 
     def __post_init__(self):
@@ -307,7 +331,7 @@ class FedAdam(FedOpt):
     (``optax.adam``, bias-corrected moments)."""
 
     name = "fedadam"
-    description = "FedAdam: Adam on the server (fl.server.lr, .b1, .b2, .tau)"
+    description = "FedAdam: Adam on the server (fl.settings.lr, .b1, .b2, .tau)"
     b1: float = 0.9
     b2: float = 0.99
     tau: float = 1e-3
@@ -328,7 +352,7 @@ class FedYogi(FedAdam):
     sign(v - g^2)``, which grows more slowly than Adam's (``optax.yogi``)."""
 
     name = "fedyogi"
-    description = "FedYogi: Yogi on the server (fl.server.lr, .b1, .b2, .tau)"
+    description = "FedYogi: Yogi on the server (fl.settings.lr, .b1, .b2, .tau)"
 
     def transform(self):
         return optax.yogi(self.lr, self.b1, self.b2, eps=self.tau)
@@ -388,18 +412,104 @@ class FF(Strategy):
         return adapter_bytes(template, rank), adapter_bytes(template, global_rank)
 
 
-REGISTRY: dict[str, type[Strategy]] = {cls.name: cls for cls in (
-    Stack, FedAvg, ZeroPad, FF, FedAvgM, FedAdam, FedYogi, Median, TrimmedMean)}
+# --------------------------------------------------------------------------------------------
+# Strategies that change the clients' training (client_rules)
 
-# fl.server: the settings of the strategies that have any (each class takes the ones it uses)
-SERVER_KEYS = ("lr", "momentum", "b1", "b2", "tau", "trim")
+
+@dataclasses.dataclass(frozen=True)
+class FedProx(ZeroPad):
+    """FedProx (Li et al., 2020): clients minimise their loss plus ``mu/2 ||w - w_start||^2``,
+    which keeps a client with much data or many steps near the global adapter; the server
+    averages like FedIT (ranks zero-padded)."""
+
+    name = "fedprox"
+    description = "FedProx: mu/2 ||w - global||^2 added in local training (fl.settings.mu)"
+    mu: float = 0.01
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_range("mu", self.mu, 0.0, float("inf"))
+
+    def client_optimizer(self, optimizer):
+        return client_rules.wrap(
+            optimizer, lambda tx: optax.chain(client_rules.proximal(self.mu), tx))
+
+
+class FFA(FedAvg):
+    """FFA-LoRA (Sun et al., 2024): every ``a`` stays the random one the global adapter
+    started with; clients train ``b`` alone, so each client's product is ``a_0 b_k`` and the
+    average of the ``b``s gives exactly the average of the products. Only ``b`` travels."""
+
+    name = "ffa"
+    description = "FFA-LoRA: a frozen at its shared random start, b trained and averaged (exact)"
+
+    def client_optimizer(self, optimizer):
+        return client_rules.wrap(optimizer, client_rules.freeze_a)
+
+    def aggregate(self, server, updated, weights, accepted, selected, ranks=None):
+        # The server's a, not the average of the clients' (equal) copies: sum_k w_k a is a
+        # only up to rounding.
+        return {**server, "global": _with_a(weighted_mean(updated, weights), server["global"])}
+
+    def payload_bytes(self, template, rank, global_rank):
+        b = adapter_bytes(template, rank) - a_bytes(template, rank)
+        return b, b
+
+
+class FedSA(Strategy):
+    """FedSA-LoRA (Guo et al., 2025): the ``a`` factors (what clients have in common) are
+    averaged and shared; every client keeps its own ``b`` (what is its own). A client's model
+    is ``(a_global, b_k)``; the global model pairs ``a_global`` with the round's average
+    ``b``. One rank for all clients; only ``a`` travels."""
+
+    name = "fedsa"
+    description = "FedSA-LoRA: a averaged and shared, b personal to each client"
+    personalised = True
+
+    def check(self, ranks, template=None):
+        FedAvg.check(self, ranks, template)
+
+    def init_server(self, params, *, start=None, personal=None, per_round=1, ranks=None):
+        # Client 0's random a is everyone's start (b starts at zero for all).
+        return {"params": params, "personal": personal, "global": client(personal, 0)}
+
+    def client_start(self, server, selected, fresh):
+        return _with_a(client(server["personal"], selected), server["global"])
+
+    def aggregate(self, server, updated, weights, accepted, selected, ranks=None):
+        def put(every, upd):  # a rejected client keeps its previous b
+            mask = accepted.reshape((-1,) + (1,) * (upd.ndim - 1))
+            return every.at[selected].set(jnp.where(mask, upd, every[selected]))
+
+        return {**server, "personal": jax.tree.map(put, server["personal"], updated),
+                "global": weighted_mean(updated, weights)}
+
+    def personal_base(self, server):
+        return server["params"], None
+
+    def client_adapter(self, server, k, chain_global=None):
+        return _with_a(client(server["personal"], k), server["global"])
+
+    def fused_adapter(self, server, k):
+        return self.client_adapter(server, k)
+
+    def payload_bytes(self, template, rank, global_rank):
+        return a_bytes(template, rank), a_bytes(template, rank)
+
+
+REGISTRY: dict[str, type[Strategy]] = {cls.name: cls for cls in (
+    Stack, FedAvg, ZeroPad, FF, FedAvgM, FedAdam, FedYogi, Median, TrimmedMean, FedProx, FFA,
+    FedSA)}
+
+# fl.settings: the settings of the strategies that have any (each class takes the ones it uses)
+SETTINGS_KEYS = ("lr", "momentum", "b1", "b2", "tau", "trim", "mu")
 
 
 def get(name: str, fusion: str = "add", *, allowed: Sequence[type[Strategy]] | None = None,
         job: str | None = None, settings: Mapping | None = None) -> Strategy:
     """The strategy called ``name`` (``fl.strategy``); a UserError naming it and the valid
     ones otherwise (``allowed``: the classes a job runs, ``job`` its name for the message).
-    ``settings``: ``fl.server`` values; each strategy takes the ones it declares."""
+    ``settings``: ``fl.settings`` values; each strategy takes the ones it declares."""
     options = {cls.name: cls for cls in (allowed or REGISTRY.values())}
     if name not in options:
         if job:
@@ -414,11 +524,11 @@ def get(name: str, fusion: str = "add", *, allowed: Sequence[type[Strategy]] | N
 def from_config(fl, *, allowed: Sequence[type[Strategy]] | None = None,
                 job: str | None = None) -> Strategy:
     """The strategy of a config's ``fl`` section: ``fl.strategy``, ``fl.fusion`` and the
-    ``fl.server`` settings (an unknown key there is an error naming it)."""
-    settings = dict(fl.get("server") or {})
-    unknown = sorted(set(settings) - set(SERVER_KEYS))
+    ``fl.settings`` settings (an unknown key there is an error naming it)."""
+    settings = dict(fl.get("settings") or {})
+    unknown = sorted(set(settings) - set(SETTINGS_KEYS))
     if unknown:
-        raise UserError(f"unknown key fl.server.{unknown[0]}; fl.server keys: "
-                        f"{', '.join(SERVER_KEYS)}")
+        raise UserError(f"unknown key fl.settings.{unknown[0]}; fl.settings keys: "
+                        f"{', '.join(SETTINGS_KEYS)}")
     return get(fl.strategy, fl.get("fusion", "add"), allowed=allowed, job=job,
                settings=settings)
