@@ -48,3 +48,45 @@ def test_codec_errors_bytes_and_jit():
         compression.get("int4")
     with pytest.raises(UserError, match=r"^fl.payload_block=0: must be a positive integer"):
         compression.get("int8", block=0)
+
+
+def _lora(a, b):
+    from ffrag_jax.models.lora import LoRA
+    return LoRA({"layer": {"q_proj": {"a": jnp.asarray(a, jnp.float32),
+                                      "b": jnp.asarray(b, jnp.float32)}}}, scale=1.0)
+
+
+def test_strategies_compute_with_what_travels():
+    from ffrag_jax.federated import aggregation, strategies
+
+    int8 = compression.get("int8", block=2)
+    rng = np.random.default_rng(1)
+    clients = _lora(rng.normal(size=(2, 3, 2)), rng.normal(size=(2, 2, 3)))  # 2 clients, r 2
+    weights, accepted, selected = jnp.asarray([0.3, 0.7]), jnp.asarray([True, True]), \
+        jnp.arange(2)
+    fedavg = strategies.get("fedavg", payload=int8)
+    start = _lora(rng.normal(size=(3, 2)), rng.normal(size=(2, 3)))
+    server = fedavg.server_update({"params": {}, "global": start}, clients, weights, accepted,
+                                  selected)
+    want = aggregation.weighted_mean(int8.roundtrip(clients), weights)  # what arrived, averaged
+    jax.tree.map(np.testing.assert_array_equal, server["global"], want)
+    assert not np.allclose(server["global"].weights["layer"]["q_proj"]["a"],
+                           aggregation.weighted_mean(clients, weights).weights["layer"][
+                               "q_proj"]["a"], rtol=0, atol=1e-7)
+    # Clients start from what they download.
+    got = fedavg.client_start(server, selected, None)
+    jax.tree.map(lambda g, w: np.testing.assert_array_equal(g[1], w), got,
+                 int8.roundtrip(server["global"]))
+    # FF-LoRA: each client keeps its own adapter as it trained it; the global one is the
+    # downloaded stack of what arrived.
+    ff = strategies.get("ff", payload=int8)
+    server = ff.server_update({"params": {}, "personal": clients, "global": None}, clients,
+                              weights, accepted, selected)
+    jax.tree.map(np.testing.assert_array_equal, server["personal"], clients)
+    stacked = aggregation.stack_padded(int8.roundtrip(clients), weights)
+    jax.tree.map(np.testing.assert_array_equal, server["global"], int8.roundtrip(stacked))
+    # Bytes: a rank-2 adapter of a 3x3 module is 6 + 6 values: 12 int8 and 6 scales of 2.
+    assert fedavg.payload_bytes(start, 2, 2) == (12 + 4 * 6, 12 + 4 * 6)
+    assert strategies.get("fedavg").payload_bytes(start, 2, 2) == (48, 48)
+    assert strategies.get("ffa", payload=compression.get("bf16")).payload_bytes(start, 2, 2) \
+        == (12, 12)  # b alone, 2 bytes a value

@@ -236,7 +236,8 @@ def test_strategies_are_chosen_once_by_name_and_bad_names_list_the_valid_ones():
         "Stack", "FedAvg", "ZeroPad", "FF"]
     assert strategies.get("ff", "chain").fusion == "chain"
     with pytest.raises(UserError, match=r"fl.strategy='flora'; choose one of stack, fedavg, "
-                                        r"zeropad, ff \(stack: FLoRA"):
+                                        r"zeropad, ff, fedavgm, fedadam, fedyogi, median, "
+                                        r"trimmed_mean, fedprox, ffa, fedsa \(stack: FLoRA"):
         strategies.get("flora")
     with pytest.raises(UserError, match="fl.strategy='zeropad'; the FF-RAG job runs ff or stack"):
         strategies.get("zeropad", allowed=(strategies.FF, strategies.Stack), job="the FF-RAG job")

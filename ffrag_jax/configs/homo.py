@@ -76,6 +76,10 @@ def get_config() -> ConfigDict:
             trim=0.2,  # trimmed_mean: the fraction dropped at each end, per coordinate
             mu=0.01,  # fedprox: the weight of the proximal term
         )),
+        # How adapters travel, both ways: fp32 | fp16 | bf16 | int8 (blockwise absmax, one
+        # float32 scale per payload_block values); the run computes with what is received.
+        payload="fp32",
+        payload_block=64,
         local_epochs=1.0,
         batch_size=128,  # effective batch per optimizer step
         micro_batch_size=16,

@@ -59,7 +59,7 @@ def run_round(
         start, masks, params, batches, rngs, cfg=cfg, optimizer=optimizer,
         num_steps=num_steps, chain_global=chain_global)
     safe, w, accepted = accept(updated, weights)
-    new = strategy.aggregate(server, safe, w, accepted, selected)
+    new = strategy.server_update(server, safe, w, accepted, selected)
     any_accepted = jnp.any(accepted)
     new = jax.tree.map(lambda n, o: jnp.where(any_accepted, n, o), new, server)
     return new, updated, {"accepted": accepted, **metrics}

@@ -36,7 +36,7 @@ import numpy as np
 import optax
 
 from ffrag_jax.errors import UserError
-from ffrag_jax.federated import client_rules
+from ffrag_jax.federated import client_rules, compression
 from ffrag_jax.federated.aggregation import (
     client,
     coordinate_median,
@@ -51,24 +51,21 @@ from ffrag_jax.models.lora import LoRA, module_weights
 FUSIONS = ("add", "chain")
 
 
-def adapter_bytes(template: LoRA, rank: int) -> int:
-    """Bytes of an adapter with ``template``'s modules at ``rank`` (``r (in + out)`` per
-    module and layer)."""
+def _leaf_bytes(count: int, dtype, codec: compression.Codec | None) -> int:
+    return count * np.dtype(dtype).itemsize if codec is None else codec.value_bytes(count)
+
+
+def adapter_bytes(template: LoRA, rank: int, codec: compression.Codec | None = None,
+                  factors: tuple[str, ...] = ("a", "b")) -> int:
+    """Bytes of an adapter with ``template``'s modules at ``rank`` (``r in`` for ``a`` and
+    ``r out`` for ``b``, per module and layer), as ``codec`` sends them (None: the arrays'
+    own dtype); ``factors``: the factors that travel."""
     total = 0
     for ab in module_weights(template.weights).values():
         a = ab["a"]
         layers = int(np.prod(a.shape[:-2]))
-        total += layers * rank * (a.shape[-2] + ab["b"].shape[-1]) * a.dtype.itemsize
-    return total
-
-
-def a_bytes(template: LoRA, rank: int) -> int:
-    """Bytes of the ``a`` factors alone of an adapter at ``rank`` (``r in`` per module and
-    layer): what strategies that share only ``a`` send."""
-    total = 0
-    for ab in module_weights(template.weights).values():
-        a = ab["a"]
-        total += int(np.prod(a.shape[:-2])) * rank * a.shape[-2] * a.dtype.itemsize
+        sizes = {"a": layers * rank * a.shape[-2], "b": layers * rank * ab["b"].shape[-1]}
+        total += sum(_leaf_bytes(sizes[f], a.dtype, codec) for f in factors)
     return total
 
 
@@ -78,6 +75,15 @@ def _with_a(lo: LoRA, a_from: LoRA) -> LoRA:
     def pick(path, x, y):
         return jnp.broadcast_to(y, x.shape) if getattr(path[-1], "key", None) == "a" else x
     return jax.tree_util.tree_map_with_path(pick, lo, a_from)
+
+
+def _put(every: LoRA, updated: LoRA, accepted: jax.Array, selected: jax.Array) -> LoRA:
+    """``every`` ``[N, ...]`` with the selected clients' rows set to ``updated`` ``[K, ...]``;
+    a rejected client keeps its previous row."""
+    def put(old, upd):
+        mask = accepted.reshape((-1,) + (1,) * (upd.ndim - 1))
+        return old.at[selected].set(jnp.where(mask, upd, old[selected]))
+    return jax.tree.map(put, every, updated)
 
 
 def _broadcast(tree, count: int):
@@ -94,6 +100,9 @@ class Strategy:
     fresh_adapters: ClassVar[bool] = False  # clients start every round from new adapters
     changes_base: ClassVar[bool] = False  # aggregation merges into the base weights
     fusion: str = "add"
+    # How adapters travel (fl.payload): the server computes with what it would receive, and
+    # clients with what they would download.
+    payload: compression.Codec = compression.FP32()
 
     def __post_init__(self):
         if self.fusion not in FUSIONS:
@@ -143,12 +152,28 @@ class Strategy:
         adapter the trained one is chained through)."""
         return server["params"], None
 
-    def aggregate(self, server: dict, updated: LoRA, weights: jax.Array, accepted: jax.Array,
-                  selected: jax.Array, ranks: Sequence[int] | None = None) -> dict:
+    def server_update(self, server: dict, updated: LoRA, weights: jax.Array,
+                      accepted: jax.Array, selected: jax.Array,
+                      ranks: Sequence[int] | None = None) -> dict:
         """The next server state from the selected clients' trained adapters ``[K, ...]``
-        (rejected clients already zeroed) and their normalised weights ``[K]`` (0 for the
-        rejected; ``accepted`` ``[K]``)."""
+        as they trained them (rejected clients already zeroed), their normalised weights
+        ``[K]`` (0 for the rejected) and ``accepted`` ``[K]``: :meth:`aggregate` of what the
+        server receives (the payload codec's round trip), the clients' own adapters beside
+        it for strategies that keep them. What every job calls."""
+        return self.aggregate(server, self.payload.roundtrip(updated), weights, accepted,
+                              selected, ranks, local=updated)
+
+    def aggregate(self, server: dict, updated: LoRA, weights: jax.Array, accepted: jax.Array,
+                  selected: jax.Array, ranks: Sequence[int] | None = None, *,
+                  local: LoRA | None = None) -> dict:
+        """The strategy's rule: the next server state from the adapters ``[K, ...]`` the
+        server received (``local``: the clients' own, uncompressed, for strategies that keep
+        them; default ``updated``)."""
         raise NotImplementedError
+
+    def downloaded(self, tree):
+        """What clients compute with when the server sends ``tree``."""
+        return self.payload.roundtrip(tree)
 
     # -- models ---------------------------------------------------------------------------
 
@@ -175,9 +200,10 @@ class Strategy:
     # -- communication --------------------------------------------------------------------
 
     def payload_bytes(self, template: LoRA, rank: int, global_rank: int) -> tuple[int, int]:
-        """``(upload, download)`` bytes of one client in one round: the client's trained
-        adapter at its own rank up; the global adapter it starts from down."""
-        up = adapter_bytes(template, rank)
+        """``(upload, download)`` bytes of one client in one round (in :attr:`payload`'s
+        format): the client's trained adapter at its own rank up; the global adapter it
+        starts from down."""
+        up = adapter_bytes(template, rank, self.payload)
         return up, up
 
 
@@ -193,15 +219,18 @@ class Stack(Strategy):
     def client_start(self, server, selected, fresh):
         return fresh
 
-    def aggregate(self, server, updated, weights, accepted, selected, ranks=None):
-        stacked = stack_padded(updated, weights, ranks)
+    def aggregate(self, server, updated, weights, accepted, selected, ranks=None, *,
+                  local=None):
+        # Clients download the stacked adapter and merge it: the server merges the same.
+        stacked = self.downloaded(stack_padded(updated, weights, ranks))
         return {**server, "params": lora.merge(server["params"], stacked)}
 
     def global_model(self, server):
         return server["params"], None
 
     def payload_bytes(self, template, rank, global_rank):
-        return adapter_bytes(template, rank), adapter_bytes(template, global_rank)
+        return (adapter_bytes(template, rank, self.payload),
+                adapter_bytes(template, global_rank, self.payload))
 
 
 class FedAvg(Strategy):
@@ -221,9 +250,10 @@ class FedAvg(Strategy):
         return {"params": params, "global": start}
 
     def client_start(self, server, selected, fresh):
-        return _broadcast(server["global"], selected.shape[0])
+        return _broadcast(self.downloaded(server["global"]), selected.shape[0])
 
-    def aggregate(self, server, updated, weights, accepted, selected, ranks=None):
+    def aggregate(self, server, updated, weights, accepted, selected, ranks=None, *,
+                  local=None):
         return {**server, "global": weighted_mean(updated, weights)}
 
 
@@ -252,7 +282,8 @@ class Median(ZeroPad):
     name = "median"
     description = "coordinate-wise median of the clients' a and b (robust to a bad client)"
 
-    def aggregate(self, server, updated, weights, accepted, selected, ranks=None):
+    def aggregate(self, server, updated, weights, accepted, selected, ranks=None, *,
+                  local=None):
         return {**server, "global": coordinate_median(updated, accepted)}
 
 
@@ -278,7 +309,8 @@ class TrimmedMean(ZeroPad):
         super().__post_init__()
         _check_range("trim", self.trim, 0.0, 0.5)
 
-    def aggregate(self, server, updated, weights, accepted, selected, ranks=None):
+    def aggregate(self, server, updated, weights, accepted, selected, ranks=None, *,
+                  local=None):
         return {**server, "global": trimmed_mean(updated, accepted, self.trim)}
 
 
@@ -301,7 +333,8 @@ class FedOpt(ZeroPad):
     def init_server(self, params, *, start=None, personal=None, per_round=1, ranks=None):
         return {"params": params, "global": start, "server_opt": self.transform().init(start)}
 
-    def aggregate(self, server, updated, weights, accepted, selected, ranks=None):
+    def aggregate(self, server, updated, weights, accepted, selected, ranks=None, *,
+                  local=None):
         current = server["global"]
         pseudo_grad = jax.tree.map(jnp.subtract, current, weighted_mean(updated, weights))
         step, opt = self.transform().update(pseudo_grad, server["server_opt"], current)
@@ -390,13 +423,12 @@ class FF(Strategy):
             return lora.merge(server["params"], server["global"]), None
         return server["params"], server["global"]
 
-    def aggregate(self, server, updated, weights, accepted, selected, ranks=None):
-        def put(every, upd):  # a rejected client keeps its previous personal adapter
-            mask = accepted.reshape((-1,) + (1,) * (upd.ndim - 1))
-            return every.at[selected].set(jnp.where(mask, upd, every[selected]))
-
-        return {**server, "personal": jax.tree.map(put, server["personal"], updated),
-                "global": stack_padded(updated, weights, ranks)}
+    def aggregate(self, server, updated, weights, accepted, selected, ranks=None, *,
+                  local=None):
+        # Clients keep their own personal adapters; the global one is what they download.
+        return {**server, "personal": _put(server["personal"], updated if local is None
+                                           else local, accepted, selected),
+                "global": self.downloaded(stack_padded(updated, weights, ranks))}
 
     def personal_base(self, server):
         return self.round_params(server, self.fusion)
@@ -409,7 +441,8 @@ class FF(Strategy):
         return fuse(server["global"], client(server["personal"], k), self.fusion)
 
     def payload_bytes(self, template, rank, global_rank):
-        return adapter_bytes(template, rank), adapter_bytes(template, global_rank)
+        return (adapter_bytes(template, rank, self.payload),
+                adapter_bytes(template, global_rank, self.payload))
 
 
 # --------------------------------------------------------------------------------------------
@@ -446,13 +479,19 @@ class FFA(FedAvg):
     def client_optimizer(self, optimizer):
         return client_rules.wrap(optimizer, client_rules.freeze_a)
 
-    def aggregate(self, server, updated, weights, accepted, selected, ranks=None):
+    def client_start(self, server, selected, fresh):
+        # Only b travels; every client holds the fixed a already.
+        current = server["global"]
+        return _broadcast(_with_a(self.downloaded(current), current), selected.shape[0])
+
+    def aggregate(self, server, updated, weights, accepted, selected, ranks=None, *,
+                  local=None):
         # The server's a, not the average of the clients' (equal) copies: sum_k w_k a is a
         # only up to rounding.
         return {**server, "global": _with_a(weighted_mean(updated, weights), server["global"])}
 
     def payload_bytes(self, template, rank, global_rank):
-        b = adapter_bytes(template, rank) - a_bytes(template, rank)
+        b = adapter_bytes(template, rank, self.payload, factors=("b",))
         return b, b
 
 
@@ -474,15 +513,14 @@ class FedSA(Strategy):
         return {"params": params, "personal": personal, "global": client(personal, 0)}
 
     def client_start(self, server, selected, fresh):
-        return _with_a(client(server["personal"], selected), server["global"])
+        return _with_a(client(server["personal"], selected), self.downloaded(server["global"]))
 
-    def aggregate(self, server, updated, weights, accepted, selected, ranks=None):
-        def put(every, upd):  # a rejected client keeps its previous b
-            mask = accepted.reshape((-1,) + (1,) * (upd.ndim - 1))
-            return every.at[selected].set(jnp.where(mask, upd, every[selected]))
-
-        return {**server, "personal": jax.tree.map(put, server["personal"], updated),
-                "global": weighted_mean(updated, weights)}
+    def aggregate(self, server, updated, weights, accepted, selected, ranks=None, *,
+                  local=None):
+        # A rejected client keeps its previous b; the global a is what clients download.
+        own = updated if local is None else local
+        return {**server, "personal": _put(server["personal"], own, accepted, selected),
+                "global": self.downloaded(weighted_mean(updated, weights))}
 
     def personal_base(self, server):
         return server["params"], None
@@ -494,7 +532,8 @@ class FedSA(Strategy):
         return self.client_adapter(server, k)
 
     def payload_bytes(self, template, rank, global_rank):
-        return a_bytes(template, rank), a_bytes(template, rank)
+        a = adapter_bytes(template, rank, self.payload, factors=("a",))
+        return a, a
 
 
 REGISTRY: dict[str, type[Strategy]] = {cls.name: cls for cls in (
@@ -506,10 +545,12 @@ SETTINGS_KEYS = ("lr", "momentum", "b1", "b2", "tau", "trim", "mu")
 
 
 def get(name: str, fusion: str = "add", *, allowed: Sequence[type[Strategy]] | None = None,
-        job: str | None = None, settings: Mapping | None = None) -> Strategy:
+        job: str | None = None, settings: Mapping | None = None,
+        payload: compression.Codec | None = None) -> Strategy:
     """The strategy called ``name`` (``fl.strategy``); a UserError naming it and the valid
     ones otherwise (``allowed``: the classes a job runs, ``job`` its name for the message).
-    ``settings``: ``fl.settings`` values; each strategy takes the ones it declares."""
+    ``settings``: ``fl.settings`` values; each strategy takes the ones it declares;
+    ``payload``: how adapters travel (default: as they are)."""
     options = {cls.name: cls for cls in (allowed or REGISTRY.values())}
     if name not in options:
         if job:
@@ -518,17 +559,20 @@ def get(name: str, fusion: str = "add", *, allowed: Sequence[type[Strategy]] | N
                         + "; ".join(f"{n}: {c.description}" for n, c in options.items()) + ")")
     cls = options[name]
     fields = {f.name for f in dataclasses.fields(cls)}
-    return cls(fusion=fusion, **{k: v for k, v in (settings or {}).items() if k in fields})
+    return cls(fusion=fusion, payload=payload or compression.FP32(),
+               **{k: v for k, v in (settings or {}).items() if k in fields})
 
 
 def from_config(fl, *, allowed: Sequence[type[Strategy]] | None = None,
                 job: str | None = None) -> Strategy:
-    """The strategy of a config's ``fl`` section: ``fl.strategy``, ``fl.fusion`` and the
-    ``fl.settings`` settings (an unknown key there is an error naming it)."""
+    """The strategy of a config's ``fl`` section: ``fl.strategy``, ``fl.fusion``, the
+    ``fl.settings`` settings (an unknown key there is an error naming it) and the payload
+    codec (``fl.payload``, ``fl.payload_block``)."""
     settings = dict(fl.get("settings") or {})
     unknown = sorted(set(settings) - set(SETTINGS_KEYS))
     if unknown:
         raise UserError(f"unknown key fl.settings.{unknown[0]}; fl.settings keys: "
                         f"{', '.join(SETTINGS_KEYS)}")
+    payload = compression.get(fl.get("payload", "fp32"), fl.get("payload_block", 64))
     return get(fl.strategy, fl.get("fusion", "add"), allowed=allowed, job=job,
-               settings=settings)
+               settings=settings, payload=payload)

@@ -430,8 +430,8 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
                                start_reranker(k))
                 for k in range(len(clients))])
         return sharding.on_one_device({
-            name: strategy.aggregate(server[name], updated[name], weights,
-                                     np.ones(len(clients), bool), everyone, trees[name][1])
+            name: strategy.server_update(server[name], updated[name], weights,
+                                         np.ones(len(clients), bool), everyone, trees[name][1])
             for name in server}), {}
 
     def evaluate_round(info: StepInfo) -> None:
