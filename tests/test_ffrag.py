@@ -94,8 +94,9 @@ def test_ffrag_stack_strategy_merges_the_rounds_into_the_bases(tmp_path):
     assert (tmp_path / "run/export/query_encoder/modules.json").exists()
     assert not (tmp_path / "run/export/clients").exists()
     assert ask.main(["--workdir", str(tmp_path / "run"), "Who heard case Bo-12?"]) == 0
-    with pytest.raises(UserError, match="fl.strategy='fedavg'; the FF-RAG job runs ff or stack"):
+    with pytest.raises(UserError, match="fl.strategy='fedavg' needs one rank for all clients"):
         run_lib.run(load_config("demo", {**SMALL, "fl.strategy": "fedavg"}), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
     # Bad adapter settings are refused before pretraining: nothing is trained or checkpointed.
     with pytest.raises(UserError, match="LoRA target 'qproj' matches no module"):
         run_lib.run(load_config("demo", {**SMALL, "lora.generator.targets": "qproj"}),
@@ -104,6 +105,24 @@ def test_ffrag_stack_strategy_merges_the_rounds_into_the_bases(tmp_path):
         run_lib.run(load_config("demo", {**SMALL, "lora.retriever.targets": "keys"}),
                     tmp_path / "bad3")
     assert not (tmp_path / "bad2/checkpoints").exists()
+
+
+def test_ffrag_runs_a_server_optimiser_with_int8_payloads(tmp_path):
+    """A strategy beyond FF-LoRA and FLoRA in the FF-RAG job: FedAdam's global adapters (the
+    generator's zero-padded over ranks 4 and 2), the adapters sent as blockwise int8."""
+    from ffrag_jax.launch import load_config
+    from ffrag_jax.training import run as run_lib
+    from ffrag_jax.training.metrics import read_jsonl
+
+    summary = run_lib.run(load_config("demo", {
+        **SMALL, "fl.strategy": "fedadam", "fl.settings.lr": 0.01, "fl.payload": "int8",
+        "fl.rounds": 1, "fl.vmap_clients": True}), tmp_path / "run")
+    assert set(summary) == {"rounds", "base", "global", "wall_time_s"}
+    assert summary["rounds"] == 1 and np.isfinite(summary["global"]["recall@1"])
+    assert not (tmp_path / "run/export/clients").exists()  # not personalised
+    evals = {(r["round"], r["model"]) for r in read_jsonl(tmp_path / "run/metrics.jsonl")
+             if r["kind"] == "eval"}
+    assert evals == {(0, "base"), (1, "global")}
 
 
 def test_ask_cli_answers_with_sources(ffrag_run, tmp_path, capsys):

@@ -24,6 +24,18 @@ def tiny_llama() -> ConfigDict:
     ))
 
 
+def strategy_settings() -> ConfigDict:
+    """``fl.settings``: the settings of the federated strategies that have any (each takes its
+    own; ffrag_jax.federated.strategies.from_config)."""
+    return ConfigDict(dict(
+        lr=1.0,  # fedavgm/fedadam/fedyogi: the server's step on (global - average)
+        momentum=0.9,  # fedavgm
+        b1=0.9, b2=0.99, tau=1e-3,  # fedadam/fedyogi (tau: their epsilon)
+        trim=0.2,  # trimmed_mean: the fraction dropped at each end, per coordinate
+        mu=0.01,  # fedprox: the weight of the proximal term
+    ))
+
+
 def pretrain(steps: int = 800) -> ConfigDict:
     """Pretraining of the tiny model on a synthetic base domain (skipped with model.path or
     steps=0)."""

@@ -88,7 +88,13 @@ def get_config() -> ConfigDict:
         abstain_threshold=config_dict.placeholder(float),
     ))
     c.fl = ConfigDict(dict(
-        strategy="ff",  # ff: personal + stacked global adapters; stack: FLoRA, merged
+        # ff: personal + stacked global adapters; stack: FLoRA, merged; or any other of
+        # ffrag_jax.federated.strategies (fedavg, zeropad, fedadam, median, ffa, fedsa, ...)
+        strategy="ff",
+        settings=_common.strategy_settings(),  # lr, momentum, b1, b2, tau, trim, mu
+        # How adapters travel, both ways: fp32 | fp16 | bf16 | int8 (blockwise absmax)
+        payload="fp32",
+        payload_block=64,
         num_clients=4, rounds=3,
         # retriever_lr=0: the query encoder stays as it is (an off-the-shelf retriever, as
         # in DPA-RAG, where only the reranker learns the generator's preferences)

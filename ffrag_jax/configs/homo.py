@@ -68,14 +68,7 @@ def get_config() -> ConfigDict:
         # ffa (FFA-LoRA: a frozen) | fedsa (FedSA-LoRA: a shared, b personal)
         strategy="stack",
         fusion="add",  # ff only: add (W + G + P_k) | chain (reference's literal variant)
-        # The settings of the strategies that have any (each takes its own).
-        settings=ConfigDict(dict(
-            lr=1.0,  # fedavgm/fedadam/fedyogi: the server's step on (global - average)
-            momentum=0.9,  # fedavgm
-            b1=0.9, b2=0.99, tau=1e-3,  # fedadam/fedyogi (tau: their epsilon)
-            trim=0.2,  # trimmed_mean: the fraction dropped at each end, per coordinate
-            mu=0.01,  # fedprox: the weight of the proximal term
-        )),
+        settings=_common.strategy_settings(),  # lr, momentum, b1, b2, tau, trim, mu
         # How adapters travel, both ways: fp32 | fp16 | bf16 | int8 (blockwise absmax, one
         # float32 scale per payload_block values); the run computes with what is received.
         payload="fp32",

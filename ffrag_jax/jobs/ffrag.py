@@ -78,8 +78,6 @@ from ffrag_jax.training.metrics import open_log, plot_client_rounds, plot_traini
 from ffrag_jax.training.trainer import StepInfo, profiling
 from ffrag_jax.training.workdir import write_summary
 
-STRATEGIES = (strategies.FF, strategies.Stack)  # what this job runs (fl.strategy)
-
 
 def merged(model: tuple[dict, lora.LoRA | None]) -> dict:
     """The weights of a ``(params, adapter)`` model with its adapter merged in."""
@@ -88,7 +86,7 @@ def merged(model: tuple[dict, lora.LoRA | None]) -> dict:
 
 
 def strategy_of(config: ConfigDict) -> strategies.Strategy:
-    return strategies.from_config(config.fl, allowed=STRATEGIES, job="the FF-RAG job")
+    return strategies.from_config(config.fl)
 
 
 def validate(config: ConfigDict, mesh: jax.sharding.Mesh) -> None:
@@ -102,7 +100,7 @@ def validate(config: ConfigDict, mesh: jax.sharding.Mesh) -> None:
     if fl.vmap_clients and fl.num_clients % mesh.shape["clients"]:
         raise UserError(f"fl.num_clients={fl.num_clients} do not divide over the mesh's "
                         f"{mesh.shape['clients']} 'clients' devices (fl.vmap_clients)")
-    strategy_of(config)
+    strategy = strategy_of(config)
     gen_section = LoRASection.read(config, "generator")
     LoRASection.read(config, "retriever")
     if reranking(config) or pre_aligning(config):
@@ -110,6 +108,7 @@ def validate(config: ConfigDict, mesh: jax.sharding.Mesh) -> None:
     if reranking(config):
         LoRASection.read(config, "reranker")
     ranks = gen_section.client_ranks(fl.num_clients)
+    strategy.check(ranks)
     if min(r.k_private, r.k_shared) < 0 or r.k_private + r.k_shared == 0:
         raise UserError(f"rag.k_private={r.k_private} and rag.k_shared={r.k_shared}: "
                         "quotas must be >= 0 and retrieve at least one passage")
@@ -225,7 +224,17 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     if rr is not None:
         trees["reranker"] = (rr.params, rr_ranks)
     personal = new_adapters(0) if strategy.personalised else {}
-    server = {name: strategy.init_server(base, personal=personal.get(name), ranks=ranks,
+    start = {}
+    if not (strategy.personalised or strategy.fresh_adapters):  # one global adapter carried
+        start = {"generator": gen_section.init(jax.random.fold_in(rng, 9), params,
+                                               max(gen_ranks)),
+                 "retriever": ret_section.init(jax.random.fold_in(rng, 99), enc.params,
+                                               max(ret_ranks))}
+        if rr is not None:
+            start["reranker"] = rr_section.init(jax.random.fold_in(rng, 199), rr.params,
+                                                max(rr_ranks))
+    server = {name: strategy.init_server(base, start=start.get(name),
+                                         personal=personal.get(name), ranks=ranks,
                                          per_round=len(clients))
               for name, (base, ranks) in trees.items()}
     # Every client takes part in every round (FF-RAG's clients are few, and each keeps a
@@ -239,8 +248,11 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     done, server = driver.initial_state(sharding.on_one_device(server))
     loss_cfg = rag.RagLossConfig(weights=tuple((k, float(v)) for k, v in r.losses.items()),
                                  score_scale=r.score_scale, tau_lm=r.tau_lm)
-    opt_gen = train.make_optimizer(fl.lr, fl.local_steps, warmup_steps=0)
-    opt_ret = train.make_optimizer(fl.retriever_lr, fl.local_steps, warmup_steps=0)
+    # What the strategy changes in local training (FedProx's proximal term, FFA's frozen a).
+    opt_gen = strategy.client_optimizer(
+        train.make_optimizer(fl.lr, fl.local_steps, warmup_steps=0))
+    opt_ret = strategy.client_optimizer(
+        train.make_optimizer(fl.retriever_lr, fl.local_steps, warmup_steps=0))
 
     hint = f"lower fl.lr (now {fl.lr:g}) or fl.retriever_lr (now {fl.retriever_lr:g})"
     monitors = [health.Monitor(f"client {c.name}", hint) for c in clients]
@@ -267,7 +279,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         rngs = [jax.random.fold_in(rng, rnd * 100_000 + k * 1000 + 500 + step)
                 for step in range(config.rerank.local_steps)]
         adapter, steps = rerank_rounds.local_steps(config, reranker.lora, reranker, data, rngs,
-                                                   (rnd, k, 7))
+                                                   (rnd, k, 7), strategy.client_optimizer)
         for step, out in enumerate(steps, 1):
             if step % config.log_every == 0 or step == len(steps):
                 metrics.write(kind="train", phase="rerank", round=rnd, client=k, name=c.name,
@@ -326,6 +338,11 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         fresh = new_adapters(1000 * rnd) if strategy.fresh_adapters else {}
         starts = {name: strategy.client_start(srv, everyone, fresh.get(name))
                   for name, srv in server.items()}
+        # A client of rank r trains the first r components of a wider start (a carried
+        # global adapter; zero-padding's rule); its padding stays exactly zero.
+        starts["generator"] = federated.pad_and_stack(
+            [federated.unpad_rank(federated.client(starts["generator"], k), gen_ranks[k])
+             for k in range(len(clients))], max(gen_ranks))
         round_gen = strategy.round_params(server["generator"])[0]
         round_query = strategy.round_params(server["retriever"])[0]
         frozen = sharding.on_one_device({"generator": round_gen, "retriever": round_query})

@@ -155,12 +155,15 @@ def client_data(config, questions: Sequence[dict], domain: str, search, texts, l
 
 
 def local_steps(config, adapter, reranker: Reranker, data: ClientData, rngs,
-                seed: Sequence[int]) -> tuple[object, list[dict]]:
+                seed: Sequence[int], client_optimizer=None) -> tuple[object, list[dict]]:
     """``rerank.local_steps`` steps of the reranker's adapter on batches of
     ``rerank.batch_size`` queries drawn (with replacement only when fewer) from ``data``.
-    Returns the trained adapter and every step's metrics (host floats)."""
+    Returns the trained adapter and every step's metrics (host floats). ``client_optimizer``:
+    the federated strategy's change to the optimizer (``Strategy.client_optimizer``)."""
     r = config.rerank
     optimizer = train.make_optimizer(r.lr, r.local_steps, warmup_steps=0)
+    if client_optimizer is not None:
+        optimizer = client_optimizer(optimizer)
     state = train.init_train_state({"lora": adapter}, optimizer)
     n = data.batch["labels"].shape[0]
     pick_rng = np.random.default_rng([config.seed, *seed])
