@@ -42,7 +42,8 @@ def proximal(mu: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
-def _is_a(path) -> bool:
+def is_a(path) -> bool:
+    """Whether a pytree path (``jax.tree_util`` keys) ends at an ``a`` factor."""
     return getattr(path[-1], "key", None) == "a"
 
 
@@ -51,7 +52,7 @@ def freeze_a(optimizer: optax.GradientTransformation) -> optax.GradientTransform
     no optimizer state)."""
     def labels(params):
         return jax.tree_util.tree_map_with_path(
-            lambda path, _: "frozen" if _is_a(path) else "trained", params)
+            lambda path, _: "frozen" if is_a(path) else "trained", params)
 
     return optax.multi_transform({"trained": optimizer, "frozen": optax.set_to_zero()}, labels)
 

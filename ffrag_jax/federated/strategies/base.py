@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ffrag_jax.errors import UserError
-from ffrag_jax.federated import compression
+from ffrag_jax.federated import client_rules, compression
 from ffrag_jax.models.lora import LoRA, module_weights
 
 FUSIONS = ("add", "chain")
@@ -40,7 +40,7 @@ def _with_a(lo: LoRA, a_from: LoRA) -> LoRA:
     """``lo`` with its ``a`` factors taken from ``a_from`` (same tree; ``a_from`` may lack
     the leading client axis: it is broadcast)."""
     def pick(path, x, y):
-        return jnp.broadcast_to(y, x.shape) if getattr(path[-1], "key", None) == "a" else x
+        return jnp.broadcast_to(y, x.shape) if client_rules.is_a(path) else x
     return jax.tree_util.tree_map_with_path(pick, lo, a_from)
 
 
@@ -74,6 +74,9 @@ class Strategy:
     def __post_init__(self):
         if self.fusion not in FUSIONS:
             raise UserError(f"fl.fusion={self.fusion!r}; choose one of {', '.join(FUSIONS)}")
+        for f in dataclasses.fields(self):  # the fl.settings a strategy declares with setting()
+            if "range" in f.metadata:
+                _check_range(f.name, getattr(self, f.name), *f.metadata["range"])
 
     # -- checks ---------------------------------------------------------------------------
 
@@ -174,7 +177,13 @@ class Strategy:
         return up, up
 
 
-def _check_range(key: str, value: float, low: float, high: float, *, closed_low: bool = True
+def setting(default: float, low: float, high: float, closed_low: bool = True):
+    """A strategy's ``fl.settings`` field: ``default``, checked to lie in ``[low, high)``
+    (``(low, high)`` without ``closed_low``) when the strategy is made."""
+    return dataclasses.field(default=default, metadata={"range": (low, high, closed_low)})
+
+
+def _check_range(key: str, value: float, low: float, high: float, closed_low: bool = True
                  ) -> None:
     ok = (value >= low if closed_low else value > low) and value < high
     if not ok:

@@ -12,10 +12,10 @@ from ffrag_jax.federated.aggregation import client, weighted_mean
 from ffrag_jax.federated.strategies.base import (
     Strategy,
     _broadcast,
-    _check_range,
     _put,
     _with_a,
     adapter_bytes,
+    setting,
 )
 from ffrag_jax.federated.strategies.core import FedAvg, ZeroPad
 
@@ -28,11 +28,8 @@ class FedProx(ZeroPad):
 
     name = "fedprox"
     description = "FedProx: mu/2 ||w - global||^2 added in local training (fl.settings.mu)"
-    mu: float = 0.01
+    mu: float = setting(0.01, 0.0, float("inf"))
 
-    def __post_init__(self):
-        super().__post_init__()
-        _check_range("mu", self.mu, 0.0, float("inf"))
 
     def client_optimizer(self, optimizer):
         return client_rules.wrap(

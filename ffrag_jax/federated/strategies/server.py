@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from ffrag_jax.federated.aggregation import coordinate_median, trimmed_mean, weighted_mean
-from ffrag_jax.federated.strategies.base import _check_range
+from ffrag_jax.federated.strategies.base import setting
 from ffrag_jax.federated.strategies.core import ZeroPad
 
 
@@ -36,11 +36,8 @@ class TrimmedMean(ZeroPad):
 
     name = "trimmed_mean"
     description = "coordinate-wise trimmed mean of a and b (fl.settings.trim of each end dropped)"
-    trim: float = 0.2
+    trim: float = setting(0.2, 0.0, 0.5)
 
-    def __post_init__(self):
-        super().__post_init__()
-        _check_range("trim", self.trim, 0.0, 0.5)
 
     def aggregate(self, server, updated, weights, accepted, selected, ranks=None, *,
                   local=None):
@@ -54,11 +51,8 @@ class FedOpt(ZeroPad):
     optax optimiser (:meth:`transform`) whose state it keeps across rounds. With ``lr=1`` and
     no momentum it is FedIT."""
 
-    lr: float = 1.0  # the server's learning rate (fl.settings.lr), not the clients'
+    lr: float = setting(1.0, 0.0, float("inf"), closed_low=False)  # the server's (fl.settings.lr)
 
-    def __post_init__(self):
-        super().__post_init__()
-        _check_range("lr", self.lr, 0.0, float("inf"), closed_low=False)
 
     def transform(self) -> optax.GradientTransformation:
         raise NotImplementedError
@@ -81,11 +75,8 @@ class FedAvgM(FedOpt):
 
     name = "fedavgm"
     description = "FedAvgM: server momentum on the FedIT average (fl.settings.lr, .momentum)"
-    momentum: float = 0.9
+    momentum: float = setting(0.9, 0.0, 1.0)
 
-    def __post_init__(self):
-        super().__post_init__()
-        _check_range("momentum", self.momentum, 0.0, 1.0)
 
     def transform(self):
         return optax.sgd(self.lr, self.momentum or None)
@@ -98,15 +89,10 @@ class FedAdam(FedOpt):
 
     name = "fedadam"
     description = "FedAdam: Adam on the server (fl.settings.lr, .b1, .b2, .tau)"
-    b1: float = 0.9
-    b2: float = 0.99
-    tau: float = 1e-3
+    b1: float = setting(0.9, 0.0, 1.0)
+    b2: float = setting(0.99, 0.0, 1.0)
+    tau: float = setting(1e-3, 0.0, float("inf"), closed_low=False)  # Adam's epsilon
 
-    def __post_init__(self):
-        super().__post_init__()
-        _check_range("b1", self.b1, 0.0, 1.0)
-        _check_range("b2", self.b2, 0.0, 1.0)
-        _check_range("tau", self.tau, 0.0, float("inf"), closed_low=False)
 
     def transform(self):
         return optax.adam(self.lr, self.b1, self.b2, eps=self.tau)
