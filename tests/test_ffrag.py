@@ -120,9 +120,14 @@ def test_ffrag_runs_a_server_optimiser_with_int8_payloads(tmp_path):
     assert set(summary) == {"rounds", "base", "global", "wall_time_s"}
     assert summary["rounds"] == 1 and np.isfinite(summary["global"]["recall@1"])
     assert not (tmp_path / "run/export/clients").exists()  # not personalised
-    evals = {(r["round"], r["model"]) for r in read_jsonl(tmp_path / "run/metrics.jsonl")
-             if r["kind"] == "eval"}
-    assert evals == {(0, "base"), (1, "global")}
+    records = read_jsonl(tmp_path / "run/metrics.jsonl")
+    assert {(r["round"], r["model"]) for r in records if r["kind"] == "eval"} == {
+        (0, "base"), (1, "global")}
+    # Bytes each client sent and received, every adapter (generator, query encoder).
+    payload = [r for r in records if r["kind"] == "payload"]
+    assert [r["client"] for r in payload] == [0, 1]
+    assert payload[0]["upload_bytes"] == payload[0]["download_bytes"]  # FedIT: same adapter
+    assert payload[1]["upload_bytes"] < payload[0]["upload_bytes"]  # rank 2 against 4
 
 
 def test_ask_cli_answers_with_sources(ffrag_run, tmp_path, capsys):

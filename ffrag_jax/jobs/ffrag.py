@@ -446,6 +446,13 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
                                dataclasses.replace(enc, params=round_query, lora=new_ret[k]),
                                start_reranker(k))
                 for k in range(len(clients))])
+        for k, c in enumerate(clients):  # what each client sent and received this round
+            sizes = [strategy.payload_bytes(federated.client(updated[name], k), ranks[k],
+                                            0 if rnd == 1 else sum(ranks))
+                     for name, (_, ranks) in trees.items()]
+            metrics.write(kind="payload", round=rnd, client=k, name=c.name,
+                          upload_bytes=sum(u for u, _ in sizes),
+                          download_bytes=sum(d for _, d in sizes))
         return sharding.on_one_device({
             name: strategy.server_update(server[name], updated[name], weights,
                                          np.ones(len(clients), bool), everyone, trees[name][1])
