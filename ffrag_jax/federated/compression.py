@@ -60,7 +60,6 @@ class FP32(Codec):
     description = "the adapters as they are (4 bytes a value)"
 
 
-@dataclasses.dataclass(frozen=True)
 class Cast(Codec):
     """Half precision: every value cast to ``dtype`` and back."""
 
@@ -116,13 +115,10 @@ class Int8(Codec):
         return jax.tree.map(one, tree)
 
     def decode(self, payload, like):
-        leaves, treedef = jax.tree.flatten(like)
-        payloads = treedef.flatten_up_to(payload)
-        out = []
-        for p, x in zip(payloads, leaves, strict=True):
+        def one(x, p):  # like's leaves are prefixes of payload's {"q", "scale"} entries
             values = (p["q"].astype(jnp.float32) * p["scale"][:, None]).reshape(-1)
-            out.append(values[:x.size].reshape(x.shape).astype(x.dtype))
-        return jax.tree.unflatten(treedef, out)
+            return values[:x.size].reshape(x.shape).astype(x.dtype)
+        return jax.tree.map(one, like, payload)
 
     def value_bytes(self, count):
         return count + 4 * math.ceil(count / self.block)

@@ -66,6 +66,7 @@ class Strategy:
     personalised: ClassVar[bool] = False  # keeps one adapter per client across rounds
     fresh_adapters: ClassVar[bool] = False  # clients start every round from new adapters
     changes_base: ClassVar[bool] = False  # aggregation merges into the base weights
+    one_rank: ClassVar[bool] = False  # averages a and b: every client must have one rank
     fusion: str = "add"
     # How adapters travel (fl.payload): the server computes with what it would receive, and
     # clients with what they would download.
@@ -83,6 +84,12 @@ class Strategy:
     def check(self, ranks: Sequence[int], template: LoRA | None = None) -> None:
         """A UserError for client ranks (or an adapter ``template``, shapes only) that the
         strategy cannot aggregate."""
+        if self.one_rank and len(set(ranks)) > 1:
+            from ffrag_jax.federated.strategies import REGISTRY  # the package holds the list
+
+            others = [n for n, c in REGISTRY.items() if not c.one_rank]
+            raise UserError(f"fl.strategy={self.name!r} needs one rank for all clients; use "
+                            f"{', '.join(map(repr, others))} for heterogeneous ranks")
 
     # -- server state ---------------------------------------------------------------------
 

@@ -3,12 +3,9 @@ reference code."""
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import jax
 import jax.numpy as jnp
 
-from ffrag_jax.errors import UserError
 from ffrag_jax.federated.aggregation import client, fuse, stack_padded, weighted_mean
 from ffrag_jax.federated.strategies.base import Strategy, _broadcast, _put, adapter_bytes
 from ffrag_jax.models import lora
@@ -47,15 +44,7 @@ class FedAvg(Strategy):
     name = "fedavg"
     description = "FedIT: a global adapter, a and b averaged separately (equal ranks)"
 
-    one_rank: ClassVar[bool] = True  # a and b averaged: every client must have one rank
-
-    def check(self, ranks, template=None):
-        if self.one_rank and len(set(ranks)) > 1:
-            from ffrag_jax.federated.strategies import REGISTRY  # the package holds the list
-
-            others = [n for n, c in REGISTRY.items() if not getattr(c, "one_rank", False)]
-            raise UserError(f"fl.strategy={self.name!r} needs one rank for all clients; use "
-                            f"{', '.join(map(repr, others))} for heterogeneous ranks")
+    one_rank = True
 
     def init_server(self, params, *, start=None, personal=None, per_round=1, ranks=None):
         return {"params": params, "global": start}
@@ -78,8 +67,6 @@ class ZeroPad(FedAvg):
     one_rank = False  # padding is what it is for
 
 
-
-
 class FF(Strategy):
     """FF-LoRA: every client keeps a personal adapter; the server stacks them (FLoRA, exact)
     into the next round's frozen global adapter, which clients fuse with their own (``add``:
@@ -90,6 +77,7 @@ class FF(Strategy):
     personalised = True
 
     def check(self, ranks, template=None):
+        super().check(ranks, template)
         if self.fusion == "chain" and template is not None:
             lora.check_square(template)
 

@@ -30,7 +30,6 @@ class FedProx(ZeroPad):
     description = "FedProx: mu/2 ||w - global||^2 added in local training (fl.settings.mu)"
     mu: float = setting(0.01, 0.0, float("inf"))
 
-
     def client_optimizer(self, optimizer):
         return client_rules.wrap(
             optimizer, lambda tx: optax.chain(client_rules.proximal(self.mu), tx))
@@ -72,18 +71,15 @@ class FedSA(Strategy):
     name = "fedsa"
     description = "FedSA-LoRA: a averaged and shared, b personal to each client"
     personalised = True
-
     one_rank = True  # a averaged, b kept: one shape for every client
-
-    def check(self, ranks, template=None):
-        FedAvg.check(self, ranks, template)
 
     def init_server(self, params, *, start=None, personal=None, per_round=1, ranks=None):
         # Client 0's random a is everyone's start (b starts at zero for all).
         return {"params": params, "personal": personal, "global": client(personal, 0)}
 
     def client_start(self, server, selected, fresh):
-        return _with_a(client(server["personal"], selected), self.downloaded(server["global"]))
+        # server["global"] is already what clients downloaded (aggregate stores it so).
+        return _with_a(client(server["personal"], selected), server["global"])
 
     def aggregate(self, server, updated, weights, accepted, selected, ranks=None, *,
                   local=None):
