@@ -36,6 +36,21 @@ def strategy_settings() -> ConfigDict:
     ))
 
 
+def flower() -> ConfigDict:
+    """``fl.flower``: the Flower engine's settings (``fl.engine="flower"``)."""
+    return ConfigDict(dict(
+        # A round goes on with the clients that answered, if they are at least this fraction
+        # of the selected ones; a client that has not answered after round_timeout seconds is
+        # left out of the round.
+        min_fraction=0.5,
+        round_timeout=600.0,
+        connect_timeout=120.0,  # for all fl.num_clients SuperNodes to connect and answer
+        # Simulation runtime only: each virtual client's share of the machine (Ray).
+        client_cpus=1.0,
+        client_gpus=0.0,
+    ))
+
+
 def pretrain(steps: int = 800) -> ConfigDict:
     """Pretraining of the tiny model on a synthetic base domain (skipped with model.path or
     steps=0)."""

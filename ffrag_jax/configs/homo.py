@@ -73,6 +73,11 @@ def get_config() -> ConfigDict:
         # float32 scale per payload_block values); the run computes with what is received.
         payload="fp32",
         payload_block=64,
+        # local: every client in this process, a round one jitted program; flower: every
+        # client a Flower node that holds its own data (the simulation runtime from the
+        # launcher; launch/flower_local.sh for SuperLink and SuperNodes on real processes).
+        engine="local",
+        flower=_common.flower(),
         local_epochs=1.0,
         batch_size=128,  # effective batch per optimizer step
         micro_batch_size=16,

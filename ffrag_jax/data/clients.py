@@ -65,13 +65,16 @@ def held_out_split(config: ConfigDict, client: int, num_examples: int
                         seed=config.seed + client)
 
 
-def encode_clients(config, tokenizer, pairs) -> tuple[list[dict], list[dict]]:
-    """Per client ``(train, held_out)`` encoded arrays of its ``(prompts, responses)``, all
-    trimmed to one common length (the longest example, rounded up to 8, at most
+def encode_clients(config, tokenizer, pairs, ids: list[int] | None = None,
+                   width: int | None = None) -> tuple[list[dict], list[dict]]:
+    """Per client ``(train, held_out)`` encoded arrays of its ``(prompts, responses)``
+    (client ids ``ids``, default ``0..len-1``, seed the held-out split), all cut to ``width``
+    or else to one common length (the longest example, rounded up to 8, at most
     ``data.max_len``)."""
     d = config.data
+    ids = list(range(len(pairs))) if ids is None else ids
     train_sets, held_sets = [], []
-    for k, (prompts, responses) in enumerate(pairs):
+    for k, (prompts, responses) in zip(ids, pairs, strict=True):
         enc = (text.encode_pairs(tokenizer, prompts, responses, d.max_len,
                                  response_only=d.response_only) if prompts else None)
         tr, ho = held_out_split(config, k, len(prompts))
@@ -79,5 +82,5 @@ def encode_clients(config, tokenizer, pairs) -> tuple[list[dict], list[dict]]:
             out.append({key: v[idx] for key, v in enc.items()} if enc else
                        {key: np.zeros((0, d.max_len), np.int32) for key in
                         ("input_ids", "attention_mask", "loss_mask")})
-    trim = text.trim_padding(train_sets + held_sets, d.max_len)
+    trim = text.trim_padding(train_sets + held_sets, d.max_len, width=width)
     return trim[:len(pairs)], trim[len(pairs):]

@@ -94,15 +94,28 @@ def encode_pairs(
             "prompt_len": prompt_len}
 
 
-def trim_padding(sets: Sequence[dict[str, np.ndarray]], max_len: int, multiple: int = 8
-                 ) -> list[dict[str, np.ndarray]]:
-    """``sets`` of :func:`encode_pairs` arrays cut to one common width: the longest real
-    sequence among them rounded up to ``multiple``, at most ``max_len`` (so padding columns
-    that no example reaches cost no compute)."""
-    longest = max((int(s["attention_mask"].sum(1).max()) for s in sets
-                   if len(s["attention_mask"])), default=multiple)
-    width = min(max_len, -(-longest // multiple) * multiple)
+def trim_padding(sets: Sequence[dict[str, np.ndarray]], max_len: int, multiple: int = 8,
+                 width: int | None = None) -> list[dict[str, np.ndarray]]:
+    """``sets`` of :func:`encode_pairs` arrays cut to one common width: ``width``, or the
+    longest real sequence among them rounded up to ``multiple``, at most ``max_len`` (so
+    padding columns that no example reaches cost no compute)."""
+    if width is None:
+        width = common_width([longest(s) for s in sets], max_len, multiple)
     return [{k: v[:, :width] if v.ndim == 2 else v for k, v in s.items()} for s in sets]
+
+
+def longest(encoded: dict[str, np.ndarray]) -> int:
+    """The longest real sequence (attention mask ones) of :func:`encode_pairs` arrays, 0 for
+    none."""
+    mask = encoded["attention_mask"]
+    return int(mask.sum(1).max()) if len(mask) else 0
+
+
+def common_width(longests: Sequence[int], max_len: int, multiple: int = 8) -> int:
+    """The width :func:`trim_padding` cuts to, from the longest sequence of each set: what
+    federated clients agree on without showing each other their data."""
+    most = max((n for n in longests if n), default=multiple)
+    return min(max_len, -(-most // multiple) * multiple)
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], max_len: int) -> dict[str, np.ndarray]:

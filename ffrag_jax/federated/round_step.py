@@ -28,6 +28,44 @@ def accept(updated: LoRA, weights: jax.Array) -> tuple[LoRA, jax.Array, jax.Arra
     return zero_rejected(updated, accepted), w, accepted
 
 
+def train_clients(
+    server: dict,
+    fresh: LoRA | None,
+    selected: jax.Array,
+    masks: jax.Array,
+    batches: dict,
+    rngs: jax.Array,
+    num_steps: jax.Array,
+    *,
+    cfg,
+    optimizer,
+    strategy: strategies.Strategy,
+    fusion: str | None = None,
+) -> tuple[LoRA, dict]:
+    """The clients' half of a round: each selected client's start
+    (:meth:`~strategies.Strategy.client_start`) trained on its batches. Arguments as
+    :func:`run_round`; ``server`` may be a client's own view of the server state (the Flower
+    engine: one row, ``selected = [0]``). Returns ``(client adapters [K], per-step metrics
+    [K, S])``."""
+    optimizer = strategy.client_optimizer(optimizer)
+    start = strategy.client_start(server, selected, fresh)
+    params, chain_global = strategy.round_params(server, fusion or strategy.fusion)
+    return update_clients(start, masks, params, batches, rngs, cfg=cfg, optimizer=optimizer,
+                          num_steps=num_steps, chain_global=chain_global)
+
+
+def aggregate_clients(server: dict, updated: LoRA, selected: jax.Array, weights: jax.Array, *,
+                      strategy: strategies.Strategy) -> tuple[dict, jax.Array]:
+    """The server's half of a round: :func:`accept` the client adapters ``updated``
+    ``[K, ...]``, then the strategy's update; the state is left as it was when no client is
+    accepted. Returns ``(server, accepted [K])``."""
+    safe, w, accepted = accept(updated, weights)
+    new = strategy.server_update(server, safe, w, accepted, selected)
+    any_accepted = jnp.any(accepted)
+    new = jax.tree.map(lambda n, o: jnp.where(any_accepted, n, o), new, server)
+    return new, accepted
+
+
 def run_round(
     server: dict,
     fresh: LoRA | None,
@@ -52,14 +90,8 @@ def run_round(
     ``accepted`` ``[K]`` and the per-step client metrics ``[K, S]``."""
     if isinstance(strategy, str):
         strategy = strategies.get(strategy)
-    optimizer = strategy.client_optimizer(optimizer)
-    start = strategy.client_start(server, selected, fresh)
-    params, chain_global = strategy.round_params(server, fusion or strategy.fusion)
-    updated, metrics = update_clients(
-        start, masks, params, batches, rngs, cfg=cfg, optimizer=optimizer,
-        num_steps=num_steps, chain_global=chain_global)
-    safe, w, accepted = accept(updated, weights)
-    new = strategy.server_update(server, safe, w, accepted, selected)
-    any_accepted = jnp.any(accepted)
-    new = jax.tree.map(lambda n, o: jnp.where(any_accepted, n, o), new, server)
+    updated, metrics = train_clients(server, fresh, selected, masks, batches, rngs, num_steps,
+                                     cfg=cfg, optimizer=optimizer, strategy=strategy,
+                                     fusion=fusion)
+    new, accepted = aggregate_clients(server, updated, selected, weights, strategy=strategy)
     return new, updated, {"accepted": accepted, **metrics}

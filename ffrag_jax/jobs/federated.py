@@ -17,7 +17,6 @@ run: nothing of a round depends on host state other than the checkpoint.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import sys
 import time
@@ -27,24 +26,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
-from ffrag_jax import data, federated
+from ffrag_jax import federated
 from ffrag_jax.config_types import LoRASection
 from ffrag_jax.data import synthetic
-from ffrag_jax.data.clients import client_records, encode_clients, held_out_split, pairs_of
+from ffrag_jax.data.clients import client_records, pairs_of
 from ffrag_jax.errors import UserError
 from ffrag_jax.evaluation import mmlu
 from ffrag_jax.evaluation.rounds import (
-    eval_batches,
-    evaluate_round,
-    exact_match_round,
     exact_match_summary,
-    make_evaluator,
     mean,
 )
-from ffrag_jax.federated import round_step, strategies
+from ffrag_jax.federated import strategies
 from ffrag_jax.federated.driver import RoundDriver
 from ffrag_jax.federated.strategies import Strategy
 from ffrag_jax.jobs.base_model import (
@@ -52,26 +46,20 @@ from ffrag_jax.jobs.base_model import (
     model_config,
     pretrain,
     run_tokenizer,
+    tokenizer_path,
 )
+from ffrag_jax.jobs.lm_clients import LocalClients, client_data, new_adapter
 from ffrag_jax.models import hf, lora
 from ffrag_jax.models.llama import init_params
 from ffrag_jax.models.lora import LoRA
 from ffrag_jax.rag import prompts as rag_prompts
 from ffrag_jax.training import sharding
-from ffrag_jax.training import train as train_lib
 from ffrag_jax.training.metrics import open_log, plot_client_rounds, read_jsonl
 from ffrag_jax.training.trainer import StepInfo, profiling
 from ffrag_jax.training.workdir import write_summary
 
 # --------------------------------------------------------------------------------------------
 # The job
-
-
-def new_adapter(rng: jax.Array, params: dict, template: LoRA) -> LoRA:
-    """A freshly initialised adapter with ``template``'s targets, rank, scale and dropout."""
-    rank = max(template.ranks.values())
-    return lora.init(rng, params, template.targets, rank, template.scale * rank,
-                     dropout=template.dropout)
 
 
 def init_server(strategy: Strategy | str, params: dict, template: LoRA, num_clients: int,
@@ -112,6 +100,7 @@ def validate(config: ConfigDict, mesh: jax.sharding.Mesh) -> None:
     adapters = LoRASection.read(config, "generator")
     ranks = adapters.client_ranks(fl.num_clients)
     strategy.check(ranks)
+    check_engine(config)
     per_round = clients_per_round(fl)
     if per_round % mesh.shape["clients"]:
         raise UserError(f"{per_round} clients per round do not divide over the mesh's "
@@ -130,8 +119,38 @@ def validate(config: ConfigDict, mesh: jax.sharding.Mesh) -> None:
     strategy.check(ranks, template)
 
 
-def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
-    """Runs the federated job in ``workdir``; returns the summary it writes."""
+ENGINES = ("local", "flower")
+
+
+def check_engine(config: ConfigDict) -> None:
+    """``fl.engine``: local, or flower with Flower installed and a tokenizer that the server
+    can have without the clients' data."""
+    engine = config.fl.get("engine", "local")
+    if engine not in ENGINES:
+        raise UserError(f"fl.engine={engine!r}; choose one of {', '.join(ENGINES)}")
+    if engine != "flower":
+        return
+    try:
+        import flwr  # noqa: F401
+    except ImportError as e:
+        raise UserError("fl.engine=flower needs Flower: pip install -e \".[flower]\"") from e
+    if (not config.model.path and not tokenizer_path(config)
+            and config.data.source != "synthetic"):
+        raise UserError("fl.engine=flower: the server cannot train a tokenizer on the "
+                        "clients' data; give model.path or tokenizer.path")
+    if jax.process_count() > 1:
+        raise UserError("fl.engine=flower runs the server in one process; drop "
+                        "--num_processes (each Flower client may use its own devices)")
+
+
+def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh, grid=None) -> dict:
+    """Runs the federated job in ``workdir``; returns the summary it writes. ``grid``: the
+    Flower grid when this process is the Flower engine's server (``fl.engine="flower"``
+    without one starts Flower's simulation runtime, which calls back with its grid)."""
+    if config.fl.get("engine", "local") == "flower" and grid is None:
+        from ffrag_jax.federated.flower import simulation
+
+        return simulation.run(config, workdir, mesh)
     started = time.perf_counter()
     fl, d = config.fl, config.data
     strategy = strategies.from_config(fl)
@@ -151,7 +170,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         (rag_prompts.prompt(e) + rag_prompts.response(e) for e in base_examples)))
     cfg, params = model_config(config, tokenizer)
     rng = jax.random.key(config.seed)
-    init_rng, server_rng, round_rng = jax.random.split(rng, 3)
+    init_rng, server_rng, _ = jax.random.split(rng, 3)  # the third: lm_clients.round_inputs
     if params is None and pretraining:
         params = pretrain(config, cfg, tokenizer, base_examples, init_rng=init_rng,
                           rng=jax.random.fold_in(rng, 7), max_len=d.max_len,
@@ -163,38 +182,26 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     template = adapters.init(server_rng, params, max_rank)
     strategy.check(ranks, template)
 
-    train_sets, held_sets = encode_clients(config, tokenizer, pairs)
-    counts = [len(s["input_ids"]) for s in train_sets]
+    if grid is None:
+        clients = LocalClients(config, strategy, cfg, tokenizer,
+                               client_data(config, tokenizer, pairs, names), params, template,
+                               ranks, mesh)
+    else:  # the clients hold their data; the server sends them the base model once
+        from ffrag_jax.federated.flower.server import FlowerClients
+
+        del pairs, records
+        clients = FlowerClients(grid, config, strategy, cfg, tokenizer, params, template, ranks,
+                                workdir)
+    names, counts = clients.names, clients.counts
     logging.info("%d clients, training examples per client %s", len(counts), counts)
     if not any(counts):
-        raise UserError(f"no client has a training example ({sum(len(r) for r in records)} "
-                        f"records for fl.num_clients={fl.num_clients}, data.held_out="
-                        f"{d.held_out}); give the clients more data")
+        raise UserError(f"no client has a training example (fl.num_clients={fl.num_clients}, "
+                        f"data.held_out={d.held_out}); give the clients more data")
     for k in np.flatnonzero(np.asarray(counts) == 0):
         logging.warning("client %s has no training examples: it gets weight 0", names[k])
-    no_held = [names[k] for k, s in enumerate(held_sets) if len(s["input_ids"]) == 0]
-    if no_held:
-        logging.warning("client(s) %s have no held-out examples: their held-out metrics are "
-                        "left out of the curves and the summary", ", ".join(no_held))
-    grad_accum = fl.batch_size // fl.micro_batch_size
-    steps = [data.local_steps(n, fl.local_epochs, fl.batch_size) for n in counts]
-    max_steps = max(max(steps), 1)
     per_round = clients_per_round(fl)
-    held_batches = [eval_batches(s, config.eval.batch_size) for s in held_sets]
     mmlu_items = (mmlu.load(config.eval.mmlu_path, config.eval.mmlu_limit)
                   if config.eval.mmlu_path else None)  # a bad file stops the run here
-
-    def make_optimizer(num_steps):
-        return train_lib.make_optimizer(fl.lr, num_steps, weight_decay=fl.weight_decay,
-                                        max_grad_norm=fl.max_grad_norm)
-
-    @functools.partial(jax.jit, static_argnames="fusion")
-    def round_fn(server, *args, fusion):
-        # No donation: the previous state may still be in an asynchronous checkpoint save.
-        return round_step.run_round(server, *args, cfg=cfg, optimizer=make_optimizer,
-                                    strategy=strategy, fusion=fusion)
-
-    by_client = NamedSharding(mesh, PartitionSpec("clients"))
 
     server = sharding.shard(init_server(strategy, params, template, fl.num_clients,
                                         per_round, max_rank, server_rng), mesh)
@@ -204,47 +211,21 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
                          fraction=fl.fraction, profile=profiling(config, workdir))
     trainer = driver.trainer
     start, state = driver.initial_state(state)
-    evaluate = make_evaluator(cfg)
-    held_pairs = []
-    for k, (prompts, responses) in enumerate(pairs):
-        held = held_out_split(config, k, len(prompts))[1]
-        held_pairs.append(([prompts[i] for i in held], [responses[i] for i in held]))
     if start == 0:  # the base model, before any round (round 0 of the curves)
-        for rec in evaluate_round(strategy, state["server"], held_batches, names, evaluate,
-                                  base=True):
-            metrics.write(kind="eval", round=0, **rec)
-        if config.eval.exact_match:
-            for rec in exact_match_round(config, strategy, cfg, tokenizer, state["server"],
-                                         held_pairs, names, base=True):
-                metrics.write(kind="exact_match", round=0, **rec)
+        for rec in clients.evaluate(state["server"], 0, base=True):
+            metrics.write(round=0, **rec)
 
     clock = {"round_start": time.perf_counter()}
 
     def one_round(state, t: int, selected: list[int], weights: np.ndarray):
-        """The selected clients' batches, the jitted round; the clients' records."""
+        """The selected clients' round (one jitted program, or Flower messages); their
+        records."""
         clock["round_start"] = time.perf_counter()
-        trainer.within("building the clients' batches", 0, 2)
-        batches = [data.client_round_batches(train_sets[k], steps[k], max_steps,
-                                             fl.micro_batch_size, grad_accum,
-                                             seed=[config.seed, t, k]) for k in selected]
-        batches = {key: np.stack([b[key] for b in batches]) for key in batches[0]}
-        key = jax.random.fold_in(round_rng, t)
-        fresh = None
-        if strategy.fresh_adapters:
-            fresh = federated.stack_clients(
-                [new_adapter(jax.random.fold_in(key, k), params, template) for k in selected])
-        inputs = (fresh, np.asarray(selected), np.asarray(weights, np.float32),
-                  np.stack([federated.rank_mask(ranks[k], max_rank) for k in selected]),
-                  batches, jax.random.split(jax.random.fold_in(key, 10**6), len(selected)),
-                  np.asarray([steps[k] for k in selected], np.int32))
-        inputs = sharding.put(inputs, by_client)
         global_rank = int(state["global_rank"])
         fusion = strategy.training_fusion(has_global=global_rank > 0)
-        trainer.within(f"{len(selected)} clients training (one program)", 1, 2)
-        with jax.set_mesh(mesh):  # the model's activation hints (models.partitioning)
-            server, _, info = round_fn(state["server"], *inputs, fusion=fusion)
-        info = sharding.to_host(info)
-        trainer.within("evaluating", 2, 2)
+        trainer.within(f"{len(selected)} clients training", 0, 2)
+        server, info = clients.round(state["server"], t, selected, weights, fusion)
+        trainer.within("evaluating", 1, 2)
         accepted = [bool(a) for a in info["accepted"]]
         new_global_rank = sum(ranks[k] for k, ok in zip(selected, accepted, strict=True) if ok)
         state = {"server": server, "global_rank": jnp.asarray(
@@ -255,8 +236,9 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
             up, down = strategy.payload_bytes(template, ranks[k], global_rank)
             metrics.write(kind="client", round=t + 1, client=k, name=names[k],
                           steps=int(active.sum()), train_loss=loss, accepted=accepted[i],
-                          upload_bytes=up if accepted[i] else 0, download_bytes=down)
-            if not accepted[i] and weights[i] > 0:
+                          upload_bytes=up if accepted[i] else 0, download_bytes=down,
+                          **({"refused": info["refused"][k]} if k in info["refused"] else {}))
+            if not accepted[i] and weights[i] > 0 and k not in info["refused"]:
                 logging.warning("round %d: client %s sent a non-finite update; rejected",
                                 t + 1, names[k])
         return state, {"selected": selected}
@@ -264,14 +246,13 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     def after_round(info: StepInfo) -> None:
         """Held-out loss (and exact match, MMLU) of the round's models; the round record."""
         server, t = info.state["server"], info.step - 1
-        round_eval = evaluate_round(strategy, server, held_batches, names, evaluate)
-        for rec in round_eval:
-            metrics.write(kind="eval", round=t + 1, **rec)
+        records = clients.evaluate(server, t + 1)
+        for rec in records:
+            metrics.write(round=t + 1, **rec)
+        round_eval = [r for r in records if r["kind"] == "eval"]
         mean_global = mean([r["loss"] for r in round_eval if r["model"] == "global"])
-        if config.eval.exact_match:
-            em = exact_match_round(config, strategy, cfg, tokenizer, server, held_pairs, names)
-            for rec in em:
-                metrics.write(kind="exact_match", round=t + 1, **rec)
+        em = [r for r in records if r["kind"] == "exact_match"]
+        if em:
             logging.info("round %d: mean exact match %s", t + 1, {
                 m: round(mean([r["exact_match"] for r in em if r["model"] == m]), 3)
                 for m in ("global", "fused") if any(r["model"] == m for r in em)})
@@ -293,7 +274,10 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
                      t + 1, fl.rounds, info.out["selected"], mean_global, seconds)
 
     driver.add_hook(after_round)
-    state = driver.run(state, one_round, start)
+    try:
+        state = driver.run(state, one_round, start)
+    finally:
+        clients.close()
 
     server = state["server"]
     records = read_jsonl(metrics.path)

@@ -1,0 +1,227 @@
+"""The server side of the Flower engine for the federated LoRA job: the job's
+:class:`~ffrag_jax.jobs.lm_clients.Clients` over a Flower ``Grid``.
+
+The server holds the strategy's state (the same dict, the same checkpoints as the local
+engine) and never any client data. A round sends each selected client a ``train`` message
+and aggregates the adapters that come back with the same jitted function as the local
+engine (:func:`~ffrag_jax.federated.round_step.aggregate_clients`); then every client gets an
+``evaluate`` message with what changed and answers with its held-out metrics.
+
+Faults: a client that does not answer within ``fl.flower.round_timeout`` seconds, answers with
+an error, or sends an adapter with other paths, shapes or dtypes, or with non-zero components
+beyond its rank, is left out of the round (weight 0) and named in the log and in its
+``client`` record (``refused``); the round goes on if at least ``fl.flower.min_fraction`` of the
+selected clients answered. A client whose state is unknown (it missed a message, or the server
+restarted) gets the whole view in its next message.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flwr.app import ConfigRecord, Message, RecordDict
+
+from ffrag_jax import data, federated
+from ffrag_jax.data import text
+from ffrag_jax.errors import UserError
+from ffrag_jax.federated.flower import records
+from ffrag_jax.federated.flower.client import base_folder, view_of
+from ffrag_jax.jobs import lm_clients
+from ffrag_jax.models import hf
+from ffrag_jax.training import sharding
+
+
+class FlowerClients(lm_clients.Clients):
+    """The job's clients as Flower nodes reached through ``grid``."""
+
+    def __init__(self, grid, config, strategy, cfg, tokenizer, params, template, ranks,
+                 workdir):
+        self.grid, self.config, self.strategy = grid, config, strategy
+        self.template, self.ranks = sharding.to_host(template), ranks
+        self.flower = config.fl.flower
+        base = base_folder(workdir)
+        if not config.model.path:  # publish the tiny base model (a real one: every party has it)
+            hf.save_llama(base, cfg, sharding.to_host(params), tokenizer=tokenizer,
+                          overwrite=True)
+        self.run_meta = ConfigRecord({"config": records.config_to_json(config),
+                                      "fingerprint": records.fingerprint(config),
+                                      "base": str(base)})
+        self.aggregate_fn = lm_clients.make_aggregate_fn(strategy)
+        self.synced: dict[int, int] = {}  # client -> round of the view it holds (none: unknown)
+        self.last: dict = {}
+        self.connect()
+
+    # -- setup ----------------------------------------------------------------------------
+
+    def connect(self) -> None:
+        """Waits for ``fl.num_clients`` nodes, asks each its partition; sets ``nodes``
+        (client -> node id), ``names``, ``counts``, ``steps`` and the common ``width``."""
+        n, fl = self.config.fl.num_clients, self.config.fl
+        deadline = time.monotonic() + self.flower.connect_timeout
+        while len(list(self.grid.get_node_ids())) < n:
+            if time.monotonic() > deadline:
+                raise UserError(f"only {len(list(self.grid.get_node_ids()))} of "
+                                f"fl.num_clients={n} SuperNodes connected within "
+                                f"fl.flower.connect_timeout={self.flower.connect_timeout} s; "
+                                "are they started and pointed at this SuperLink?")
+            time.sleep(0.5)
+        node_ids = sorted(self.grid.get_node_ids())
+        replies = self._send([self._message(node, "query", {}) for node in node_ids],
+                             self.flower.connect_timeout)
+        self.nodes, info, problems = {}, {}, []
+        for node in node_ids:
+            reply = replies.get(node)
+            reason = self._reason(reply)
+            if reason:
+                problems.append(f"SuperNode {node}: {reason}")
+                continue
+            k = int(reply.content["info"]["partition"])
+            if k in self.nodes:
+                problems.append(f"SuperNodes {self.nodes[k]} and {node} both hold partition {k}")
+                continue
+            self.nodes[k] = node
+            info[k] = (reply.content["info"], str(reply.content["name"]["name"]))
+        missing = [k for k in range(n) if k not in self.nodes]
+        if missing:
+            raise UserError(f"client(s) {missing} have no SuperNode: "
+                            + "; ".join(problems or ["no node answered for them"]))
+        for p in problems:  # extra nodes that failed: not needed for this run
+            logging.warning("%s; left out", p)
+        self.names = [info[k][1] for k in range(n)]
+        self.counts = [int(info[k][0]["num_examples"]) for k in range(n)]
+        self.steps = [data.local_steps(c, fl.local_epochs, fl.batch_size) for c in self.counts]
+        self.max_steps = max(max(self.steps), 1)
+        self.width = text.common_width([int(info[k][0]["longest"]) for k in range(n)],
+                                       self.config.data.max_len)
+        logging.info("Flower: %d clients on nodes %s", n, [self.nodes[k] for k in range(n)])
+
+    # -- messages -------------------------------------------------------------------------
+
+    def _message(self, node: int, kind: str, task: dict, arrays: dict | None = None
+                 ) -> Message:
+        content = RecordDict({"run": self.run_meta, "task": ConfigRecord(task),
+                              **(arrays or {})})
+        return Message(content=content, dst_node_id=node, message_type=kind)
+
+    def _send(self, messages: list[Message], timeout: float) -> dict[int, Message]:
+        """The replies by sending node (absent: no answer within ``timeout`` seconds)."""
+        replies = self.grid.send_and_receive(messages, timeout=timeout)
+        return {r.metadata.src_node_id: r for r in replies}
+
+    @staticmethod
+    def _reason(reply: Message | None) -> str | None:
+        if reply is None:
+            return "no answer in time"
+        if reply.has_error():
+            return f"error: {reply.error.reason.splitlines()[0] if reply.error.reason else ''}"
+        if "error" in reply.content:
+            return str(reply.content["error"]["reason"])
+        return None
+
+    def _view_arrays(self, server: dict, k: int) -> dict:
+        """The whole view of client ``k`` (its base weights only when rounds change them)."""
+        view = view_of(self.strategy, sharding.to_host(server), k)
+        if not self.strategy.changes_base:
+            view = {key: v for key, v in view.items() if key != "params"}
+        return {"view": records.to_record(view)}
+
+    # -- a round --------------------------------------------------------------------------
+
+    def round(self, server, t, selected, weights, fusion):
+        task = {"round": t, "selected": list(selected), "max_steps": self.max_steps,
+                "width": self.width, "fusion": fusion}
+        messages = [self._message(self.nodes[k], "train", {**task, "index": i},
+                                  self._view_arrays(server, k) if self.synced.get(k) != t
+                                  else None)
+                    for i, k in enumerate(selected)]
+        replies = self._send(messages, self.flower.round_timeout)
+        row_like = jax.tree.map(np.asarray, self.template)
+        max_rank = max(self.ranks)
+        rows, losses, actives, refused = [], [], [], {}
+        for k in selected:
+            reply = replies.get(self.nodes[k])
+            reason = self._reason(reply)
+            row = None
+            if reason is None:
+                try:
+                    row = records.from_record(reply.content["update"], row_like,
+                                              who=f"client {k}")
+                    mask = np.asarray(federated.rank_mask(self.ranks[k], max_rank))
+                    masked = federated.apply_rank_mask(row, mask)
+                    if not all(np.array_equal(a, b, equal_nan=True) for a, b in
+                               zip(jax.tree.leaves(masked), jax.tree.leaves(row), strict=True)):
+                        raise records.RefusedUpdate(
+                            f"client {k} sent non-zero components beyond its rank "
+                            f"{self.ranks[k]}")
+                except records.RefusedUpdate as e:
+                    reason, row = str(e), None
+            if row is None:
+                refused[k] = reason
+                self.synced.pop(k, None)
+                logging.warning("round %d: client %d (%s) left out: %s", t + 1, k,
+                                self.names[k], reason)
+                rows.append(jax.tree.map(np.zeros_like, row_like))
+                losses.append(np.zeros(self.max_steps, np.float32))
+                actives.append(np.zeros(self.max_steps, np.int32))
+                continue
+            self.synced[k] = t
+            rows.append(row)
+            losses.append(np.asarray(reply.content["metrics"]["loss"], np.float32))
+            actives.append(np.asarray(reply.content["metrics"]["active"], np.int32))
+        answered = len(selected) - len(refused)
+        needed = math.ceil(self.flower.min_fraction * len(selected))
+        if answered < needed:
+            raise UserError(f"round {t + 1}: only {answered} of {len(selected)} clients "
+                            f"answered (fl.flower.min_fraction={self.flower.min_fraction}); "
+                            f"left out: {refused}")
+        updated = federated.stack_clients([jax.tree.map(jnp.asarray, r) for r in rows])
+        w = np.asarray([0.0 if k in refused else weights[i] for i, k in enumerate(selected)],
+                       np.float32)
+        new, accepted = self.aggregate_fn(server, updated, jnp.asarray(selected),
+                                          jnp.asarray(w))
+        accepted = np.asarray(accepted)
+        self.last = {"round": t, "selected": list(selected), "weights": w,
+                     "accepted": {k: bool(a) for k, a in zip(selected, accepted, strict=True)},
+                     "updated": updated}
+        return new, {"accepted": accepted, "loss": np.stack(losses),
+                     "active": np.stack(actives), "refused": refused}
+
+    def evaluate(self, server, t, *, base=False):
+        task = {"round": t, "base": base, "width": self.width}
+        messages = []
+        for k in range(len(self.names)):
+            own, arrays = dict(task), None
+            if base:
+                arrays = None if self.synced.get(k) == 0 else self._view_arrays(server, k)
+            elif self.synced.get(k) != t - 1 or self.last.get("round") != t - 1:
+                arrays = self._view_arrays(server, k)  # it missed something: the whole view
+            elif self.strategy.changes_base:  # it merges the round's adapters as we did
+                last = self.last
+                own.update(count=len(last["selected"]), selected=last["selected"],
+                           weights=[float(x) for x in last["weights"]])
+                arrays = {"received": records.to_record(sharding.to_host(last["updated"]))}
+            else:
+                own["accepted"] = self.last["accepted"].get(k, False)
+                if "global" in server:
+                    arrays = {"global": records.to_record(sharding.to_host(server["global"]))}
+            messages.append(self._message(self.nodes[k], "evaluate", own, arrays))
+        replies = self._send(messages, self.flower.round_timeout)
+        out = []
+        for k in range(len(self.names)):
+            reply = replies.get(self.nodes[k])
+            reason = self._reason(reply)
+            if reason:
+                self.synced.pop(k, None)
+                logging.warning("evaluation of round %d: client %d (%s) left out: %s", t, k,
+                                self.names[k], reason)
+                continue
+            self.synced[k] = t
+            out += json.loads(str(reply.content["records"]["json"]))
+        # As the local engine writes them: every client's loss, then every exact match.
+        return sorted(out, key=lambda r: (r["kind"] != "eval", r["client"]))
