@@ -29,6 +29,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -86,12 +87,11 @@ class ClientNode:
         self.ranks = adapters.client_ranks(fl.num_clients)
         server_rng = jax.random.split(jax.random.key(config.seed), 3)[1]
         self.template = adapters.init(server_rng, self.base, max(self.ranks))
-        shapes = jax.eval_shape(lambda: init_server(
-            self.strategy, self.base, self.template, fl.num_clients, clients_per_round(fl),
-            max(self.ranks), server_rng))
         # What crosses the wire and node state: the base weights only when rounds change
         # them (stacking); otherwise every party has them already.
-        self.view_like = view_of(self.strategy, shapes, 0)
+        self.view_like = jax.eval_shape(lambda: view_of(self.strategy, init_server(
+            self.strategy, self.base, self.template, fl.num_clients, clients_per_round(fl),
+            max(self.ranks), server_rng), 0))
         if not self.strategy.changes_base:
             del self.view_like["params"]
         names, recs, is_synthetic = client_records(config)
@@ -158,15 +158,22 @@ def _store(node: ClientNode, context: Context, view: dict, round_: int) -> None:
 
 
 def _error(msg: Message, e: Exception) -> Message:
-    return Message(RecordDict({"error": ConfigRecord({"reason": str(e).splitlines()[0]})}),
-                   reply_to=msg)
+    """The reply that tells the server why this node could not do what it asked (one line;
+    the node's log has the traceback of anything but a bad input)."""
+    if isinstance(e, (UserError, records.RefusedUpdate)):
+        reason = str(e)
+    else:
+        logging.exception("client failed on a %s message", msg.metadata.message_type)
+        reason = f"{type(e).__name__}: {e}"
+    return Message(RecordDict({"error": ConfigRecord(
+        {"reason": (reason.splitlines() or [""])[0]})}), reply_to=msg)
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     try:
         node = node_for(msg, context)
-    except UserError as e:
+    except Exception as e:  # the server gets the reason; the node goes on
         return _error(msg, e)
     held = "view_meta" in context.state
     return Message(RecordDict({
@@ -197,7 +204,7 @@ def train(msg: Message, context: Context) -> Message:
             view, None if fresh is None else one(fresh), jnp.zeros((1,), jnp.int32),
             mask[None], one(batches), rng[None], jnp.asarray([data.steps], jnp.int32),
             fusion=str(task["fusion"]))
-    except (UserError, records.RefusedUpdate) as e:
+    except Exception as e:  # the server gets the reason; the node goes on
         return _error(msg, e)
     row = jax.tree.map(lambda x: np.asarray(x[0]), updated)
     context.state["pending"] = records.to_record(row)
@@ -222,7 +229,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         out = lm_clients.evaluate_client(
             node.config, node.strategy, node.cfg, node.tokenizer, view,
             [node.data_at(int(task["width"]))], [node.k], node.evaluate_fn, base=base)
-    except (UserError, records.RefusedUpdate) as e:
+    except Exception as e:  # the server gets the reason; the node goes on
         return _error(msg, e)
     return Message(RecordDict({"records": ConfigRecord({"json": json.dumps(out)})}),
                    reply_to=msg)
