@@ -148,9 +148,11 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh, grid=None) -
     Flower grid when this process is the Flower engine's server (``fl.engine="flower"``
     without one starts Flower's simulation runtime, which calls back with its grid)."""
     if config.fl.get("engine", "local") == "flower" and grid is None:
-        from ffrag_jax.federated.flower import simulation
+        from ffrag_jax.federated.flower import apps, simulation
 
-        return simulation.run(config, workdir, mesh)
+        grid = apps.current_grid()  # inside the ServerApp of `flwr run`
+        if grid is None:
+            return simulation.run(config, workdir, mesh)
     started = time.perf_counter()
     fl, d = config.fl, config.data
     strategy = strategies.from_config(fl)
