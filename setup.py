@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["ffrag_jax", "ffrag_jax.*"]),
     # The demo's tokenizer (data/make_demo_tokenizer.py), read as tokenizer.path="packaged:demo".
-    package_data={"ffrag_jax": ["tokenizers/*/*.json"]},
+    package_data={"ffrag_jax": ["tokenizers/*/*.json", "federated/flower/app/pyproject.toml"]},
     install_requires=[
         "jax>=0.6",
         "flax>=0.10",

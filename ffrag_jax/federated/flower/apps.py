@@ -1,6 +1,6 @@
 """The ServerApp for Flower's deployment runtime (``flwr run`` against a SuperLink, the
 clients on SuperNodes): ``ffrag_jax.federated.flower.apps:server_app``, with the ClientApp
-``ffrag_jax.federated.flower.client:app`` (the Flower app folder is ``launch/flower_app``).
+``ffrag_jax.federated.flower.client:app`` (the Flower app folder, ``app/``, names them).
 
 Its run config (``flwr run --run-config``) names the job: ``config-file``, a JSON config
 written by ``python -m ffrag_jax.federated.flower.configure`` (the launcher's flags), and
