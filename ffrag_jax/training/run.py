@@ -77,6 +77,14 @@ def open_workdir(config: ConfigDict, workdir: str | Path, overwrite: bool):
         yield path
 
 
+def default_cache_dir() -> str:
+    """``$FFRAG_COMPILATION_CACHE``, else ``~/.cache/ffrag_jax/xla``."""
+    import os
+
+    return os.environ.get("FFRAG_COMPILATION_CACHE",
+                          str(Path.home() / ".cache" / "ffrag_jax" / "xla"))
+
+
 def compilation_cache(setting: str | None) -> str | None:
     """Turns on JAX's persistent compilation cache per the config's ``compilation_cache``
     (``"auto"``: on GPU and TPU, where a 7B step takes minutes to compile, in
@@ -89,10 +97,7 @@ def compilation_cache(setting: str | None) -> str | None:
     if setting == "auto":
         if jax.default_backend() == "cpu":
             return None
-        import os
-
-        setting = os.environ.get("FFRAG_COMPILATION_CACHE",
-                                 str(Path.home() / ".cache" / "ffrag_jax" / "xla"))
+        setting = default_cache_dir()
     folder = Path(setting).expanduser()
     try:
         folder.mkdir(parents=True, exist_ok=True)

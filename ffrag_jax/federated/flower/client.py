@@ -72,9 +72,15 @@ class ClientNode:
         from ffrag_jax.jobs.base_model import model_config
         from ffrag_jax.jobs.federated import clients_per_round, init_server
         from ffrag_jax.models import hf
+        from ffrag_jax.training.run import compilation_cache, default_cache_dir
 
         self.config, self.k = config, k
         fl = config.fl
+        # A SuperNode starts a new process per message: without the persistent cache every
+        # message would compile the client's steps again (on CPU too; the cache changes no
+        # result).
+        setting = config.get("compilation_cache", "auto")
+        compilation_cache(default_cache_dir() if setting == "auto" else setting)
         self.strategy = strategies.from_config(fl)
         self.tokenizer = hf.load_tokenizer(base_dir)
         self.cfg = model_config(config, self.tokenizer)[0]
@@ -130,7 +136,8 @@ def node_for(msg: Message, context: Context) -> ClientNode:
     k = partition_of(context, config.fl.num_clients)
     key = (str(meta["fingerprint"]), k)
     if key not in _NODES:
-        _NODES.clear()  # one run per process at a time
+        for other in [o for o in _NODES if o[0] != key[0]]:  # one run per process at a time
+            del _NODES[other]
         _NODES[key] = ClientNode(config, k, str(meta["base"]))
     return _NODES[key]
 

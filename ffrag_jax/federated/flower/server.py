@@ -110,9 +110,24 @@ class FlowerClients(lm_clients.Clients):
         return Message(content=content, dst_node_id=node, message_type=kind)
 
     def _send(self, messages: list[Message], timeout: float) -> dict[int, Message]:
-        """The replies by sending node (absent: no answer within ``timeout`` seconds)."""
-        replies = self.grid.send_and_receive(messages, timeout=timeout)
-        return {r.metadata.src_node_id: r for r in replies}
+        """The replies by sending node (absent: no answer within ``timeout`` seconds). Stops
+        waiting early for nodes the SuperLink no longer lists (a node that died)."""
+        alive = set(self.grid.get_node_ids())
+        live = [m for m in messages if m.metadata.dst_node_id in alive]
+        ids = list(self.grid.push_messages(live))
+        dst = {i: m.metadata.dst_node_id for i, m in zip(ids, live, strict=True) if i}
+        replies, pending = {}, set(dst)
+        deadline = time.monotonic() + timeout
+        while pending and time.monotonic() < deadline:
+            for reply in self.grid.pull_messages(list(pending)):
+                pending.discard(reply.metadata.reply_to_message_id)
+                replies[reply.metadata.src_node_id] = reply
+            if pending:
+                alive = set(self.grid.get_node_ids())
+                if all(dst[i] not in alive for i in pending):
+                    break
+                time.sleep(0.1)
+        return replies
 
     @staticmethod
     def _reason(reply: Message | None) -> str | None:
