@@ -324,3 +324,77 @@ def test_flower_engine_config_errors():
     config = tiny_config(fl__engine="flower", data__source="file", data__path="/")
     with pytest.raises(UserError, match="cannot train a tokenizer on the clients' data"):
         run_lib.validate(config)
+
+
+# -- real processes: SuperLink and SuperNodes on 127.0.0.1 -------------------------------------
+
+DEPLOY_FLAGS = [
+    "--config=heter", "--config.fl.num_clients=3", "--config.lora.generator.ranks=(4,2,1)",
+    "--config.fl.rounds=2", "--config.fl.batch_size=8", "--config.fl.micro_batch_size=4",
+    "--config.fl.lr=3e-3", "--config.data.examples_per_client=16", "--config.data.held_out=0.25",
+    "--config.model.hidden_size=32", "--config.model.intermediate_size=64",
+    "--config.model.num_layers=2", "--config.tokenizer.vocab_size=400",
+    "--config.eval.batch_size=8", "--config.export=False", "--config.fl.strategy=ff",
+]
+
+
+def _round_done(workdir: Path, r: int) -> bool:
+    path = workdir / "metrics.jsonl"
+    return path.exists() and any(f'"kind": "round", "round": {r},' in line
+                                 for line in path.read_text().splitlines())
+
+
+@pytest.mark.slow
+@pytest.mark.long
+def test_deployment_with_a_killed_server_equals_the_local_engine(tmp_path):
+    """Three SuperNodes and a SuperLink as real processes, the job submitted with ``flwr
+    run``; its server is killed after round 1 and the run submitted again: it resumes from
+    the round-1 checkpoint (the nodes, new to the second run, get their whole view) and ends
+    with the local engine's summary. Round 1 ran on the first server, round 2 on the second:
+    both halves of the deployment path must match the local engine for this to hold."""
+    from ffrag_jax.federated.flower.deployment import LocalFederation, write_config
+
+    local = local_summary(tiny_config(fl__strategy="ff"), tmp_path / "local")
+    workdir = tmp_path / "run"
+    config = write_config(workdir, DEPLOY_FLAGS)
+    with LocalFederation(3, tmp_path / "logs") as fed:
+        state = {"killed": False}
+
+        def kill_after_round_1():
+            if not state["killed"] and _round_done(workdir, 1):
+                state["killed"] = fed.kill_server()
+
+        run_id = fed.submit(config, workdir)
+        with pytest.raises(UserError, match="without a summary"):
+            fed.wait(run_id, workdir, timeout_s=400, poll=kill_after_round_1)
+        assert state["killed"] and not (workdir / "summary.json").exists()
+        fed.wait(fed.submit(config, workdir), workdir, timeout_s=400)
+    assert_same_summary(local, json.loads((workdir / "summary.json").read_text()))
+    rounds = [r["round"] for r in metrics(workdir) if r.get("kind") == "round"]
+    assert rounds == [1, 2]  # round 1 was not run again
+
+
+@pytest.mark.slow
+def test_deployment_goes_on_without_a_killed_supernode(tmp_path):
+    """SuperNode 2 dies after round 1: round 2 completes with clients 0 and 1 (the minimum
+    fraction is 0.5), client 2 is named as left out, the run finishes."""
+    from ffrag_jax.federated.flower.deployment import LocalFederation, write_config
+
+    workdir = tmp_path / "run"
+    config = write_config(workdir, [*DEPLOY_FLAGS, "--config.fl.flower.round_timeout=45"])
+    with LocalFederation(3, tmp_path / "logs") as fed:
+        state = {"killed": False}
+
+        def kill_node_after_round_1():
+            if not state["killed"] and _round_done(workdir, 1):
+                fed.kill_node(2)
+                state["killed"] = True
+
+        fed.wait(fed.submit(config, workdir), workdir, timeout_s=500,
+                 poll=kill_node_after_round_1)
+    recs = metrics(workdir)
+    second = {r["client"]: r for r in recs if r.get("kind") == "client" and r["round"] == 2}
+    assert second[0]["accepted"] and second[1]["accepted"]
+    assert not second[2]["accepted"] and second[2]["refused"]
+    evaluated = {r["client"] for r in recs if r.get("kind") == "eval" and r["round"] == 2}
+    assert evaluated == {0, 1}
