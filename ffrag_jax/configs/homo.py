@@ -77,6 +77,7 @@ def get_config() -> ConfigDict:
         # client a Flower node that holds its own data (the simulation runtime from the
         # launcher; launch/flower_local.sh for SuperLink and SuperNodes on real processes).
         engine="local",
+        dp=_common.dp(),  # client-level differential privacy (clip=0: off)
         flower=_common.flower(),
         local_epochs=1.0,
         batch_size=128,  # effective batch per optimizer step

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ffrag_jax.federated import strategies
+from ffrag_jax.federated import privacy, strategies
 from ffrag_jax.federated.aggregation import finite_clients, zero_rejected
 from ffrag_jax.federated.clients import update_clients
 from ffrag_jax.models.lora import LoRA
@@ -41,17 +41,24 @@ def train_clients(
     optimizer,
     strategy: strategies.Strategy,
     fusion: str | None = None,
+    dp: privacy.ClientDP | None = None,
 ) -> tuple[LoRA, dict]:
     """The clients' half of a round: each selected client's start
     (:meth:`~strategies.Strategy.client_start`) trained on its batches. Arguments as
     :func:`run_round`; ``server`` may be a client's own view of the server state (the Flower
-    engine: one row, ``selected = [0]``). Returns ``(client adapters [K], per-step metrics
-    [K, S])``."""
+    engine: one row, ``selected = [0]``). With ``dp``, each client's update is clipped and
+    noised before it leaves (:mod:`~ffrag_jax.federated.privacy`). Returns ``(client
+    adapters [K], per-step metrics [K, S])``."""
     optimizer = strategy.client_optimizer(optimizer)
     start = strategy.client_start(server, selected, fresh)
     params, chain_global = strategy.round_params(server, fusion or strategy.fusion)
-    return update_clients(start, masks, params, batches, rngs, cfg=cfg, optimizer=optimizer,
-                          num_steps=num_steps, chain_global=chain_global)
+    updated, metrics = update_clients(start, masks, params, batches, rngs, cfg=cfg,
+                                      optimizer=optimizer, num_steps=num_steps,
+                                      chain_global=chain_global)
+    if dp is not None:
+        noise_rngs = jax.vmap(lambda r: jax.random.fold_in(r, 7919))(rngs)
+        updated = privacy.privatise(updated, start, masks, noise_rngs, dp)
+    return updated, metrics
 
 
 def aggregate_clients(server: dict, updated: LoRA, selected: jax.Array, weights: jax.Array, *,
@@ -80,18 +87,20 @@ def run_round(
     optimizer,
     strategy: strategies.Strategy | str,
     fusion: str | None = None,
+    dp: privacy.ClientDP | None = None,
 ) -> tuple[dict, LoRA, dict]:
     """One round. ``selected`` ``[K]`` client ids, ``weights`` ``[K]`` their ``p_k`` (0 for
     clients without data), ``masks`` ``[K, R]`` rank masks, ``batches`` ``[K, S, A, B, T]``,
     ``rngs`` ``[K]``, ``num_steps`` ``[K]``; ``fresh`` ``[K, ...]`` new adapters (strategies
     that start from them; None otherwise). ``strategy`` a :class:`strategies.Strategy` (or its
     name); ``fusion`` how clients see the global adapter this round (default: the
-    strategy's). Returns ``(server, client adapters [K], info)`` where ``info`` has
+    strategy's); ``dp`` clients' differential privacy (None: off). Returns ``(server, client
+    adapters [K], info)`` where ``info`` has
     ``accepted`` ``[K]`` and the per-step client metrics ``[K, S]``."""
     if isinstance(strategy, str):
         strategy = strategies.get(strategy)
     updated, metrics = train_clients(server, fresh, selected, masks, batches, rngs, num_steps,
                                      cfg=cfg, optimizer=optimizer, strategy=strategy,
-                                     fusion=fusion)
+                                     fusion=fusion, dp=dp)
     new, accepted = aggregate_clients(server, updated, selected, weights, strategy=strategy)
     return new, updated, {"accepted": accepted, **metrics}

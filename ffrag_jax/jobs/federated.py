@@ -38,7 +38,7 @@ from ffrag_jax.evaluation.rounds import (
     exact_match_summary,
     mean,
 )
-from ffrag_jax.federated import strategies
+from ffrag_jax.federated import privacy, strategies
 from ffrag_jax.federated.driver import RoundDriver
 from ffrag_jax.federated.strategies import Strategy
 from ffrag_jax.jobs.base_model import (
@@ -101,6 +101,7 @@ def validate(config: ConfigDict, mesh: jax.sharding.Mesh) -> None:
     ranks = adapters.client_ranks(fl.num_clients)
     strategy.check(ranks)
     check_engine(config)
+    privacy.from_config(fl)  # a bad fl.dp before any work
     per_round = clients_per_round(fl)
     if per_round % mesh.shape["clients"]:
         raise UserError(f"{per_round} clients per round do not divide over the mesh's "
@@ -202,6 +203,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh, grid=None) -
     for k in np.flatnonzero(np.asarray(counts) == 0):
         logging.warning("client %s has no training examples: it gets weight 0", names[k])
     per_round = clients_per_round(fl)
+    dp = privacy.from_config(fl)
     mmlu_items = (mmlu.load(config.eval.mmlu_path, config.eval.mmlu_limit)
                   if config.eval.mmlu_path else None)  # a bad file stops the run here
 
@@ -243,7 +245,18 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh, grid=None) -
             if not accepted[i] and weights[i] > 0 and k not in info["refused"]:
                 logging.warning("round %d: client %s sent a non-finite update; rejected",
                                 t + 1, names[k])
+        if dp is not None:
+            metrics.write(kind="privacy", round=t + 1, **privacy_spent(t + 1))
         return state, {"selected": selected}
+
+    def privacy_spent(rounds: int) -> dict:
+        """The largest client epsilon after ``rounds`` rounds (clients count the rounds they
+        took part in), with the mechanism's settings."""
+        taken = [sum(k in driver.selection(t)[0] for t in range(rounds))
+                 for k in range(fl.num_clients)]
+        return {"epsilon": privacy.epsilon(dp.noise_multiplier, max(taken), fl.dp.delta),
+                "delta": fl.dp.delta, "noise_multiplier": dp.noise_multiplier,
+                "clip": dp.clip}
 
     def after_round(info: StepInfo) -> None:
         """Held-out loss (and exact match, MMLU) of the round's models; the round record."""
@@ -304,6 +317,8 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh, grid=None) -
         "wall_time_s": round(time.perf_counter() - started, 1),
         "exported": exported,
     }
+    if dp is not None:
+        summary["dp"] = privacy_spent(fl.rounds)
     if any(r["model"] == "fused" for r in final):  # only FF-LoRA has personalised models
         summary["mean_fused_loss"] = mean([r["loss"] for r in final if r["model"] == "fused"])
     metrics.close()

@@ -32,7 +32,7 @@ from ffrag_jax.evaluation.rounds import (
     exact_match_round,
     make_evaluator,
 )
-from ffrag_jax.federated import round_step
+from ffrag_jax.federated import privacy, round_step
 from ffrag_jax.federated.strategies import Strategy
 from ffrag_jax.models import lora
 from ffrag_jax.models.lora import LoRA
@@ -198,22 +198,26 @@ def make_optimizer(fl: ConfigDict):
 
 def make_round_fn(config: ConfigDict, cfg, strategy: Strategy):
     """The local engine's jitted round (:func:`round_step.run_round`)."""
+    dp = privacy.from_config(config.fl)
+
     @functools.partial(jax.jit, static_argnames="fusion")
     def round_fn(server, *args, fusion):
         # No donation: the previous state may still be in an asynchronous checkpoint save.
         return round_step.run_round(server, *args, cfg=cfg, optimizer=make_optimizer(config.fl),
-                                    strategy=strategy, fusion=fusion)
+                                    strategy=strategy, fusion=fusion, dp=dp)
     return round_fn
 
 
 def make_train_fn(config: ConfigDict, cfg, strategy: Strategy):
     """A Flower client's jitted half of a round (:func:`round_step.train_clients`) on its own
     view of the server state (one row)."""
+    dp = privacy.from_config(config.fl)
+
     @functools.partial(jax.jit, static_argnames="fusion")
     def train_fn(view, *args, fusion):
         return round_step.train_clients(view, *args, cfg=cfg,
                                         optimizer=make_optimizer(config.fl), strategy=strategy,
-                                        fusion=fusion)
+                                        fusion=fusion, dp=dp)
     return train_fn
 
 
