@@ -102,7 +102,7 @@ def main(argv=None) -> None:
                         "summary": json.loads((workdir / "summary.json").read_text())}
         print(engine, {k: v for k, v in rows[engine].items() if k != "summary"}, flush=True)
     base = rows.get("local")
-    for engine, row in rows.items():
+    for row in rows.values():
         row["same_summary_as_local"] = base is not None and same(base["summary"],
                                                                 row["summary"])
     machine = f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores"

@@ -414,3 +414,31 @@ def test_flower_protocol_with_client_dp_equals_local_engine(tmp_path):
     assert 7.9 < flower["dp"]["epsilon"] <= 8.0
     eps = [r["epsilon"] for r in metrics(tmp_path / "flower") if r.get("kind") == "privacy"]
     assert len(eps) == 2 and eps[0] < eps[1] == flower["dp"]["epsilon"]
+
+
+def test_a_client_without_data_takes_part_with_weight_0(tmp_path, caplog):
+    config = tiny_config(fl__strategy="ff", fl__engine="flower", fl__rounds=1,
+                         data__client_sizes=(16, 0, 16))
+    with caplog.at_level("WARNING"):
+        summary = run_flower(config, tmp_path / "run", InProcessGrid(3))
+    assert "client 1:geography has no training examples: it gets weight 0" in caplog.text
+    recs = [r for r in metrics(tmp_path / "run") if r.get("kind") == "client"]
+    assert [r["steps"] for r in recs] == [2, 0, 2]
+    assert set(summary["final_held_out_loss"]) == {f"{c} {m}" for c in ("0:clinic", "2:clinic")
+                                                   for m in ("global", "fused")}
+
+
+def test_an_unreachable_superlink_is_one_line(tmp_path):
+    from ffrag_jax.federated.flower.deployment import APP_DIR, LocalFederation
+
+    fed = LocalFederation.__new__(LocalFederation)  # a connection to a port nobody serves
+    fed.home, fed.logs, fed.app_dir = tmp_path, tmp_path, APP_DIR
+    from ffrag_jax.cli.local_cluster import free_port
+
+    fed.port = free_port()
+    (tmp_path / "config.toml").write_text(
+        f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{fed.port}"'
+        '\ninsecure = true\n')
+    fed.env = {**__import__("os").environ, "FLWR_HOME": str(tmp_path)}
+    with pytest.raises(UserError, match="flwr run failed: .*unavailable"):
+        fed.submit(tmp_path / "x.flower.json", tmp_path / "x", wait_s=1)
