@@ -457,3 +457,19 @@ def test_one_metrics_schema_client_index_and_name_steps_count_on(ffrag_run):
         steps = [(r["round"], r["step"]) for r in records
                  if r.get("phase") == "ffrag" and r["client"] == k]
         assert steps == [(1, 1), (1, 2), (2, 3), (2, 4)]
+
+
+def test_ffrag_with_client_differential_privacy(tmp_path):
+    """fl.dp in FF-RAG: every trained model's update clipped and noised together on each
+    client; epsilon per round and in the summary."""
+    from ffrag_jax.launch import load_config
+    from ffrag_jax.training import run as run_lib
+    from ffrag_jax.training.metrics import read_jsonl
+
+    summary = run_lib.run(load_config("demo", {
+        **SMALL, "fl.rounds": 1, "fl.vmap_clients": True, "fl.dp.clip": 1.0,
+        "fl.dp.epsilon": 8.0}), tmp_path / "run")
+    assert 7.9 < summary["dp"]["epsilon"] <= 8.0 and summary["dp"]["delta"] == 1e-5
+    privacy = [r for r in read_jsonl(tmp_path / "run/metrics.jsonl") if r["kind"] == "privacy"]
+    assert [r["round"] for r in privacy] == [1]
+    assert np.isfinite(summary["fused"]["recall@1"])

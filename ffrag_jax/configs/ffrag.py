@@ -95,6 +95,7 @@ def get_config() -> ConfigDict:
         # How adapters travel, both ways: fp32 | fp16 | bf16 | int8 (blockwise absmax)
         payload="fp32",
         payload_block=64,
+        dp=_common.dp(),  # client-level differential privacy (clip=0: off)
         num_clients=4, rounds=3,
         # retriever_lr=0: the query encoder stays as it is (an off-the-shelf retriever, as
         # in DPA-RAG, where only the reranker learns the generator's preferences)

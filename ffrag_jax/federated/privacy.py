@@ -28,7 +28,6 @@ import jax.numpy as jnp
 
 from ffrag_jax.errors import UserError
 from ffrag_jax.federated.aggregation import apply_rank_mask
-from ffrag_jax.models.lora import LoRA
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,14 +59,26 @@ def from_config(fl) -> ClientDP | None:
     return ClientDP(float(dp.clip), float(dp.noise_multiplier))
 
 
-def privatise(updated: LoRA, start: LoRA, masks: jax.Array, rngs: jax.Array,
-              dp: ClientDP) -> LoRA:
+def privatise(updated, start, masks, rngs: jax.Array, dp: ClientDP):
     """Clients' adapters ``[K, ...]`` as they may leave them: ``start + clip(updated -
-    start) + noise`` (noise within each client's rank, ``masks`` ``[K, R]``; ``rngs``
-    ``[K]``)."""
+    start) + noise``, noise within each client's rank (``masks`` ``[K, R]``; ``rngs``
+    ``[K]``). ``updated``/``start`` may be dicts of adapters (every model a client trains,
+    with a dict of masks): the update of all of them together is clipped (one mechanism per
+    round, whatever the number of models)."""
+    if isinstance(updated, dict):
+        names = sorted(updated)
+        masks = tuple(masks[n] for n in names)
+        updated = tuple(updated[n] for n in names)
+        start = tuple(start[n] for n in names)
+        out = _privatise(updated, start, masks, rngs, dp)
+        return dict(zip(names, out, strict=True))
+    return _privatise(updated, start, masks, rngs, dp)
+
+
+def _privatise(updated, start, masks, rngs, dp: ClientDP):
     def one(up, st, mask, rng):
         # What the client trained from: its start within its rank (update_clients masks it).
-        st = apply_rank_mask(st, mask)
+        st = _masked(st, mask)
         delta = jax.tree.map(jnp.subtract, up, st)
         norm = jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
                             for x in jax.tree.leaves(delta)))
@@ -77,10 +88,23 @@ def privatise(updated: LoRA, start: LoRA, masks: jax.Array, rngs: jax.Array,
         noisy = [x * scale + dp.noise_multiplier * dp.clip
                  * jax.random.normal(k, x.shape, jnp.float32).astype(x.dtype)
                  for x, k in zip(leaves, keys, strict=True)]
-        delta = apply_rank_mask(jax.tree.unflatten(treedef, noisy), mask)
+        delta = _masked(jax.tree.unflatten(treedef, noisy), mask)
         return jax.tree.map(jnp.add, st, delta)
 
     return jax.vmap(one)(updated, start, masks, rngs)
+
+
+def _masked(tree, mask):
+    if isinstance(tree, tuple):  # several models, one mask each
+        return tuple(apply_rank_mask(t, m) for t, m in zip(tree, mask, strict=True))
+    return apply_rank_mask(tree, mask)
+
+
+def spent(dp: ClientDP, participations: list[int], delta: float) -> dict:
+    """The ``privacy`` record: the largest client epsilon after ``participations[k]``
+    rounds of client ``k``, with the mechanism's settings."""
+    return {"epsilon": epsilon(dp.noise_multiplier, max(participations), delta),
+            "delta": delta, "noise_multiplier": dp.noise_multiplier, "clip": dp.clip}
 
 
 def _accountant_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:

@@ -254,9 +254,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh, grid=None) -
         took part in), with the mechanism's settings."""
         taken = [sum(k in driver.selection(t)[0] for t in range(rounds))
                  for k in range(fl.num_clients)]
-        return {"epsilon": privacy.epsilon(dp.noise_multiplier, max(taken), fl.dp.delta),
-                "delta": fl.dp.delta, "noise_multiplier": dp.noise_multiplier,
-                "clip": dp.clip}
+        return privacy.spent(dp, taken, fl.dp.delta)
 
     def after_round(info: StepInfo) -> None:
         """Held-out loss (and exact match, MMLU) of the round's models; the round record."""

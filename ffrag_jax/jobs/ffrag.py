@@ -44,7 +44,7 @@ from ffrag_jax.data.knowledge import (
     tokenizer_texts,
 )
 from ffrag_jax.errors import UserError
-from ffrag_jax.federated import strategies
+from ffrag_jax.federated import privacy, strategies
 from ffrag_jax.federated.driver import RoundDriver
 from ffrag_jax.jobs.base_model import (
     abstract_model,
@@ -95,6 +95,7 @@ def validate(config: ConfigDict, mesh: jax.sharding.Mesh) -> None:
     r, fl = config.rag, config.fl
     if fl.rounds <= 0:
         raise UserError(f"fl.rounds must be positive, got {fl.rounds}")
+    privacy.from_config(fl)  # a bad fl.dp before any work
     if fl.num_clients < 1:
         raise UserError(f"fl.num_clients must be at least 1, got {fl.num_clients}")
     if fl.vmap_clients and fl.num_clients % mesh.shape["clients"]:
@@ -204,6 +205,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
             logging.info("round 0 %s base: %s", c.name, _short(m))
 
     strategy = strategy_of(config)
+    dp = privacy.from_config(fl)
 
     def new_adapters(offset: int) -> dict:
         """Fresh generator and query-encoder adapters for every client, as client batches
@@ -446,6 +448,17 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
                                dataclasses.replace(enc, params=round_query, lora=new_ret[k]),
                                start_reranker(k))
                 for k in range(len(clients))])
+        if dp is not None:  # clipped and noised on each client before it is sent
+            # A model the clients do not train (retriever_lr=0) is sent as it started.
+            private = {n: u for n, u in updated.items()
+                       if n != "retriever" or fl.retriever_lr > 0}
+            masks = {n: jnp.stack([federated.rank_mask(r, max(trees[n][1]))
+                                   for r in trees[n][1]]) for n in private}
+            keys = jax.random.split(jax.random.fold_in(rng, 7919 * rnd), len(clients))
+            updated.update(privacy.privatise(
+                private, {n: starts[n] for n in private}, masks, keys, dp))
+            metrics.write(kind="privacy", round=rnd, **privacy.spent(
+                dp, [rnd] * len(clients), fl.dp.delta))
         for k, c in enumerate(clients):  # what each client sent and received this round
             sizes = [strategy.payload_bytes(federated.client(updated[name], k), ranks[k],
                                             0 if rnd == 1 else sum(ranks))
@@ -531,6 +544,8 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
                        panels=panels)
     plot_training_loss(records, workdir / "loss.png", title="ffrag_jax FF-RAG")
     summary = summarize(records, fl.rounds)
+    if dp is not None:
+        summary["dp"] = privacy.spent(dp, [fl.rounds] * len(clients), fl.dp.delta)
     summary["wall_time_s"] = round(time.perf_counter() - started, 1)
     metrics.close()
     return write_summary(workdir, summary)
