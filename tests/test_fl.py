@@ -14,6 +14,7 @@ from ffrag_jax import data, federated
 from ffrag_jax.errors import UserError
 from ffrag_jax.federated import round_step as fl_round
 from ffrag_jax.jobs import federated as fl
+from ffrag_jax.jobs import lm_clients  # where the job evaluates a round
 from ffrag_jax.launch import load_config
 from ffrag_jax.models import llama, lora
 from ffrag_jax.training import checkpoint, train
@@ -247,7 +248,7 @@ def test_killed_federated_run_resumes_to_the_same_result(ff_full, tmp_path, monk
     assert (full_dir / "rounds.png").stat().st_size > 0
 
     calls = {"n": 0}
-    real = fl.evaluate_round
+    real = lm_clients.evaluate_round
 
     def dies_in_round_3(*args, **kwargs):
         calls["n"] += 1
@@ -255,10 +256,10 @@ def test_killed_federated_run_resumes_to_the_same_result(ff_full, tmp_path, monk
             raise KeyboardInterrupt("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fl, "evaluate_round", dies_in_round_3)
+    monkeypatch.setattr(lm_clients, "evaluate_round", dies_in_round_3)
     with pytest.raises(KeyboardInterrupt):
         run_lib.run(config, tmp_path / "killed")
-    monkeypatch.setattr(fl, "evaluate_round", real)
+    monkeypatch.setattr(lm_clients, "evaluate_round", real)
     resumed = run_lib.run(config, tmp_path / "killed")
     assert resumed["final_held_out_loss"] == full["final_held_out_loss"]
     a, b = _exports(full_dir), _exports(tmp_path / "killed")
@@ -278,7 +279,7 @@ def test_torn_metrics_line_and_a_kill_in_round_1_resume_without_duplicates(
     line, rewinds the log to its last checkpoint (none: the start) and ends with exactly the
     uninterrupted run's records and summary."""
     full_dir, full = ff_full
-    real = fl.evaluate_round
+    real = lm_clients.evaluate_round
     calls = {"n": 0}
 
     def dies_in_round_1(*args, **kwargs):
@@ -287,10 +288,10 @@ def test_torn_metrics_line_and_a_kill_in_round_1_resume_without_duplicates(
             raise KeyboardInterrupt("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fl, "evaluate_round", dies_in_round_1)
+    monkeypatch.setattr(lm_clients, "evaluate_round", dies_in_round_1)
     with pytest.raises(KeyboardInterrupt):
         run_lib.run(_fl_config(**FF), tmp_path / "killed")
-    monkeypatch.setattr(fl, "evaluate_round", real)
+    monkeypatch.setattr(lm_clients, "evaluate_round", real)
     metrics = tmp_path / "killed/metrics.jsonl"
     assert any(r["kind"] == "client" for r in _records(tmp_path / "killed"))
     with metrics.open("ab") as f:
