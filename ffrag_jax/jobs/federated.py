@@ -217,7 +217,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh, grid=None) -
     start, state = driver.initial_state(state)
     if start == 0:  # the base model, before any round (round 0 of the curves)
         for rec in clients.evaluate(state["server"], 0, base=True):
-            metrics.write(round=0, **rec)
+            metrics.write(kind=rec.pop("kind"), round=0, **rec)
 
     clock = {"round_start": time.perf_counter()}
 
@@ -261,7 +261,8 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh, grid=None) -
         server, t = info.state["server"], info.step - 1
         records = clients.evaluate(server, t + 1)
         for rec in records:
-            metrics.write(round=t + 1, **rec)
+            metrics.write(kind=rec["kind"], round=t + 1,
+                          **{k: v for k, v in rec.items() if k != "kind"})
         round_eval = [r for r in records if r["kind"] == "eval"]
         mean_global = mean([r["loss"] for r in round_eval if r["model"] == "global"])
         em = [r for r in records if r["kind"] == "exact_match"]
