@@ -225,3 +225,26 @@ def test_fedsa_shares_a_and_keeps_each_clients_b():
     assert fedsa.payload_bytes(_adapter([[0.0], [0.0]], [[0.0, 0.0]]), 1, 1) == (8, 8)
     with pytest.raises(UserError, match="one rank for all clients"):
         fedsa.check([4, 2])
+
+
+@pytest.mark.parametrize("k,trim", [(5, 0.2), (6, 0.25), (7, 0.1)])
+def test_robust_rules_equal_flowers(k, trim):
+    """Coordinate-wise median and trimmed mean against Flower's own (``aggregate_median``,
+    ``aggregate_trimmed_avg``), on random client trees; a rejected client is left out as
+    if it never answered."""
+    agg = pytest.importorskip("flwr.server.strategy.aggregate")
+    from ffrag_jax.federated.aggregation import coordinate_median, trimmed_mean
+
+    rng = np.random.default_rng(k)
+    tree = {"a": rng.normal(size=(k, 3, 4)).astype(np.float32),
+            "b": rng.normal(size=(k, 4, 2)).astype(np.float32)}
+    accepted = np.ones(k, bool)
+    accepted[1] = False
+    kept = [([tree["a"][i], tree["b"][i]], 1) for i in range(k) if accepted[i]]
+    med = coordinate_median(jax.tree.map(jnp.asarray, tree), jnp.asarray(accepted))
+    for ours, theirs in zip((med["a"], med["b"]), agg.aggregate_median(kept), strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-6)
+    tm = trimmed_mean(jax.tree.map(jnp.asarray, tree), jnp.asarray(accepted), trim)
+    for ours, theirs in zip((tm["a"], tm["b"]), agg.aggregate_trimmed_avg(kept, trim),
+                            strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-6)
