@@ -107,7 +107,9 @@ def spent(dp: ClientDP, participations: list[int], delta: float) -> dict:
             "delta": delta, "noise_multiplier": dp.noise_multiplier, "clip": dp.clip}
 
 
-def _accountant_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
+@functools.lru_cache(maxsize=256)
+def epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
+    """A client's epsilon after taking part in ``rounds`` rounds."""
     from dp_accounting import GaussianDpEvent, SelfComposedDpEvent
     from dp_accounting.rdp import RdpAccountant
 
@@ -119,12 +121,7 @@ def _accountant_epsilon(noise_multiplier: float, rounds: int, delta: float) -> f
     return float(accountant.get_epsilon(delta))
 
 
-@functools.lru_cache(maxsize=256)
-def epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
-    """A client's epsilon after taking part in ``rounds`` rounds."""
-    return _accountant_epsilon(noise_multiplier, rounds, delta)
-
-
+@functools.lru_cache(maxsize=16)  # the job, its validation and each client ask for it
 def calibrate(target_epsilon: float, delta: float, rounds: int) -> float:
     """The smallest noise multiplier (to 1e-3) whose epsilon after ``rounds`` rounds is at
     most ``target_epsilon``."""

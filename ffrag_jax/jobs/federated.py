@@ -31,7 +31,7 @@ from ml_collections import ConfigDict
 from ffrag_jax import federated
 from ffrag_jax.config_types import LoRASection
 from ffrag_jax.data import synthetic
-from ffrag_jax.data.clients import client_records, pairs_of
+from ffrag_jax.data.clients import client_records, encode_clients, pairs_of
 from ffrag_jax.errors import UserError
 from ffrag_jax.evaluation import mmlu
 from ffrag_jax.evaluation.rounds import (
@@ -187,8 +187,9 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh, grid=None) -
 
     if grid is None:
         clients = LocalClients(config, strategy, cfg, tokenizer,
-                               client_data(config, tokenizer, pairs, names), params, template,
-                               ranks, mesh)
+                               client_data(config, pairs, names,
+                                           encode_clients(config, tokenizer, pairs)),
+                               params, template, ranks, mesh)
     else:  # the clients hold their data; the server sends them the base model once
         from ffrag_jax.federated.flower.server import FlowerClients
 
@@ -288,10 +289,7 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh, grid=None) -
                      t + 1, fl.rounds, info.out["selected"], mean_global, seconds)
 
     driver.add_hook(after_round)
-    try:
-        state = driver.run(state, one_round, start)
-    finally:
-        clients.close()
+    state = driver.run(state, one_round, start)
 
     server = state["server"]
     records = read_jsonl(metrics.path)

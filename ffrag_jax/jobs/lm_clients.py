@@ -25,7 +25,7 @@ from absl import logging
 from ml_collections import ConfigDict
 
 from ffrag_jax import data, federated
-from ffrag_jax.data.clients import encode_clients, held_out_split
+from ffrag_jax.data.clients import held_out_split
 from ffrag_jax.evaluation.rounds import (
     eval_batches,
     evaluate_round,
@@ -57,14 +57,15 @@ class ClientData:
         return len(self.train["input_ids"])
 
 
-def client_data(config: ConfigDict, tokenizer, pairs: list[tuple[list, list]], names: list[str],
-                ids: list[int] | None = None, width: int | None = None) -> list[ClientData]:
-    """:class:`ClientData` of the clients whose ``(prompts, responses)`` are ``pairs``
-    (client ids ``ids``, default ``0..len-1``: the held-out split is seeded by the id), cut
-    to ``width`` tokens (default: the longest example among them, rounded up to 8)."""
+def client_data(config: ConfigDict, pairs: list[tuple[list, list]], names: list[str],
+                encoded: tuple[list[dict], list[dict]], ids: list[int] | None = None
+                ) -> list[ClientData]:
+    """:class:`ClientData` of the clients whose ``(prompts, responses)`` are ``pairs``, from
+    their ``encoded`` ``(train sets, held-out sets)`` (:func:`~ffrag_jax.data.clients.
+    encode_clients`); client ids ``ids``, default ``0..len-1``, seed the held-out split."""
     fl = config.fl
     ids = list(range(len(pairs))) if ids is None else ids
-    train_sets, held_sets = encode_clients(config, tokenizer, pairs, ids, width)
+    train_sets, held_sets = encoded
     out = []
     for k, (prompts, responses), tr, ho, name in zip(ids, pairs, train_sets, held_sets, names,
                                                        strict=True):
@@ -139,9 +140,6 @@ class Clients:
     def evaluate(self, server: dict, t: int, *, base: bool = False) -> list[dict]:
         """Every client's held-out records (:func:`evaluate_client`) of the round's models."""
         raise NotImplementedError
-
-    def close(self) -> None:
-        pass
 
 
 class LocalClients(Clients):

@@ -45,7 +45,9 @@ LOCK = ".ffrag_jax.lock"
 # these are deleted by --overwrite; tests check that a run writes nothing else.
 OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "loss.png", "rounds.png",
            "predictions.jsonl", "tensorboard", "profile",
-           "checkpoints", "export", "tokenizer", "data", MARKER)
+           "checkpoints", "export", "tokenizer", "data",
+           "flower",  # the Flower server's published base model (fl.engine=flower)
+           MARKER)
 
 
 def _first_difference(old: dict, new: dict, prefix: str = "") -> str | None:

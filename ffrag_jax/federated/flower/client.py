@@ -83,10 +83,10 @@ class ClientNode:
         compilation_cache(default_cache_dir() if setting == "auto" else setting)
         self.strategy = strategies.from_config(fl)
         self.tokenizer = hf.load_tokenizer(base_dir)
-        self.cfg = model_config(config, self.tokenizer)[0]
-        if config.model.path:  # a real checkpoint: every party has it
-            self.base = model_config(config, self.tokenizer)[1]
-        else:  # the server's tiny model, published once as an HF folder
+        # A real checkpoint (model.path): every party has it; the tiny model: the server
+        # published it once as an HF folder.
+        self.cfg, self.base = model_config(config, self.tokenizer)
+        if self.base is None:
             self.base = hf.load_llama(base_dir, dtype=config.model.dtype,
                                       param_dtype=config.model.param_dtype)[1]
         adapters = LoRASection.read(config, "generator")
@@ -103,10 +103,11 @@ class ClientNode:
         names, recs, is_synthetic = client_records(config)
         self.name = names[k]
         self.pairs = pairs_of(recs[k], is_synthetic, config.data)
-        full = encode_clients(config, self.tokenizer, [self.pairs], [k],
-                              width=config.data.max_len)
-        self.longest = max(text.longest(s[0]) for s in full)
-        self.num_examples = len(full[0][0]["input_ids"])
+        # Encoded once, uncut: cut to the width the server announces (every client's longest).
+        self.encoded = encode_clients(config, self.tokenizer, [self.pairs], [k],
+                                      width=config.data.max_len)
+        self.longest = max(text.longest(s[0]) for s in self.encoded)
+        self.num_examples = len(self.encoded[0][0]["input_ids"])
         self.data: lm_clients.ClientData | None = None
         self.train_fn = lm_clients.make_train_fn(config, self.cfg, self.strategy)
         self.aggregate_fn = lm_clients.make_aggregate_fn(self.strategy)
@@ -114,8 +115,10 @@ class ClientNode:
 
     def data_at(self, width: int) -> lm_clients.ClientData:
         if self.data is None or self.data.train["input_ids"].shape[1] != width:
-            self.data = lm_clients.client_data(self.config, self.tokenizer, [self.pairs],
-                                               [self.name], [self.k], width)[0]
+            train, held = text.trim_padding([s[0] for s in self.encoded],
+                                            self.config.data.max_len, width=width)
+            self.data = lm_clients.client_data(self.config, [self.pairs], [self.name],
+                                               ([train], [held]), [self.k])[0]
         return self.data
 
 
@@ -182,12 +185,9 @@ def query(msg: Message, context: Context) -> Message:
         node = node_for(msg, context)
     except Exception as e:  # the server gets the reason; the node goes on
         return _error(msg, e)
-    held = "view_meta" in context.state
     return Message(RecordDict({
         "info": MetricRecord({"partition": node.k, "num_examples": node.num_examples,
-                              "longest": node.longest,
-                              "view_round": int(context.state["view_meta"]["round"])
-                              if held else -1}),
+                              "longest": node.longest}),
         "name": ConfigRecord({"name": node.name})}), reply_to=msg)
 
 

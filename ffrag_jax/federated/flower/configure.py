@@ -27,6 +27,16 @@ def config_file(workdir: str | Path) -> Path:
     return workdir.parent / f"{workdir.name}.flower.json"
 
 
+def _is_ours(path: Path) -> bool:
+    """A file this command wrote: a JSON config with a task (replaced by a new one)."""
+    import json
+
+    try:
+        return "task" in json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def main(argv: list[str]) -> None:
     from ffrag_jax import files
     from ffrag_jax.federated.flower import records
@@ -45,6 +55,8 @@ def main(argv: list[str]) -> None:
     except UserError as e:
         launch._fail(str(e))
     path = config_file(launch._WORKDIR.value)
+    if path.exists() and not _is_ours(path):
+        launch._fail(f"{path} exists and is not a config this command wrote; move it away")
     path.parent.mkdir(parents=True, exist_ok=True)
     files.atomic_write_text(path, records.config_to_json(config))
     print(path)

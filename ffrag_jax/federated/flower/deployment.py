@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -162,7 +163,7 @@ class LocalFederation:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
             p.wait()
-        subprocess.run(["rm", "-rf", str(self.home)], check=False)
+        shutil.rmtree(self.home, ignore_errors=True)  # our own mkdtemp
 
     def __enter__(self) -> LocalFederation:
         return self

@@ -139,21 +139,28 @@ class FlowerClients(lm_clients.Clients):
             return str(reply.content["error"]["reason"])
         return None
 
-    def _view_arrays(self, server: dict, k: int) -> dict:
-        """The whole view of client ``k`` (its base weights only when rounds change them)."""
-        view = view_of(self.strategy, sharding.to_host(server), k)
-        if not self.strategy.changes_base:
-            view = {key: v for key, v in view.items() if key != "params"}
-        return {"view": records.to_record(view)}
+    def _views(self, server: dict):
+        """``k -> {"view": record}``: client ``k``'s whole view of ``server`` (its base weights
+        only when rounds change them), the server state gathered to the host once."""
+        host = {}
+
+        def view(k: int) -> dict:
+            if not host:
+                host.update(sharding.to_host(server))
+            v = view_of(self.strategy, host, k)
+            if not self.strategy.changes_base:
+                v = {key: x for key, x in v.items() if key != "params"}
+            return {"view": records.to_record(v)}
+        return view
 
     # -- a round --------------------------------------------------------------------------
 
     def round(self, server, t, selected, weights, fusion):
         task = {"round": t, "selected": list(selected), "max_steps": self.max_steps,
                 "width": self.width, "fusion": fusion}
+        views = self._views(server)
         messages = [self._message(self.nodes[k], "train", {**task, "index": i},
-                                  self._view_arrays(server, k) if self.synced.get(k) != t
-                                  else None)
+                                  views(k) if self.synced.get(k) != t else None)
                     for i, k in enumerate(selected)]
         replies = self._send(messages, self.flower.round_timeout)
         row_like = jax.tree.map(np.asarray, self.template)
@@ -209,22 +216,24 @@ class FlowerClients(lm_clients.Clients):
 
     def evaluate(self, server, t, *, base=False):
         task = {"round": t, "base": base, "width": self.width}
+        views, last = self._views(server), self.last
+        download = None  # what the round changed, the same for every node: built once
+        if not base and last.get("round") == t - 1:
+            if self.strategy.changes_base:  # nodes merge the round's adapters as we did
+                download = {"received": records.to_record(sharding.to_host(last["updated"]))}
+                task.update(count=len(last["selected"]), selected=last["selected"],
+                            weights=[float(x) for x in last["weights"]])
+            elif "global" in server:
+                download = {"global": records.to_record(sharding.to_host(server["global"]))}
         messages = []
         for k in range(len(self.names)):
-            own, arrays = dict(task), None
+            own, arrays = dict(task), download
             if base:
-                arrays = None if self.synced.get(k) == 0 else self._view_arrays(server, k)
-            elif self.synced.get(k) != t - 1 or self.last.get("round") != t - 1:
-                arrays = self._view_arrays(server, k)  # it missed something: the whole view
-            elif self.strategy.changes_base:  # it merges the round's adapters as we did
-                last = self.last
-                own.update(count=len(last["selected"]), selected=last["selected"],
-                           weights=[float(x) for x in last["weights"]])
-                arrays = {"received": records.to_record(sharding.to_host(last["updated"]))}
-            else:
-                own["accepted"] = self.last["accepted"].get(k, False)
-                if "global" in server:
-                    arrays = {"global": records.to_record(sharding.to_host(server["global"]))}
+                arrays = None if self.synced.get(k) == 0 else views(k)
+            elif self.synced.get(k) != t - 1 or last.get("round") != t - 1:
+                arrays = views(k)  # it missed something: the whole view
+            elif not self.strategy.changes_base:
+                own["accepted"] = last["accepted"].get(k, False)
             messages.append(self._message(self.nodes[k], "evaluate", own, arrays))
         replies = self._send(messages, self.flower.round_timeout)
         out = []
