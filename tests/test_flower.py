@@ -8,6 +8,7 @@ strategy, and bad clients refused by name. On real processes: ``test_flower_depl
 
 from __future__ import annotations
 
+import copy
 import json
 import uuid
 from pathlib import Path
@@ -24,7 +25,16 @@ from flower_helpers import (  # noqa: E402
     metrics,
     tiny_config,
 )
-from flwr.app import Array, ArrayRecord, Context, RecordDict  # noqa: E402
+from flwr.app import (  # noqa: E402
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    RecordDict,
+)
+from flwr.common.constant import ErrorCode  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from ffrag_jax.errors import UserError  # noqa: E402
@@ -59,6 +69,10 @@ class InProcessGrid:
             ids.append(m.metadata.message_id)
         return ids
 
+    def send_and_receive(self, messages, *, timeout=None):
+        """What Flower's workflows call (SecAgg+): push, then every reply that comes."""
+        return self.pull_messages(self.push_messages(messages))
+
     def pull_messages(self, ids):
         out = []
         for i in ids:
@@ -66,7 +80,13 @@ class InProcessGrid:
             if m is None:  # answered already, or dropped: never comes
                 continue
             node = m.metadata.dst_node_id
-            reply = flower_client.app(m, self.contexts[node])
+            # A copy, as the wire gives: Flower's SecAgg+ workflow sends one record to every
+            # node, and a node's mod changes what it receives.
+            try:
+                reply = flower_client.app(copy.deepcopy(m), self.contexts[node])
+            except Exception as e:  # as a SuperNode answers for a ClientApp that raised
+                reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{e}"),
+                                reply_to=m)
             reply.metadata._src_node_id = node
             if self.tamper is not None:
                 reply = self.tamper(node - 100, m.metadata.message_type, reply)
@@ -285,6 +305,26 @@ def test_flower_engine_config_errors():
         run_lib.validate(config)
 
 
+@pytest.mark.parametrize("overrides,message", [
+    ({"fl.strategy": "zeropad"}, "needs fl.engine=flower"),
+    ({"fl.engine": "flower", "fl.strategy": "stack"},
+     r"fl.strategy='stack' needs every client's adapter, not their sum; summable strategies: "
+     r"fedavg, zeropad"),
+    ({"fl.engine": "flower", "fl.strategy": "median"}, "'median' needs every client's adapter"),
+    ({"fl.engine": "flower", "fl.strategy": "zeropad", "fl.payload": "int8"},
+     "fl.payload='int8' must be fp32"),
+    ({"fl.engine": "flower", "fl.strategy": "zeropad", "fl.flower.secagg_clip": 0.0},
+     "secagg_clip must be positive"),
+    ({"fl.engine": "flower", "fl.strategy": "zeropad", "fl.num_clients": 1,
+      "lora.generator.ranks": (4,)}, "at least 2 clients a round"),
+])
+def test_secure_aggregation_config_errors(overrides, message):
+    config = tiny_config(fl__flower__secagg=True, **{k.replace(".", "__"): v
+                                                     for k, v in overrides.items()})
+    with pytest.raises(UserError, match=message):
+        run_lib.validate(config)
+
+
 def test_a_client_without_data_takes_part_with_weight_0(tmp_path, caplog):
     config = tiny_config(fl__strategy="ff", fl__engine="flower", fl__rounds=1,
                          data__client_sizes=(16, 0, 16))
@@ -311,3 +351,100 @@ def test_an_unreachable_superlink_is_one_line(tmp_path):
     fed.env = {**__import__("os").environ, "FLWR_HOME": str(tmp_path)}
     with pytest.raises(UserError, match="flwr run failed: .*unavailable"):
         fed.submit(tmp_path / "x.flower.json", tmp_path / "x", wait_s=1)
+
+
+# -- secure aggregation (SecAgg+) ---------------------------------------------------------------
+
+
+def _masked_reply(reply) -> bool:
+    """A reply to SecAgg+'s masked-vectors stage."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    cfg = reply.content.config_records.get(RECORD_KEY_CONFIGS)
+    return cfg is not None and Key.MASKED_PARAMETERS in cfg
+
+
+@pytest.mark.parametrize("drop", [None, 2])
+def test_secure_mean_is_the_weighted_mean_of_what_the_clients_hold(drop):
+    """SecAgg+ over the real ClientApp (Flower's mod on the client, its workflow on the
+    server): the server gets sum_k n_k x_k / sum_k n_k to SecAgg+'s quantisation step; a client
+    that drops out after the key sharing is left out of the mean, recovered from the others'
+    shares."""
+    from ffrag_jax.federated.flower import secagg
+
+    rng = np.random.default_rng(0)
+    template = {"layer": {"a": np.zeros((3, 4), np.float32), "b": np.zeros((4, 5), np.float32)},
+                "head": {"a": np.zeros((2,), np.float32)}}
+    counts, clip = [10, 30, 20], 8.0
+    held = [jax.tree.map(lambda x: rng.uniform(-3, 3, x.shape).astype(np.float32), template)
+            for _ in counts]
+    grid = InProcessGrid(3, lambda k, kind, reply: None if k == drop and _masked_reply(reply)
+                         else reply)
+    for k, node in enumerate(sorted(grid.contexts)):
+        state = grid.contexts[node].state
+        state["pending"] = records.to_record(held[k])
+        state["pending_meta"] = ConfigRecord({"round": 4, "num_examples": counts[k],
+                                              "clip": clip})
+    mean, nodes = secagg.secure_mean(grid, sorted(grid.contexts), template, round_=4,
+                                     max_weight=30.0, clip=clip, timeout=None)
+    kept = [k for k in range(3) if k != drop]
+    assert sorted(nodes) == [100 + k for k in kept]
+    w = np.asarray([counts[k] for k in kept], np.float64)
+    expected = jax.tree.map(lambda *xs: np.tensordot(w / w.sum(), np.stack(xs), axes=1),
+                            *[held[k] for k in kept])
+    # SecAgg+'s arithmetic: client k sends x_k q_k / T (q_k = round(n_k / max_weight * T),
+    # T = 2**22 levels), stochastically rounded to a step of 2 clip / T; the server divides the
+    # sum by sum(q) / T. So the error is below K steps * T / sum(q), plus each x_k times the
+    # rounding of its weight, |q_k / sum(q) - n_k / sum(n)|, plus float32's own rounding.
+    T = secagg.QUANTIZATION_RANGE
+    q = np.asarray([round(counts[k] / 30.0 * T) for k in kept], np.float64)
+    step = 2 * clip / T
+    for got, want, *xs in zip(jax.tree.leaves(mean), jax.tree.leaves(expected),
+                              *[jax.tree.leaves(held[k]) for k in kept], strict=True):
+        assert got.dtype == np.float32
+        bound = (len(kept) * step * T / q.sum()
+                 + sum(np.abs(x) * abs(qk / q.sum() - wk / w.sum())
+                       for x, qk, wk in zip(xs, q, w, strict=True)))
+        assert np.all(np.abs(got - want) <= bound + np.abs(want) * 2.0**-24)
+    # The server never saw a client's adapter: the masked stage's replies carry no arrays.
+    for m in grid.sent:
+        assert m.content.array_records.keys() <= {"fitins.parameters"}
+
+
+def test_secure_aggregation_refuses_a_value_outside_its_range():
+    from ffrag_jax.federated.flower import secagg
+
+    template = {"a": np.zeros((3,), np.float32)}
+    grid = InProcessGrid(3)
+    for k, node in enumerate(sorted(grid.contexts)):
+        grid.contexts[node].state["pending"] = records.to_record(
+            {"a": np.full((3,), 9.0 if k == 1 else 0.5, np.float32)})
+        grid.contexts[node].state["pending_meta"] = ConfigRecord(
+            {"round": 0, "num_examples": 5, "clip": 8.0})
+    mean, nodes = secagg.secure_mean(grid, sorted(grid.contexts), template, round_=0,
+                                     max_weight=5.0, clip=8.0, timeout=None)
+    assert sorted(nodes) == [100, 102]  # client 1 refused to send (9 > 8); the rest summed
+    np.testing.assert_allclose(mean["a"], 0.5, atol=1e-5)
+
+
+def test_secure_aggregation_runs_the_job_as_the_plain_mean_does(tmp_path):
+    """The federated job with SecAgg+ (fl.flower.secagg; FedAdam on the zero-padded mean of
+    ranks 4, 2, 1) ends with the local engine's summary up to the quantisation (the mean is
+    off by < 5e-6 per value: the test above), and no client ever sends an adapter in the
+    clear: its train reply holds losses only, its masked reply no arrays."""
+    overrides = dict(fl__strategy="fedadam", lora__generator__ranks=(4, 2, 1))
+    local = local_summary(tiny_config(**overrides), tmp_path / "local")
+    replies = []
+
+    def keep(k, kind, reply):
+        replies.append((kind, reply))
+        return reply
+
+    secure = run_flower(tiny_config(**overrides, fl__engine="flower", fl__flower__secagg=True),
+                        tmp_path / "secure", InProcessGrid(3, keep))
+    assert_same_summary(local, secure, tol=1e-4)
+    assert any(_masked_reply(r) for _, r in replies)
+    for kind, reply in replies:
+        assert not any(len(rec) for rec in reply.content.array_records.values()), kind
+    recs = metrics(tmp_path / "secure")
+    assert all(r["accepted"] for r in recs if r.get("kind") == "client")

@@ -55,6 +55,12 @@ def flower() -> ConfigDict:
         min_fraction=0.5,
         round_timeout=600.0,
         connect_timeout=120.0,  # for all fl.num_clients SuperNodes to connect and answer
+        # Secure aggregation (Flower's SecAgg+) for the strategies whose rule needs only the
+        # weighted mean of the clients' adapters (fedavg, zeropad, fedprox, ffa, fedavgm,
+        # fedadam, fedyogi): the server learns that mean and no single adapter. Every value a
+        # client sends must lie in [-secagg_clip, secagg_clip] (2**22 levels over it).
+        secagg=False,
+        secagg_clip=8.0,
         # Simulation runtime only: each virtual client's share of the machine (Ray).
         client_cpus=1.0,
         client_gpus=0.0,

@@ -40,7 +40,7 @@ from ffrag_jax.evaluation.rounds import (
 )
 from ffrag_jax.federated import privacy, strategies
 from ffrag_jax.federated.driver import RoundDriver
-from ffrag_jax.federated.strategies import Strategy
+from ffrag_jax.federated.strategies import REGISTRY, Strategy
 from ffrag_jax.jobs.base_model import (
     abstract_model,
     model_config,
@@ -129,6 +129,9 @@ def check_engine(config: ConfigDict) -> None:
     engine = config.fl.get("engine", "local")
     if engine not in ENGINES:
         raise UserError(f"fl.engine={engine!r}; choose one of {', '.join(ENGINES)}")
+    flower = config.fl.get("flower", {})
+    if flower.get("secagg", False):
+        check_secagg(config, engine)
     if engine != "flower":
         return
     try:
@@ -142,6 +145,29 @@ def check_engine(config: ConfigDict) -> None:
     if jax.process_count() > 1:
         raise UserError("fl.engine=flower runs the server in one process; drop "
                         "--num_processes (each Flower client may use its own devices)")
+
+
+def check_secagg(config: ConfigDict, engine: str) -> None:
+    """``fl.flower.secagg``: a UserError unless the run can aggregate securely (the Flower
+    engine, a summable strategy, plain fp32 payloads, two clients a round at least)."""
+    fl = config.fl
+    strategy = strategies.from_config(fl)
+    if engine != "flower":
+        raise UserError("fl.flower.secagg=True needs fl.engine=flower (the local engine is one "
+                        "party: there is nothing to hide from)")
+    if not strategy.summable:
+        summable = [n for n, c in REGISTRY.items() if c.summable]
+        raise UserError(f"fl.flower.secagg=True: fl.strategy={fl.strategy!r} needs every "
+                        "client's adapter, not their sum; summable strategies: "
+                        + ", ".join(summable))
+    if fl.payload != "fp32":
+        raise UserError(f"fl.flower.secagg=True sends SecAgg+'s own 32-bit fixed point; "
+                        f"fl.payload={fl.payload!r} must be fp32")
+    if not 0 < fl.flower.secagg_clip < float("inf"):
+        raise UserError(f"fl.flower.secagg_clip must be positive, got {fl.flower.secagg_clip}")
+    if clients_per_round(fl) < 2:
+        raise UserError("fl.flower.secagg=True: a secure sum needs at least 2 clients a round "
+                        f"(fl.num_clients={fl.num_clients})")
 
 
 def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh, grid=None) -> dict:

@@ -12,7 +12,9 @@ Messages (the server side is :mod:`ffrag_jax.federated.flower.server`):
 * ``query``: the node checks its partition against the run's config and answers with its
   partition id, example count and longest sequence (to agree on one padded width);
 * ``train``: round ``t``; the node trains from its view (:func:`round_step.train_clients`,
-  the same jitted function the local engine vmaps) and sends its trained adapter;
+  the same jitted function the local engine vmaps) and sends its trained adapter (with
+  secure aggregation, ``fl.flower.secagg``: keeps it for the SecAgg+ stages that follow,
+  :mod:`~ffrag_jax.federated.flower.secagg`, and sends its losses only);
 * ``evaluate``: after the server's aggregation, what changed (the new global adapter, or for
   stacking the round's received adapters to merge exactly as the server did) and whether the
   node's update was accepted; the node updates its view and sends held-out metrics.
@@ -39,7 +41,7 @@ from ffrag_jax.data import text
 from ffrag_jax.data.clients import client_records, encode_clients, pairs_of
 from ffrag_jax.errors import UserError
 from ffrag_jax.federated import strategies
-from ffrag_jax.federated.flower import records
+from ffrag_jax.federated.flower import records, secagg
 from ffrag_jax.jobs import lm_clients
 
 app = ClientApp()
@@ -191,8 +193,10 @@ def query(msg: Message, context: Context) -> Message:
         "name": ConfigRecord({"name": node.name})}), reply_to=msg)
 
 
-@app.train()
+@app.train(mods=[secagg.secagg_mod])
 def train(msg: Message, context: Context) -> Message:
+    if secagg.asks_secagg(msg):  # SecAgg+'s masked-vectors stage: the kept adapter
+        return secagg.masked_reply(msg, context)
     try:
         node = node_for(msg, context)
         task = msg.content["task"]
@@ -215,11 +219,16 @@ def train(msg: Message, context: Context) -> Message:
         return _error(msg, e)
     row = jax.tree.map(lambda x: np.asarray(x[0]), updated)
     context.state["pending"] = records.to_record(row)
-    return Message(RecordDict({
-        "update": records.to_record(row),
-        "metrics": MetricRecord({"loss": [float(x) for x in np.asarray(metrics["loss"][0])],
-                                 "active": [int(x) for x in np.asarray(metrics["active"][0])]}),
-    }), reply_to=msg)
+    reply = {"metrics": MetricRecord({
+        "loss": [float(x) for x in np.asarray(metrics["loss"][0])],
+        "active": [int(x) for x in np.asarray(metrics["active"][0])]})}
+    if bool(task.get("secagg", False)):  # the adapter leaves only masked, in SecAgg+
+        context.state["pending_meta"] = ConfigRecord({
+            "round": t, "num_examples": node.num_examples,
+            "clip": float(node.config.fl.flower.secagg_clip)})
+    else:
+        reply["update"] = records.to_record(row)
+    return Message(RecordDict(reply), reply_to=msg)
 
 
 @app.evaluate()

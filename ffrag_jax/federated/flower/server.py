@@ -30,7 +30,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from ffrag_jax import data, federated
 from ffrag_jax.data import text
 from ffrag_jax.errors import UserError
-from ffrag_jax.federated.flower import records
+from ffrag_jax.federated.flower import records, secagg
 from ffrag_jax.federated.flower.client import base_folder, view_of
 from ffrag_jax.jobs import lm_clients
 from ffrag_jax.models import hf
@@ -53,6 +53,9 @@ class FlowerClients(lm_clients.Clients):
                                       "fingerprint": records.fingerprint(config),
                                       "base": str(base)})
         self.aggregate_fn = lm_clients.make_aggregate_fn(strategy)
+        self.secure = bool(self.flower.secagg)
+        if self.secure:  # the server's half from the securely summed mean
+            self.mean_fn = jax.jit(strategy.aggregate_mean)
         self.synced: dict[int, int] = {}  # client -> round of the view it holds (none: unknown)
         self.last: dict = {}
         self.connect()
@@ -157,7 +160,7 @@ class FlowerClients(lm_clients.Clients):
 
     def round(self, server, t, selected, weights, fusion):
         task = {"round": t, "selected": list(selected), "max_steps": self.max_steps,
-                "width": self.width, "fusion": fusion}
+                "width": self.width, "fusion": fusion, "secagg": self.secure}
         views = self._views(server)
         messages = [self._message(self.nodes[k], "train", {**task, "index": i},
                                   views(k) if self.synced.get(k) != t else None)
@@ -170,7 +173,9 @@ class FlowerClients(lm_clients.Clients):
             reply = replies.get(self.nodes[k])
             reason = self._reason(reply)
             row = None
-            if reason is None:
+            if reason is None and self.secure:  # it keeps its adapter for SecAgg+
+                row = row_like
+            elif reason is None:
                 try:
                     row = records.from_record(reply.content["update"], row_like,
                                               who=f"client {k}")
@@ -196,23 +201,55 @@ class FlowerClients(lm_clients.Clients):
             rows.append(row)
             losses.append(np.asarray(reply.content["metrics"]["loss"], np.float32))
             actives.append(np.asarray(reply.content["metrics"]["active"], np.int32))
+        self._enough(t, selected, refused)
+        w = np.asarray([0.0 if k in refused else weights[i] for i, k in enumerate(selected)],
+                       np.float32)
+        if self.secure:
+            new, accepted, updated = self._secure_round(server, t, selected, refused, w)
+        else:
+            updated = federated.stack_clients([jax.tree.map(jnp.asarray, r) for r in rows])
+            new, accepted = self.aggregate_fn(server, updated, jnp.asarray(selected),
+                                              jnp.asarray(w))
+            accepted = np.asarray(accepted)
+        self.last = {"round": t, "selected": list(selected), "weights": w,
+                     "accepted": {k: bool(a) for k, a in zip(selected, accepted, strict=True)},
+                     "updated": updated}
+        return new, {"accepted": accepted, "loss": np.stack(losses),
+                     "active": np.stack(actives), "refused": refused}
+
+    def _enough(self, t: int, selected, refused: dict) -> None:
+        """A UserError unless ``fl.flower.min_fraction`` of the selected clients answered."""
         answered = len(selected) - len(refused)
         needed = math.ceil(self.flower.min_fraction * len(selected))
         if answered < needed:
             raise UserError(f"round {t + 1}: only {answered} of {len(selected)} clients "
                             f"answered (fl.flower.min_fraction={self.flower.min_fraction}); "
                             f"left out: {refused}")
-        updated = federated.stack_clients([jax.tree.map(jnp.asarray, r) for r in rows])
-        w = np.asarray([0.0 if k in refused else weights[i] for i, k in enumerate(selected)],
-                       np.float32)
-        new, accepted = self.aggregate_fn(server, updated, jnp.asarray(selected),
-                                          jnp.asarray(w))
-        accepted = np.asarray(accepted)
-        self.last = {"round": t, "selected": list(selected), "weights": w,
-                     "accepted": {k: bool(a) for k, a in zip(selected, accepted, strict=True)},
-                     "updated": updated}
-        return new, {"accepted": accepted, "loss": np.stack(losses),
-                     "active": np.stack(actives), "refused": refused}
+
+    def _secure_round(self, server, t, selected, refused: dict, w: np.ndarray):
+        """The server's half of a round under SecAgg+: the weighted mean of the adapters of
+        the clients that trained (the server never sees one of them), then the strategy's
+        :meth:`aggregate_mean`. A client that drops out of the protocol is left out of the
+        mean (it is recovered from the others' shares) and named. Returns ``(server,
+        accepted [K], None)``."""
+        trained = [k for k in selected if k not in refused and w[selected.index(k)] > 0]
+        mean, nodes = (None, []) if len(trained) < 2 else secagg.secure_mean(
+            self.grid, [self.nodes[k] for k in trained], jax.tree.map(np.asarray, self.template),
+            round_=t, max_weight=float(max(self.counts)), clip=self.flower.secagg_clip,
+            timeout=self.flower.round_timeout)
+        for k in trained:
+            if self.nodes[k] not in nodes:
+                refused[k] = "dropped out of secure aggregation"
+                self.synced.pop(k, None)
+                logging.warning("round %d: client %d (%s) left out: it dropped out of secure "
+                                "aggregation", t + 1, k, self.names[k])
+        if mean is None:
+            raise UserError(f"round {t + 1}: secure aggregation did not finish with clients "
+                            f"{trained} (it needs at least 2, and enough of them to answer "
+                            "every stage); left out: " + str(refused))
+        self._enough(t, selected, refused)
+        accepted = np.asarray([self.nodes[k] in nodes for k in selected])
+        return self.mean_fn(server, jax.tree.map(jnp.asarray, mean)), accepted, None
 
     def evaluate(self, server, t, *, base=False):
         task = {"round": t, "base": base, "width": self.width}

@@ -67,6 +67,9 @@ class Strategy:
     fresh_adapters: ClassVar[bool] = False  # clients start every round from new adapters
     changes_base: ClassVar[bool] = False  # aggregation merges into the base weights
     one_rank: ClassVar[bool] = False  # averages a and b: every client must have one rank
+    # The rule needs only the weighted mean of what the clients send (:meth:`aggregate_mean`):
+    # secure aggregation can hide every single update from the server.
+    summable: ClassVar[bool] = False
     fusion: str = "add"
     # How adapters travel (fl.payload): the server computes with what it would receive, and
     # clients with what they would download.
@@ -147,6 +150,12 @@ class Strategy:
         server received (``local``: the clients' own, uncompressed, for strategies that keep
         them; default ``updated``)."""
         raise NotImplementedError
+
+    def aggregate_mean(self, server: dict, mean: LoRA) -> dict:
+        """Summable strategies: the next server state from ``mean``, the weighted mean
+        ``sum_k w_k x_k`` of the accepted clients' adapters (all that secure aggregation
+        reveals). Their :meth:`aggregate` is this of :func:`weighted_mean`."""
+        raise NotImplementedError(f"{self.name} needs every client's update, not their sum")
 
     def downloaded(self, tree):
         """What clients compute with when the server sends ``tree``."""

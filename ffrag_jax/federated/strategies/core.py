@@ -45,6 +45,7 @@ class FedAvg(Strategy):
     description = "FedIT: a global adapter, a and b averaged separately (equal ranks)"
 
     one_rank = True
+    summable = True
 
     def init_server(self, params, *, start=None, personal=None, per_round=1, ranks=None):
         return {"params": params, "global": start}
@@ -54,7 +55,10 @@ class FedAvg(Strategy):
 
     def aggregate(self, server, updated, weights, accepted, selected, ranks=None, *,
                   local=None):
-        return {**server, "global": weighted_mean(updated, weights)}
+        return self.aggregate_mean(server, weighted_mean(updated, weights))
+
+    def aggregate_mean(self, server, mean):
+        return {**server, "global": mean}
 
 
 class ZeroPad(FedAvg):

@@ -51,11 +51,10 @@ class FFA(FedAvg):
         current = server["global"]
         return _broadcast(_with_a(self.downloaded(current), current), selected.shape[0])
 
-    def aggregate(self, server, updated, weights, accepted, selected, ranks=None, *,
-                  local=None):
+    def aggregate_mean(self, server, mean):
         # The server's a, not the average of the clients' (equal) copies: sum_k w_k a is a
         # only up to rounding.
-        return {**server, "global": _with_a(weighted_mean(updated, weights), server["global"])}
+        return {**server, "global": _with_a(mean, server["global"])}
 
     def payload_bytes(self, template, rank, global_rank):
         b = adapter_bytes(template, rank, self.payload, factors=("b",))

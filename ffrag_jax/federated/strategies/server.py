@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ffrag_jax.federated.aggregation import coordinate_median, trimmed_mean, weighted_mean
+from ffrag_jax.federated.aggregation import coordinate_median, trimmed_mean
 from ffrag_jax.federated.strategies.base import setting
 from ffrag_jax.federated.strategies.core import ZeroPad
 
@@ -20,6 +20,7 @@ class Median(ZeroPad):
     Unweighted: example counts are what a bad client would lie about."""
 
     name = "median"
+    summable = False  # a median needs every value
     description = "coordinate-wise median of the clients' a and b (robust to a bad client)"
 
     def aggregate(self, server, updated, weights, accepted, selected, ranks=None, *,
@@ -35,6 +36,7 @@ class TrimmedMean(ZeroPad):
     (unweighted)."""
 
     name = "trimmed_mean"
+    summable = False  # so does a trimmed mean
     description = "coordinate-wise trimmed mean of a and b (fl.settings.trim of each end dropped)"
     trim: float = setting(0.2, 0.0, 0.5)
 
@@ -60,10 +62,9 @@ class FedOpt(ZeroPad):
     def init_server(self, params, *, start=None, personal=None, per_round=1, ranks=None):
         return {"params": params, "global": start, "server_opt": self.transform().init(start)}
 
-    def aggregate(self, server, updated, weights, accepted, selected, ranks=None, *,
-                  local=None):
+    def aggregate_mean(self, server, mean):
         current = server["global"]
-        pseudo_grad = jax.tree.map(jnp.subtract, current, weighted_mean(updated, weights))
+        pseudo_grad = jax.tree.map(jnp.subtract, current, mean)
         step, opt = self.transform().update(pseudo_grad, server["server_opt"], current)
         return {**server, "global": optax.apply_updates(current, step), "server_opt": opt}
 
