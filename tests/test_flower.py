@@ -307,9 +307,9 @@ def test_flower_engine_config_errors():
 
 @pytest.mark.parametrize("overrides,message", [
     ({"fl.strategy": "zeropad"}, "needs fl.engine=flower"),
-    ({"fl.engine": "flower", "fl.strategy": "stack"},
-     r"fl.strategy='stack' needs every client's adapter, not their sum; summable strategies: "
-     r"fedavg, zeropad"),
+    ({"fl.engine": "flower", "fl.strategy": "ff"},
+     r"fl.strategy='ff' needs every client's adapter, not their sum; summable strategies: "
+     r"stack, fedavg, zeropad"),
     ({"fl.engine": "flower", "fl.strategy": "median"}, "'median' needs every client's adapter"),
     ({"fl.engine": "flower", "fl.strategy": "zeropad", "fl.payload": "int8"},
      "fl.payload='int8' must be fp32"),
@@ -427,12 +427,15 @@ def test_secure_aggregation_refuses_a_value_outside_its_range():
     np.testing.assert_allclose(mean["a"], 0.5, atol=1e-5)
 
 
-def test_secure_aggregation_runs_the_job_as_the_plain_mean_does(tmp_path):
-    """The federated job with SecAgg+ (fl.flower.secagg; FedAdam on the zero-padded mean of
-    ranks 4, 2, 1) ends with the local engine's summary up to the quantisation (the mean is
-    off by < 5e-6 per value: the test above), and no client ever sends an adapter in the
-    clear: its train reply holds losses only, its masked reply no arrays."""
-    overrides = dict(fl__strategy="fedadam", lora__generator__ranks=(4, 2, 1))
+@pytest.mark.parametrize("strategy,rounds", [("fedadam", 1), ("stack", 2)])
+def test_secure_aggregation_runs_the_job_as_the_plain_mean_does(tmp_path, strategy, rounds):
+    """The federated job with SecAgg+ (fl.flower.secagg) ends with the local engine's summary
+    up to the quantisation (the mean is off by < 5e-6 per value: the test above), and no
+    client ever sends an adapter in the clear: its train reply holds losses only, its masked
+    reply no arrays. FedAdam steps on the zero-padded mean of ranks 4, 2, 1; stacking sums
+    the clients' merged deltas, which every node merges into its base as the server did."""
+    overrides = dict(fl__strategy=strategy, lora__generator__ranks=(4, 2, 1),
+                     fl__rounds=rounds)
     local = local_summary(tiny_config(**overrides), tmp_path / "local")
     replies = []
 

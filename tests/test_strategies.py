@@ -248,3 +248,43 @@ def test_robust_rules_equal_flowers(k, trim):
     for ours, theirs in zip((tm["a"], tm["b"]), agg.aggregate_trimmed_avg(kept, trim),
                             strict=True):
         np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
+def test_stacking_by_its_merged_deltas_is_the_stacked_product_by_hand():
+    """Secure aggregation's form of FLoRA: each client's dense ``scale a_k b_k``, averaged,
+    merged into the kernel, is the stacked merge. By hand: client k's delta is 2 a_k b_k."""
+    stack = strategies.get("stack")
+    kernel = jnp.zeros((2, 2))
+    server = {"params": {"layer": {"q_proj": {"kernel": kernel}}}}
+    two = _adapter([[[1.0], [2.0]], [[0.0], [1.0]]], [[[3.0, 1.0]], [[1.0, -1.0]]])
+    deltas = [stack.secure_form(_adapter(A_, B_)) for A_, B_ in (
+        ([[1.0], [2.0]], [[3.0, 1.0]]), ([[0.0], [1.0]], [[1.0, -1.0]]))]
+    np.testing.assert_allclose(deltas[0]["layer/q_proj"], [[6.0, 2.0], [12.0, 4.0]])
+    np.testing.assert_allclose(deltas[1]["layer/q_proj"], [[0.0, 0.0], [2.0, -2.0]])
+    w = jnp.asarray([0.25, 0.75])
+    mean = aggregation.weighted_mean(
+        jax.tree.map(lambda *xs: jnp.stack(xs), *deltas), w)
+    secure = stack.aggregate_mean(server, mean)["params"]["layer"]["q_proj"]["kernel"]
+    np.testing.assert_allclose(secure, [[1.5, 0.5], [4.5, -0.5]])
+    plain = stack.aggregate(server, two, w, jnp.asarray([True, True]), jnp.arange(2), (1, 1))
+    np.testing.assert_allclose(plain["params"]["layer"]["q_proj"]["kernel"], secure, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", [n for n, c in strategies.REGISTRY.items() if c.summable])
+def test_every_summable_strategy_aggregates_its_weighted_mean(name):
+    """What secure aggregation gives a summable strategy (the weighted mean of its clients'
+    secure forms) leads to the same server state as its plain rule."""
+    s = strategies.get(name)
+    start = _adapter([[0.5], [0.5]], [[0.5, 0.5]])
+    server = s.init_server({"layer": {"q_proj": {"kernel": jnp.zeros((2, 2))}}}, start=start)
+    weights = jnp.asarray([0.1, 0.2, 0.3, 0.0, 0.4, 0.0])
+    clients = _adapter([[[1.0], [2.0]], [[0.0], [1.0]], [[3.0], [-1.0]], [[0.0], [0.0]],
+                        [[2.0], [2.0]], [[0.0], [0.0]]],
+                       [[[1.0, 2.0]], [[0.5, 0.0]], [[1.0, 1.0]], [[0.0, 0.0]], [[2.0, -1.0]],
+                        [[0.0, 0.0]]])
+    plain = s.aggregate(server, clients, weights, weights > 0, jnp.arange(6), (1,) * 6)
+    forms = [s.secure_form(aggregation.client(clients, k)) for k in range(6)]
+    mean = aggregation.weighted_mean(jax.tree.map(lambda *xs: jnp.stack(xs), *forms), weights)
+    secure = s.aggregate_mean(server, mean)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7),
+                 plain, secure)

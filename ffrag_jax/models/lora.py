@@ -142,8 +142,14 @@ def delta(lora: LoRA) -> dict:
 
 def merge(params: dict, lora: LoRA) -> dict:
     """Params with every adapted kernel replaced by ``kernel + scale * a @ b``."""
+    return add_deltas(params, delta(lora))
+
+
+def add_deltas(params: dict, deltas: dict) -> dict:
+    """Params with ``deltas[path]`` (``{module path: [L, in, out]}``, as :func:`delta` gives)
+    added to each module's kernel (in float32, stored in the kernel's dtype)."""
     flat = traverse_util.flatten_dict(params)
-    for path, d in delta(lora).items():
+    for path, d in deltas.items():
         kernel = flat[path + ("kernel",)]
         flat[path + ("kernel",)] = (kernel.astype(jnp.float32) + d).astype(kernel.dtype)
     return traverse_util.unflatten_dict(flat)

@@ -113,6 +113,10 @@ class ClientNode:
         self.data: lm_clients.ClientData | None = None
         self.train_fn = lm_clients.make_train_fn(config, self.cfg, self.strategy)
         self.aggregate_fn = lm_clients.make_aggregate_fn(self.strategy)
+        # A secure round (fl.flower.secagg): what a client sums, and the server's rule on
+        # the mean (a stacking node replays it on its base weights).
+        self.secure_like = jax.eval_shape(self.strategy.secure_form, self.template)
+        self.mean_fn = jax.jit(self.strategy.aggregate_mean)
         self.evaluate_fn = lm_clients.make_evaluator(self.cfg)
 
     def data_at(self, width: int) -> lm_clients.ClientData:
@@ -223,6 +227,8 @@ def train(msg: Message, context: Context) -> Message:
         "loss": [float(x) for x in np.asarray(metrics["loss"][0])],
         "active": [int(x) for x in np.asarray(metrics["active"][0])]})}
     if bool(task.get("secagg", False)):  # the adapter leaves only masked, in SecAgg+
+        context.state["pending"] = records.to_record(jax.tree.map(
+            np.asarray, node.strategy.secure_form(row)))
         context.state["pending_meta"] = ConfigRecord({
             "round": t, "num_examples": node.num_examples,
             "clip": float(node.config.fl.flower.secagg_clip)})
@@ -257,6 +263,9 @@ def apply_download(node: ClientNode, msg: Message, context: Context, view: dict)
     strategies take the new global adapter; a personal row becomes the node's trained one if
     the server accepted it."""
     task = msg.content["task"]
+    if node.strategy.changes_base and "mean" in msg.content:  # a secure round's mean
+        mean = records.from_record(msg.content["mean"], node.secure_like, who="the server")
+        return node.mean_fn(view, jax.tree.map(jnp.asarray, mean))
     if node.strategy.changes_base:
         count = int(task["count"])
         like = jax.tree.map(lambda x: jax.ShapeDtypeStruct((count,) + x.shape, x.dtype),

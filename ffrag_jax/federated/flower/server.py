@@ -231,10 +231,11 @@ class FlowerClients(lm_clients.Clients):
         the clients that trained (the server never sees one of them), then the strategy's
         :meth:`aggregate_mean`. A client that drops out of the protocol is left out of the
         mean (it is recovered from the others' shares) and named. Returns ``(server,
-        accepted [K], None)``."""
+        accepted [K], mean)``."""
         trained = [k for k in selected if k not in refused and w[selected.index(k)] > 0]
         mean, nodes = (None, []) if len(trained) < 2 else secagg.secure_mean(
-            self.grid, [self.nodes[k] for k in trained], jax.tree.map(np.asarray, self.template),
+            self.grid, [self.nodes[k] for k in trained],
+            jax.eval_shape(self.strategy.secure_form, self.template),
             round_=t, max_weight=float(max(self.counts)), clip=self.flower.secagg_clip,
             timeout=self.flower.round_timeout)
         for k in trained:
@@ -249,14 +250,16 @@ class FlowerClients(lm_clients.Clients):
                             "every stage); left out: " + str(refused))
         self._enough(t, selected, refused)
         accepted = np.asarray([self.nodes[k] in nodes for k in selected])
-        return self.mean_fn(server, jax.tree.map(jnp.asarray, mean)), accepted, None
+        return self.mean_fn(server, jax.tree.map(jnp.asarray, mean)), accepted, mean
 
     def evaluate(self, server, t, *, base=False):
         task = {"round": t, "base": base, "width": self.width}
         views, last = self._views(server), self.last
         download = None  # what the round changed, the same for every node: built once
         if not base and last.get("round") == t - 1:
-            if self.strategy.changes_base:  # nodes merge the round's adapters as we did
+            if self.strategy.changes_base and self.secure:  # nodes merge the mean as we did
+                download = {"mean": records.to_record(last["updated"])}
+            elif self.strategy.changes_base:  # nodes merge the round's adapters as we did
                 download = {"received": records.to_record(sharding.to_host(last["updated"]))}
                 task.update(count=len(last["selected"]), selected=last["selected"],
                             weights=[float(x) for x in last["weights"]])

@@ -151,10 +151,16 @@ class Strategy:
         them; default ``updated``)."""
         raise NotImplementedError
 
-    def aggregate_mean(self, server: dict, mean: LoRA) -> dict:
+    def secure_form(self, adapter: LoRA):
+        """Summable strategies: what a client puts into a secure sum (a pytree of arrays):
+        its adapter, for the strategies that average adapters."""
+        return adapter
+
+    def aggregate_mean(self, server: dict, mean) -> dict:
         """Summable strategies: the next server state from ``mean``, the weighted mean
-        ``sum_k w_k x_k`` of the accepted clients' adapters (all that secure aggregation
-        reveals). Their :meth:`aggregate` is this of :func:`weighted_mean`."""
+        ``sum_k w_k s_k`` of the accepted clients' :meth:`secure_form` (all that secure
+        aggregation reveals). The averaging strategies' :meth:`aggregate` is this of
+        :func:`weighted_mean`."""
         raise NotImplementedError(f"{self.name} needs every client's update, not their sum")
 
     def downloaded(self, tree):

@@ -19,6 +19,10 @@ class Stack(Strategy):
     description = "FLoRA: fresh adapters each round, stacked exactly and merged into the base"
     fresh_adapters = True
     changes_base = True
+    # Under secure aggregation, the stacked product's summable form: each client's merged
+    # delta ``scale * a_k b_k`` per module, dense (d_in x d_out values a module, not r (d_in +
+    # d_out)); their weighted sum is the stacked product, which is all the server learns.
+    summable = True
 
     def client_start(self, server, selected, fresh):
         return fresh
@@ -28,6 +32,13 @@ class Stack(Strategy):
         # Clients download the stacked adapter and merge it: the server merges the same.
         stacked = self.downloaded(stack_padded(updated, weights, ranks))
         return {**server, "params": lora.merge(server["params"], stacked)}
+
+    def secure_form(self, adapter):
+        return {"/".join(path): d for path, d in lora.delta(adapter).items()}
+
+    def aggregate_mean(self, server, mean):
+        deltas = {tuple(path.split("/")): d for path, d in mean.items()}
+        return {**server, "params": lora.add_deltas(server["params"], deltas)}
 
     def global_model(self, server):
         return server["params"], None
