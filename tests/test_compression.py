@@ -68,7 +68,8 @@ def test_strategies_compute_with_what_travels():
     start = _lora(rng.normal(size=(3, 2)), rng.normal(size=(2, 3)))
     server = fedavg.server_update({"params": {}, "global": start}, clients, weights, accepted,
                                   selected)
-    want = aggregation.weighted_mean(int8.roundtrip(clients), weights)  # what arrived, averaged
+    # what arrived (each client encoded its own adapter), averaged
+    want = aggregation.weighted_mean(jax.vmap(int8.roundtrip)(clients), weights)
     jax.tree.map(np.testing.assert_array_equal, server["global"], want)
     assert not np.allclose(server["global"].weights["layer"]["q_proj"]["a"],
                            aggregation.weighted_mean(clients, weights).weights["layer"][
@@ -83,8 +84,17 @@ def test_strategies_compute_with_what_travels():
     server = ff.server_update({"params": {}, "personal": clients, "global": None}, clients,
                               weights, accepted, selected)
     jax.tree.map(np.testing.assert_array_equal, server["personal"], clients)
-    stacked = aggregation.stack_padded(int8.roundtrip(clients), weights)
+    stacked = aggregation.stack_padded(jax.vmap(int8.roundtrip)(clients), weights)
     jax.tree.map(np.testing.assert_array_equal, server["global"], int8.roundtrip(stacked))
+    # A block never spans two clients: with blocks of 4, client 1's first values share a
+    # scale with nothing of client 0's (a batch-wide encoding would mix them).
+    int8_4 = strategies.get("fedavg", payload=compression.get("int8", block=4))
+    got = int8_4.server_update({"params": {}, "global": start}, clients, weights, accepted,
+                               selected)["global"]
+    per_client = [compression.get("int8", block=4).roundtrip(aggregation.client(clients, k))
+                  for k in range(2)]
+    want = jax.tree.map(lambda x, y: 0.3 * x + 0.7 * y, *per_client)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6), got, want)
     # Bytes: a rank-2 adapter of a 3x3 module is 6 + 6 values: 12 int8 and 6 scales of 2.
     assert fedavg.payload_bytes(start, 2, 2) == (12 + 4 * 6, 12 + 4 * 6)
     assert strategies.get("fedavg").payload_bytes(start, 2, 2) == (48, 48)

@@ -115,21 +115,34 @@ class flower_client_cleared:
 # -- in process -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("strategy,ranks", [
-    ("stack", (4, 2, 1)),  # the base weights change: clients replay the server's merge
-    ("ff", (4, 2, 1)),  # personal adapters stay on the nodes
-    ("fedsa", (2, 2, 2)),  # b personal, a shared
-    ("fedadam", (2, 2, 2)),  # server optimiser state only on the server
+@pytest.mark.parametrize("strategy,ranks,payload", [
+    # the base weights change: clients replay the server's merge of the adapters they get
+    # in half precision
+    ("stack", (4, 2, 1), "fp16"),
+    ("ff", (4, 2, 1), "fp32"),  # personal adapters stay on the nodes
+    ("fedsa", (2, 2, 2), "fp32"),  # b personal, a shared
+    # server optimiser state only on the server; adapters travel as blockwise int8
+    ("fedadam", (2, 2, 2), "int8"),
 ])
-def test_flower_protocol_equals_local_engine(tmp_path, strategy, ranks):
+def test_flower_protocol_equals_local_engine(tmp_path, strategy, ranks, payload):
+    """The same summary as the local engine, which computes with the payload codec's round
+    trip; on Flower the adapters really travel in it (int8: q and scale arrays)."""
     config = tiny_config(fl__strategy=strategy, lora__generator__ranks=ranks,
-                         eval__exact_match=strategy == "ff")
+                         eval__exact_match=strategy == "ff", fl__payload=payload)
     local = local_summary(config, tmp_path / "local")
     grid = InProcessGrid(3)
     flower = run_flower(tiny_config(fl__strategy=strategy, lora__generator__ranks=ranks,
-                                    eval__exact_match=strategy == "ff", fl__engine="flower"),
+                                    eval__exact_match=strategy == "ff", fl__engine="flower",
+                                    fl__payload=payload),
                         tmp_path / "flower", grid)
     assert_same_summary(local, flower)
+    sent = [m for m in grid.sent if m.metadata.message_type == "evaluate"]
+    downloads = [r for m in sent for name, r in m.content.array_records.items()
+                 if name in ("global", "received")]
+    assert downloads and all(a.dtype == {"fp32": "float32", "fp16": "float16"}.get(
+        payload, a.dtype) for r in downloads for a in r.values())
+    if payload == "int8":
+        assert {a.dtype for r in downloads for a in r.values()} == {"int8", "float32"}
     # Only adapters (and metrics) ever leave a client; the server sends adapters, the base
     # model's folder path and the config, never data or knowledge-base text.
     kinds = {m.metadata.message_type for m in grid.sent}

@@ -233,7 +233,7 @@ def train(msg: Message, context: Context) -> Message:
             "round": t, "num_examples": node.num_examples,
             "clip": float(node.config.fl.flower.secagg_clip)})
     else:
-        reply["update"] = records.to_record(row)
+        reply["update"] = records.encode(row, node.strategy.payload)
     return Message(RecordDict(reply), reply_to=msg)
 
 
@@ -270,7 +270,8 @@ def apply_download(node: ClientNode, msg: Message, context: Context, view: dict)
         count = int(task["count"])
         like = jax.tree.map(lambda x: jax.ShapeDtypeStruct((count,) + x.shape, x.dtype),
                             node.template)
-        received = records.from_record(msg.content["received"], like, who="the server")
+        received = records.decode(msg.content["received"], like, node.strategy.payload,
+                                  who="the server")
         weights = np.asarray(task["weights"], np.float32)
         new, _ = node.aggregate_fn(view, jax.tree.map(jnp.asarray, received),
                                    jnp.asarray([int(x) for x in task["selected"]]),
@@ -278,8 +279,8 @@ def apply_download(node: ClientNode, msg: Message, context: Context, view: dict)
         return new
     out = dict(view)
     if "global" in view:
-        out["global"] = jax.tree.map(jnp.asarray, records.from_record(
-            msg.content["global"], view["global"], who="the server"))
+        out["global"] = jax.tree.map(jnp.asarray, records.decode(
+            msg.content["global"], view["global"], node.strategy.payload, who="the server"))
     if node.strategy.personalised and bool(task["accepted"]):
         row = records.from_record(context.state["pending"], jax.tree.map(
             lambda x: x[0], view["personal"]), who="node state")

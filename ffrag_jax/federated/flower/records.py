@@ -2,7 +2,8 @@
 Flower ``ArrayRecord``s (keyed by their tree paths), the run's config as JSON, and the checks
 a received tree must pass before anything computes with it.
 
-A tree is sent as ``{path: array}`` and read back into the structure the receiver expects
+A tree is sent as ``{path: array}`` (adapters in the run's payload codec, ``fl.payload``:
+:func:`encode`, :func:`decode`) and read back into the structure the receiver expects
 (``like``: a tree of the same structure, or of ``jax.ShapeDtypeStruct``), never into a
 structure the sender chose: a client that sends other paths, shapes or dtypes is refused with
 the first difference named.
@@ -54,6 +55,20 @@ def from_record(record: ArrayRecord, like, *, who: str = "a client"):
             raise RefusedUpdate(f"{who} sent {path} as {value.dtype}, expected {ref.dtype}")
         leaves.append(value)
     return jax.tree.unflatten(jax.tree.structure(like), leaves)
+
+
+def encode(tree, codec) -> ArrayRecord:
+    """``tree`` as it travels in ``codec`` (``fl.payload``): its encoded leaves (int8: ``q``
+    and ``scale`` per leaf; fp16/bf16: the cast values) as a record."""
+    return to_record(jax.tree.map(np.asarray, codec.encode(tree)))
+
+
+def decode(record: ArrayRecord, like, codec, *, who: str = "a client"):
+    """The tree of ``like``'s structure, shapes and dtypes that :func:`encode` sent: the
+    payload checked against what ``codec`` makes of ``like`` (a :class:`RefusedUpdate`
+    naming ``who`` otherwise), then decoded."""
+    payload = from_record(record, jax.eval_shape(codec.encode, like), who=who)
+    return jax.tree.map(np.asarray, codec.decode(payload, like))
 
 
 def config_to_json(config: ConfigDict) -> str:

@@ -45,6 +45,7 @@ class FlowerClients(lm_clients.Clients):
         self.grid, self.config, self.strategy = grid, config, strategy
         self.template, self.ranks = sharding.to_host(template), ranks
         self.flower = config.fl.flower
+        self.codec = strategy.payload  # adapters travel in it (fl.payload), both ways
         base = base_folder(workdir)
         if not config.model.path:  # publish the tiny base model (a real one: every party has it)
             hf.save_llama(base, cfg, sharding.to_host(params), tokenizer=tokenizer,
@@ -177,7 +178,7 @@ class FlowerClients(lm_clients.Clients):
                 row = row_like
             elif reason is None:
                 try:
-                    row = records.from_record(reply.content["update"], row_like,
+                    row = records.decode(reply.content["update"], row_like, self.codec,
                                               who=f"client {k}")
                     mask = np.asarray(federated.rank_mask(self.ranks[k], max_rank))
                     masked = federated.apply_rank_mask(row, mask)
@@ -260,11 +261,13 @@ class FlowerClients(lm_clients.Clients):
             if self.strategy.changes_base and self.secure:  # nodes merge the mean as we did
                 download = {"mean": records.to_record(last["updated"])}
             elif self.strategy.changes_base:  # nodes merge the round's adapters as we did
-                download = {"received": records.to_record(sharding.to_host(last["updated"]))}
+                download = {"received": records.encode(sharding.to_host(last["updated"]),
+                                                       self.codec)}
                 task.update(count=len(last["selected"]), selected=last["selected"],
                             weights=[float(x) for x in last["weights"]])
             elif "global" in server:
-                download = {"global": records.to_record(sharding.to_host(server["global"]))}
+                download = {"global": records.encode(sharding.to_host(server["global"]),
+                                                     self.codec)}
         messages = []
         for k in range(len(self.names)):
             own, arrays = dict(task), download

@@ -139,9 +139,10 @@ class Strategy:
         as they trained them (rejected clients already zeroed), their normalised weights
         ``[K]`` (0 for the rejected) and ``accepted`` ``[K]``: :meth:`aggregate` of what the
         server receives (the payload codec's round trip), the clients' own adapters beside
-        it for strategies that keep them. What every job calls."""
-        return self.aggregate(server, self.payload.roundtrip(updated), weights, accepted,
-                              selected, ranks, local=updated)
+        it for strategies that keep them. What every job calls. Each client encodes its own
+        adapter (an int8 block never spans two clients), as it does on the Flower engine."""
+        return self.aggregate(server, jax.vmap(self.payload.roundtrip)(updated), weights,
+                              accepted, selected, ranks, local=updated)
 
     def aggregate(self, server: dict, updated: LoRA, weights: jax.Array, accepted: jax.Array,
                   selected: jax.Array, ranks: Sequence[int] | None = None, *,

@@ -71,6 +71,11 @@ class FedAvg(Strategy):
     def aggregate_mean(self, server, mean):
         return {**server, "global": mean}
 
+    def global_model(self, server):
+        # The server keeps the exact average (a server optimiser steps from it); the global
+        # model is what clients have of it: the download, in the payload codec.
+        return server["params"], self.downloaded(server["global"])
+
 
 class ZeroPad(FedAvg):
     """HetLoRA-style baseline: every client padded to the largest rank, then averaged like

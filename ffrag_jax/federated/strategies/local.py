@@ -56,6 +56,10 @@ class FFA(FedAvg):
         # only up to rounding.
         return {**server, "global": _with_a(mean, server["global"])}
 
+    def global_model(self, server):
+        current = server["global"]
+        return server["params"], _with_a(self.downloaded(current), current)
+
     def payload_bytes(self, template, rank, global_rank):
         b = adapter_bytes(template, rank, self.payload, factors=("b",))
         return b, b
