@@ -61,6 +61,7 @@ from ffrag_jax.jobs.ffrag_client import (
     pre_aligning,
     reranking,
     single_passage,
+    train_client,
     training_questions,
 )
 from ffrag_jax.jobs.ffrag_client import reading as reading_rule
@@ -415,27 +416,22 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
         else:
             new_gen, new_ret = [], []
             for k, (c, s) in enumerate(zip(clients, sources, strict=True)):
-                client_rr = start_reranker(k)
-                states = sharding.on_one_device({
-                    "generator": train.init_train_state(federated.unpad_rank(
-                        federated.client(starts["generator"], k), gen_ranks[k]), opt_gen),
-                    "retriever": train.init_train_state(
-                        federated.client(starts["retriever"], k), opt_ret)})
-                for step in range(fl.local_steps):
-                    query_enc = dataclasses.replace(enc, params=round_query,
-                                                    lora=states["retriever"].trainable)
-                    batch = client_batch(config, tokenizer, query_enc, s, c, (rnd, k, step),
-                                          client_rr)
-                    states, out = rag.rag_step(
-                        states, frozen, {n: jnp.asarray(v) for n, v in batch.items()},
-                        step_rngs[k][step], **static)
-                    if step + 1 in logged:
-                        log(k, step + 1, sharding.to_host(out))
+
+                def on_step(step: int, out: dict, k: int = k, c=c) -> None:
+                    if step in logged:
+                        log(k, step, sharding.to_host(out))
                         trainer.show(loss=float(out["loss"]))
-                    trainer.within(f"client {k + 1}/{len(clients)} {c.name} step", step + 1,
+                    trainer.within(f"client {k + 1}/{len(clients)} {c.name} step", step,
                                    fl.local_steps)
-                new_gen.append(states["generator"].trainable)
-                new_ret.append(states["retriever"].trainable)
+
+                gen, ret = train_client(
+                    config, c, s, enc, tokenizer, (rnd, k), frozen, static,
+                    federated.unpad_rank(federated.client(starts["generator"], k),
+                                         gen_ranks[k]),
+                    federated.client(starts["retriever"], k), step_rngs[k],
+                    reranker=start_reranker(k), on_step=on_step)
+                new_gen.append(gen)
+                new_ret.append(ret)
         # Each client's update at its own rank (padding cut), as client batches.
         updated = {"generator": federated.pad_and_stack(
                        [federated.unpad_rank(g, rank) for g, rank in zip(new_gen, gen_ranks,

@@ -1,13 +1,18 @@
 """One FF-RAG client's side of a round (:mod:`ffrag_jax.jobs.ffrag` runs the rounds): the
 questions it trains on (with a knowledge boundary, the dual task's targets and its
-insufficient-evidence examples), the arrays of one step (retrieval, the reranked order when
-the reader reads several passages, source tags, the dual task's token weights), and its
-evaluation (reranked and retriever-only when it has a reranker)."""
+insufficient-evidence examples), its local training (:func:`train_client`), the arrays of one
+step (retrieval, the reranked order when the reader reads several passages, source tags, the
+dual task's token weights), and its evaluation (reranked and retriever-only when it has a
+reranker)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Callable, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ffrag_jax import rag
@@ -21,6 +26,34 @@ from ffrag_jax.rerank import rounds as rerank_rounds
 from ffrag_jax.rerank.cross_encoder import Reranker
 from ffrag_jax.retrieval.encoder import TextEncoder
 from ffrag_jax.retrieval.multi_source import Sources
+from ffrag_jax.training import sharding, train
+
+
+def train_client(config, client: Client, sources: Sources, enc: TextEncoder, tokenizer,
+                 seed: tuple[int, int], frozen: dict, static: dict, gen_start, ret_start,
+                 rngs: Sequence[jax.Array], *, reranker: Reranker | None = None,
+                 on_step: Callable[[int, dict], None] | None = None):
+    """A client's local training in round ``seed = (round, client)``: ``fl.local_steps``
+    steps of :func:`rag.rag_step` from its starting generator adapter ``gen_start`` (at its
+    rank) and query-encoder adapter ``ret_start``, each step's batch retrieved by its current
+    query encoder (``frozen["retriever"]`` + the adapter so far) from ``sources``.
+    ``frozen``: the round's frozen ``generator`` and ``retriever`` weights; ``static``:
+    ``rag_step``'s static arguments (its ``optimizers`` too); ``rngs``: one key a step;
+    ``on_step(step, out)`` after each (1-based) step. Returns the trained adapters
+    ``(generator, retriever)``."""
+    opt_gen, opt_ret = static["optimizers"]
+    states = sharding.on_one_device({"generator": train.init_train_state(gen_start, opt_gen),
+                                     "retriever": train.init_train_state(ret_start, opt_ret)})
+    for step in range(config.fl.local_steps):
+        query_enc = dataclasses.replace(enc, params=frozen["retriever"],
+                                        lora=states["retriever"].trainable)
+        batch = client_batch(config, tokenizer, query_enc, sources, client, (*seed, step),
+                             reranker)
+        states, out = rag.rag_step(states, frozen, {n: jnp.asarray(v) for n, v in batch.items()},
+                                   rngs[step], **static)
+        if on_step is not None:
+            on_step(step + 1, out)
+    return states["generator"].trainable, states["retriever"].trainable
 
 
 def evaluate_client(config, client: Client, sources: Sources, query_enc: TextEncoder,
