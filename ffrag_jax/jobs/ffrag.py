@@ -86,6 +86,60 @@ def merged(model: tuple[dict, lora.LoRA | None]) -> dict:
     return params if adapter is None else lora.merge(params, adapter)
 
 
+def adapter_rng(rng: jax.Array, offset: int, name: str, k: int) -> jax.Array:
+    """The key of client ``k``'s fresh ``name`` adapter (``offset``: 0 for the first
+    personal adapters, ``1000 * round`` for a round's fresh ones): one rule for the server and
+    for a client that makes its own (the Flower engine)."""
+    return jax.random.fold_in(rng, offset + {"generator": 10, "retriever": 100,
+                                             "reranker": 200}[name] + k)
+
+
+def fresh_adapters(sections: dict, trees: dict, rng: jax.Array, offset: int) -> dict:
+    """Fresh adapters for every client of every model (``trees``: ``{model: (base weights,
+    client ranks)}``), as client batches (each padded to the model's largest rank)."""
+    return {name: federated.pad_and_stack(
+        [sections[name].init(adapter_rng(rng, offset, name, k), base, rank)
+         for k, rank in enumerate(ranks)], max(ranks))
+        for name, (base, ranks) in trees.items()}
+
+
+def initial_server(strategy: strategies.Strategy, sections: dict, trees: dict,
+                   rng: jax.Array) -> dict:
+    """``{model: the strategy's round-0 server state}``: every client's first personal
+    adapter (personalised strategies), or one global adapter at the largest rank (strategies
+    that carry one)."""
+    personal = fresh_adapters(sections, trees, rng, 0) if strategy.personalised else {}
+    start = {}
+    if not (strategy.personalised or strategy.fresh_adapters):  # one global adapter carried
+        seeds = {"generator": 9, "retriever": 99, "reranker": 199}
+        start = {name: sections[name].init(jax.random.fold_in(rng, seeds[name]), base,
+                                           max(ranks))
+                 for name, (base, ranks) in trees.items()}
+    return {name: strategy.init_server(base, start=start.get(name),
+                                       personal=personal.get(name), ranks=ranks,
+                                       per_round=len(ranks))
+            for name, (base, ranks) in trees.items()}
+
+
+def shared_knowledge_base(shared: list[str], enc: TextEncoder) -> KnowledgeBase:
+    """The shared authoritative base, embedded by the (frozen) passage encoder."""
+    return KnowledgeBase.from_passages("shared", shared, enc, vectors=enc.embed(shared))
+
+
+def client_sources(config: ConfigDict, k: int, client, shared_base: KnowledgeBase,
+                   enc: TextEncoder) -> Sources:
+    """What client ``k`` searches: its private case base and the shared base, with the
+    quotas ``rag.k_private`` and ``rag.k_shared``."""
+    r = config.rag
+    cases = KnowledgeBase.from_passages(f"cases_{k}", client.private, enc,
+                                        vectors=enc.embed(client.private))
+    if len(cases) < r.k_private or len(shared_base) < r.k_shared:
+        logging.warning("client %s: a base holds fewer passages than its quota; the "
+                        "missing candidates are masked out", client.name)
+    return Sources([cases, shared_base], [r.k_private, r.k_shared],
+                   tags=boundary.SOURCES if r.source_tags else None)
+
+
 def strategy_of(config: ConfigDict) -> strategies.Strategy:
     return strategies.from_config(config.fl)
 
@@ -182,17 +236,8 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     # again (see sharding.on_one_device); a restored checkpoint is put there too.
     params = sharding.on_one_device(params)
     # The bases this job searches are the ones it exports (multi_source: one search).
-    shared_base = KnowledgeBase.from_passages("shared", shared, enc, vectors=enc.embed(shared))
-    sources = []
-    for k, c in enumerate(clients):
-        cases = KnowledgeBase.from_passages(f"cases_{k}", c.private, enc,
-                                            vectors=enc.embed(c.private))
-        s = Sources([cases, shared_base], [r.k_private, r.k_shared],
-                    tags=boundary.SOURCES if r.source_tags else None)
-        if len(cases) < r.k_private or len(shared_base) < r.k_shared:
-            logging.warning("client %s: a base holds fewer passages than its quota; the "
-                            "missing candidates are masked out", c.name)
-        sources.append(s)
+    shared_base = shared_knowledge_base(shared, enc)
+    sources = [client_sources(config, k, c, shared_base, enc) for k, c in enumerate(clients)]
     logging.info("%d clients; shared base %d facts; private %s; training questions %s",
                   len(clients), len(shared), [len(c.private) for c in clients],
                   [len(c.train) for c in clients])
@@ -208,38 +253,16 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
     strategy = strategy_of(config)
     dp = privacy.from_config(fl)
 
-    def new_adapters(offset: int) -> dict:
-        """Fresh generator and query-encoder adapters for every client, as client batches
-        (the generator's padded to the largest rank)."""
-        gen = [gen_section.init(jax.random.fold_in(rng, offset + 10 + k), params, rank)
-               for k, rank in enumerate(gen_ranks)]
-        ret = [ret_section.init(jax.random.fold_in(rng, offset + 100 + k), enc.params, rank)
-               for k, rank in enumerate(ret_ranks)]
-        out = {"generator": federated.pad_and_stack(gen),
-               "retriever": federated.stack_clients(ret)}
-        if rr is not None:
-            out["reranker"] = federated.stack_clients(
-                [rr_section.init(jax.random.fold_in(rng, offset + 200 + k), rr.params, rank)
-                 for k, rank in enumerate(rr_ranks)])
-        return out
-
     trees = {"generator": (params, gen_ranks), "retriever": (enc.params, ret_ranks)}
+    sections = {"generator": gen_section, "retriever": ret_section}
     if rr is not None:
         trees["reranker"] = (rr.params, rr_ranks)
-    personal = new_adapters(0) if strategy.personalised else {}
-    start = {}
-    if not (strategy.personalised or strategy.fresh_adapters):  # one global adapter carried
-        start = {"generator": gen_section.init(jax.random.fold_in(rng, 9), params,
-                                               max(gen_ranks)),
-                 "retriever": ret_section.init(jax.random.fold_in(rng, 99), enc.params,
-                                               max(ret_ranks))}
-        if rr is not None:
-            start["reranker"] = rr_section.init(jax.random.fold_in(rng, 199), rr.params,
-                                                max(rr_ranks))
-    server = {name: strategy.init_server(base, start=start.get(name),
-                                         personal=personal.get(name), ranks=ranks,
-                                         per_round=len(clients))
-              for name, (base, ranks) in trees.items()}
+        sections["reranker"] = rr_section
+
+    def new_adapters(offset: int) -> dict:
+        return fresh_adapters(sections, trees, rng, offset)
+
+    server = initial_server(strategy, sections, trees, rng)
     # Every client takes part in every round (FF-RAG's clients are few, and each keeps a
     # personal adapter); a round is minutes of work, so its checkpoint is finished at once.
     driver = RoundDriver(strategy, name="ffrag", ckpt_dir=workdir / "checkpoints",

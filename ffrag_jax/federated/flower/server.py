@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -37,36 +38,19 @@ from ffrag_jax.models import hf
 from ffrag_jax.training import sharding
 
 
-class FlowerClients(lm_clients.Clients):
-    """The job's clients as Flower nodes reached through ``grid``."""
+class FlowerServer:
+    """What the server side of every job on the Flower engine does: message its nodes (each
+    message carries the run's config and fingerprint), wait for answers within a timeout,
+    name a node that fails, find which node holds which client."""
 
-    def __init__(self, grid, config, strategy, cfg, tokenizer, params, template, ranks,
-                 workdir):
-        self.grid, self.config, self.strategy = grid, config, strategy
-        self.template, self.ranks = sharding.to_host(template), ranks
+    def __init__(self, grid, config, run_meta: ConfigRecord):
+        self.grid, self.config, self.run_meta = grid, config, run_meta
         self.flower = config.fl.flower
-        self.codec = strategy.payload  # adapters travel in it (fl.payload), both ways
-        base = base_folder(workdir)
-        if not config.model.path:  # publish the tiny base model (a real one: every party has it)
-            hf.save_llama(base, cfg, sharding.to_host(params), tokenizer=tokenizer,
-                          overwrite=True)
-        self.run_meta = ConfigRecord({"config": records.config_to_json(config),
-                                      "fingerprint": records.fingerprint(config),
-                                      "base": str(base)})
-        self.aggregate_fn = lm_clients.make_aggregate_fn(strategy)
-        self.secure = bool(self.flower.secagg)
-        if self.secure:  # the server's half from the securely summed mean
-            self.mean_fn = jax.jit(strategy.aggregate_mean)
-        self.synced: dict[int, int] = {}  # client -> round of the view it holds (none: unknown)
-        self.last: dict = {}
-        self.connect()
 
-    # -- setup ----------------------------------------------------------------------------
-
-    def connect(self) -> None:
-        """Waits for ``fl.num_clients`` nodes, asks each its partition; sets ``nodes``
-        (client -> node id), ``names``, ``counts``, ``steps`` and the common ``width``."""
-        n, fl = self.config.fl.num_clients, self.config.fl
+    def query_nodes(self) -> dict[int, tuple[int, Message]]:
+        """Waits for ``fl.num_clients`` nodes and asks each its partition: ``{client: (node
+        id, its answer)}``; a UserError naming the clients without a node that answered."""
+        n = self.config.fl.num_clients
         deadline = time.monotonic() + self.flower.connect_timeout
         while len(list(self.grid.get_node_ids())) < n:
             if time.monotonic() > deadline:
@@ -78,7 +62,7 @@ class FlowerClients(lm_clients.Clients):
         node_ids = sorted(self.grid.get_node_ids())
         replies = self._send([self._message(node, "query", {}) for node in node_ids],
                              self.flower.connect_timeout)
-        self.nodes, info, problems = {}, {}, []
+        found, problems = {}, []
         for node in node_ids:
             reply = replies.get(node)
             reason = self._reason(reply)
@@ -86,26 +70,17 @@ class FlowerClients(lm_clients.Clients):
                 problems.append(f"SuperNode {node}: {reason}")
                 continue
             k = int(reply.content["info"]["partition"])
-            if k in self.nodes:
-                problems.append(f"SuperNodes {self.nodes[k]} and {node} both hold partition {k}")
+            if k in found:
+                problems.append(f"SuperNodes {found[k][0]} and {node} both hold partition {k}")
                 continue
-            self.nodes[k] = node
-            info[k] = (reply.content["info"], str(reply.content["name"]["name"]))
-        missing = [k for k in range(n) if k not in self.nodes]
+            found[k] = (node, reply)
+        missing = [k for k in range(n) if k not in found]
         if missing:
             raise UserError(f"client(s) {missing} have no SuperNode: "
                             + "; ".join(problems or ["no node answered for them"]))
         for p in problems:  # extra nodes that failed: not needed for this run
             logging.warning("%s; left out", p)
-        self.names = [info[k][1] for k in range(n)]
-        self.counts = [int(info[k][0]["num_examples"]) for k in range(n)]
-        self.steps = [data.local_steps(c, fl.local_epochs, fl.batch_size) for c in self.counts]
-        self.max_steps = max(max(self.steps), 1)
-        self.width = text.common_width([int(info[k][0]["longest"]) for k in range(n)],
-                                       self.config.data.max_len)
-        logging.info("Flower: %d clients on nodes %s", n, [self.nodes[k] for k in range(n)])
-
-    # -- messages -------------------------------------------------------------------------
+        return found
 
     def _message(self, node: int, kind: str, task: dict, arrays: dict | None = None
                  ) -> Message:
@@ -142,6 +117,62 @@ class FlowerClients(lm_clients.Clients):
         if "error" in reply.content:
             return str(reply.content["error"]["reason"])
         return None
+
+    def _enough(self, t: int, selected, refused: dict) -> None:
+        """A UserError unless ``fl.flower.min_fraction`` of the selected clients answered."""
+        answered = len(selected) - len(refused)
+        needed = math.ceil(self.flower.min_fraction * len(selected))
+        if answered < needed:
+            raise UserError(f"round {t + 1}: only {answered} of {len(selected)} clients "
+                            f"answered (fl.flower.min_fraction={self.flower.min_fraction}); "
+                            f"left out: {refused}")
+
+
+def run_meta(config, base: Path) -> ConfigRecord:
+    """What every message carries: the config (JSON), its fingerprint, the folder of the
+    published base model."""
+    return ConfigRecord({"config": records.config_to_json(config),
+                         "fingerprint": records.fingerprint(config), "base": str(base)})
+
+
+class FlowerClients(FlowerServer, lm_clients.Clients):
+    """The job's clients as Flower nodes reached through ``grid``."""
+
+    def __init__(self, grid, config, strategy, cfg, tokenizer, params, template, ranks,
+                 workdir):
+        base = base_folder(workdir)
+        if not config.model.path:  # publish the tiny base model (a real one: every party has it)
+            hf.save_llama(base, cfg, sharding.to_host(params), tokenizer=tokenizer,
+                          overwrite=True)
+        super().__init__(grid, config, run_meta(config, base))
+        self.strategy = strategy
+        self.template, self.ranks = sharding.to_host(template), ranks
+        self.codec = strategy.payload  # adapters travel in it (fl.payload), both ways
+        self.aggregate_fn = lm_clients.make_aggregate_fn(strategy)
+        self.secure = bool(self.flower.secagg)
+        if self.secure:  # the server's half from the securely summed mean
+            self.mean_fn = jax.jit(strategy.aggregate_mean)
+        self.synced: dict[int, int] = {}  # client -> round of the view it holds (none: unknown)
+        self.last: dict = {}
+        self.connect()
+
+    # -- setup ----------------------------------------------------------------------------
+
+    def connect(self) -> None:
+        """Finds every client's node; sets ``nodes`` (client -> node id), ``names``,
+        ``counts``, ``steps`` and the common ``width``."""
+        n, fl = self.config.fl.num_clients, self.config.fl
+        found = self.query_nodes()
+        self.nodes = {k: node for k, (node, _) in found.items()}
+        info = {k: (reply.content["info"], str(reply.content["name"]["name"]))
+                for k, (_, reply) in found.items()}
+        self.names = [info[k][1] for k in range(n)]
+        self.counts = [int(info[k][0]["num_examples"]) for k in range(n)]
+        self.steps = [data.local_steps(c, fl.local_epochs, fl.batch_size) for c in self.counts]
+        self.max_steps = max(max(self.steps), 1)
+        self.width = text.common_width([int(info[k][0]["longest"]) for k in range(n)],
+                                       self.config.data.max_len)
+        logging.info("Flower: %d clients on nodes %s", n, [self.nodes[k] for k in range(n)])
 
     def _views(self, server: dict):
         """``k -> {"view": record}``: client ``k``'s whole view of ``server`` (its base weights
@@ -217,15 +248,6 @@ class FlowerClients(lm_clients.Clients):
                      "updated": updated}
         return new, {"accepted": accepted, "loss": np.stack(losses),
                      "active": np.stack(actives), "refused": refused}
-
-    def _enough(self, t: int, selected, refused: dict) -> None:
-        """A UserError unless ``fl.flower.min_fraction`` of the selected clients answered."""
-        answered = len(selected) - len(refused)
-        needed = math.ceil(self.flower.min_fraction * len(selected))
-        if answered < needed:
-            raise UserError(f"round {t + 1}: only {answered} of {len(selected)} clients "
-                            f"answered (fl.flower.min_fraction={self.flower.min_fraction}); "
-                            f"left out: {refused}")
 
     def _secure_round(self, server, t, selected, refused: dict, w: np.ndarray):
         """The server's half of a round under SecAgg+: the weighted mean of the adapters of
