@@ -40,7 +40,6 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from ffrag_jax.errors import UserError  # noqa: E402
 from ffrag_jax.federated.flower import client as flower_client  # noqa: E402
 from ffrag_jax.federated.flower import records  # noqa: E402
-from ffrag_jax.jobs import federated as job  # noqa: E402
 from ffrag_jax.training import run as run_lib  # noqa: E402
 
 
@@ -98,8 +97,8 @@ class InProcessGrid:
 def run_flower(config, workdir: Path, grid) -> dict:
     mesh = run_lib.validate(config)
     path = run_lib.prepare_workdir(config, workdir, overwrite=False)
-    with flower_client_cleared():
-        return job.run(config, path, mesh, grid=grid)
+    with flower_client_cleared():  # the task's job (federated LoRA, FF-RAG) with this grid
+        return run_lib.job_module(config.task).run(config, path, mesh, grid=grid)
 
 
 class flower_client_cleared:

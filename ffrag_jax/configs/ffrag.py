@@ -96,6 +96,10 @@ def get_config() -> ConfigDict:
         payload="fp32",
         payload_block=64,
         dp=_common.dp(),  # client-level differential privacy (clip=0: off)
+        # "local": the clients in this process; "flower": each client a Flower node (Flower's
+        # simulation runtime from the launcher; `flwr run` for real SuperNodes)
+        engine="local",
+        flower=_common.flower(),
         num_clients=4, rounds=3,
         # retriever_lr=0: the query encoder stays as it is (an off-the-shelf retriever, as
         # in DPA-RAG, where only the reranker learns the generator's preferences)

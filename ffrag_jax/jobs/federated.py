@@ -139,7 +139,7 @@ def check_engine(config: ConfigDict) -> None:
     except ImportError as e:
         raise UserError("fl.engine=flower needs Flower: pip install -e \".[flower]\"") from e
     if (not config.model.path and not tokenizer_path(config)
-            and config.data.source != "synthetic"):
+            and config.data.get("source") != "synthetic"):
         raise UserError("fl.engine=flower: the server cannot train a tokenizer on the "
                         "clients' data; give model.path or tokenizer.path")
     if jax.process_count() > 1:

@@ -151,6 +151,13 @@ def validate(config: ConfigDict, mesh: jax.sharding.Mesh) -> None:
     if fl.rounds <= 0:
         raise UserError(f"fl.rounds must be positive, got {fl.rounds}")
     privacy.from_config(fl)  # a bad fl.dp before any work
+    from ffrag_jax.jobs.federated import check_engine
+
+    check_engine(config)
+    if fl.get("engine", "local") == "flower":
+        from ffrag_jax.federated.flower.ffrag_server import check
+
+        check(config)
     if fl.num_clients < 1:
         raise UserError(f"fl.num_clients must be at least 1, got {fl.num_clients}")
     if fl.vmap_clients and fl.num_clients % mesh.shape["clients"]:
@@ -195,7 +202,18 @@ def validate(config: ConfigDict, mesh: jax.sharding.Mesh) -> None:
                        shapes)
 
 
-def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> dict:
+def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh, grid=None) -> dict:
+    """Runs the FF-RAG job in ``workdir``; returns the summary it writes. On the Flower engine
+    (``fl.engine="flower"``) the server's side runs here
+    (:mod:`ffrag_jax.federated.flower.ffrag_server`) with ``grid``, or starts Flower's
+    simulation runtime, which calls back with its grid."""
+    if config.fl.get("engine", "local") == "flower":
+        from ffrag_jax.federated.flower import apps, ffrag_server, simulation
+
+        grid = grid or apps.current_grid()  # inside the ServerApp of `flwr run`
+        if grid is None:
+            return simulation.run(config, workdir, mesh, job_run=run)
+        return ffrag_server.run(config, workdir, mesh, grid)
     started = time.perf_counter()
     r, fl = config.rag, config.fl
     metrics = open_log(workdir)

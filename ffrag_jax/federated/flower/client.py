@@ -70,6 +70,8 @@ def partition_of(context: Context, num_clients: int) -> int:
 class ClientNode:
     """Client ``k`` of the run whose config is ``config`` (what a process can rebuild)."""
 
+    task = "federated"
+
     def __init__(self, config, k: int, base_dir: str):
         from ffrag_jax.jobs.base_model import model_config
         from ffrag_jax.jobs.federated import clients_per_round, init_server
@@ -139,7 +141,9 @@ def view_of(strategy: strategies.Strategy, server: dict, k: int) -> dict:
     return view
 
 
-def node_for(msg: Message, context: Context) -> ClientNode:
+def node_for(msg: Message, context: Context):
+    """This process's node of the message's run: a :class:`ClientNode` (the federated LoRA
+    job) or an FF-RAG node (:mod:`~ffrag_jax.federated.flower.ffrag_node`), built once."""
     meta = msg.content["run"]
     config = records.config_from_json(meta["config"])
     k = partition_of(context, config.fl.num_clients)
@@ -147,8 +151,17 @@ def node_for(msg: Message, context: Context) -> ClientNode:
     if key not in _NODES:
         for other in [o for o in _NODES if o[0] != key[0]]:  # one run per process at a time
             del _NODES[other]
-        _NODES[key] = ClientNode(config, k, str(meta["base"]))
+        if config.task == "ffrag":
+            from ffrag_jax.federated.flower.ffrag_node import FFRAGNode
+
+            _NODES[key] = FFRAGNode(config, k, str(meta["base"]))
+        else:
+            _NODES[key] = ClientNode(config, k, str(meta["base"]))
     return _NODES[key]
+
+
+def _ffrag(node) -> bool:
+    return node.task == "ffrag"
 
 
 def _view(node: ClientNode, msg: Message, context: Context, round_: int) -> dict:
@@ -189,6 +202,10 @@ def _error(msg: Message, e: Exception) -> Message:
 def query(msg: Message, context: Context) -> Message:
     try:
         node = node_for(msg, context)
+        if _ffrag(node):
+            from ffrag_jax.federated.flower import ffrag_node
+
+            return ffrag_node.query(node, msg)
     except Exception as e:  # the server gets the reason; the node goes on
         return _error(msg, e)
     return Message(RecordDict({
@@ -203,6 +220,10 @@ def train(msg: Message, context: Context) -> Message:
         return secagg.masked_reply(msg, context)
     try:
         node = node_for(msg, context)
+        if _ffrag(node):
+            from ffrag_jax.federated.flower import ffrag_node
+
+            return ffrag_node.train_reply(node, msg)
         task = msg.content["task"]
         t, i = int(task["round"]), int(task["index"])
         selected = [int(x) for x in task["selected"]]
@@ -241,6 +262,10 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     try:
         node = node_for(msg, context)
+        if _ffrag(node):
+            from ffrag_jax.federated.flower import ffrag_node
+
+            return ffrag_node.evaluate_reply(node, msg)
         task = msg.content["task"]
         t, base = int(task["round"]), bool(task["base"])
         if "view" in msg.content or base:

@@ -45,6 +45,8 @@ class FFRAGNode:
     """Client ``k`` of the FF-RAG run whose config is ``config``: what a process rebuilds
     from the config and the published base model (``base_dir``)."""
 
+    task = "ffrag"
+
     def __init__(self, config, k: int, base_dir: str):
         from ffrag_jax.jobs.base_model import model_config
         from ffrag_jax.training.run import compilation_cache, default_cache_dir

@@ -10,14 +10,16 @@ from pathlib import Path
 from ffrag_jax.errors import UserError
 
 
-def run(config, workdir: Path, mesh) -> dict:
+def run(config, workdir: Path, mesh, job_run=None) -> dict:
     """Runs the job with its server in a ServerApp and its clients as Flower nodes; returns
-    the summary (the same as ``fl.engine="local"`` for the same config)."""
+    the summary (the same as ``fl.engine="local"`` for the same config). ``job_run(config,
+    workdir, mesh, grid=...)``: the job (default: the federated LoRA job)."""
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
     from ffrag_jax.federated.flower import client
-    from ffrag_jax.jobs import federated as job
+    if job_run is None:
+        from ffrag_jax.jobs.federated import run as job_run
 
     outcome: dict = {}
     server_app = ServerApp()
@@ -25,7 +27,7 @@ def run(config, workdir: Path, mesh) -> dict:
     @server_app.main()
     def main(grid, context) -> None:
         try:
-            outcome["summary"] = job.run(config, workdir, mesh, grid=grid)
+            outcome["summary"] = job_run(config, workdir, mesh, grid=grid)
         except BaseException as e:  # re-raised below: the simulation only logs it
             outcome["error"] = e
 
