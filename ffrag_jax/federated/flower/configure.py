@@ -47,9 +47,9 @@ def main(argv: list[str]) -> None:
     config = launch._CONFIG.value
     with config.unlocked():
         config.fl.engine = "flower"
-    if config.task != "federated":
-        launch._fail(f"the Flower deployment runs the federated LoRA job (task federated); "
-                     f"this config's task is {config.task!r}")
+    if config.task not in ("federated", "ffrag"):
+        launch._fail(f"the Flower deployment runs the federated jobs (tasks federated and "
+                     f"ffrag); this config's task is {config.task!r}")
     try:
         validate(config)
     except UserError as e:
