@@ -1,9 +1,10 @@
-"""Flower's overhead per round: the same federated LoRA job on the local engine, through
+"""Flower's overhead per round: the same federated job on the local engine, through
 Flower's simulation runtime (Ray), and on Flower's deployment runtime (a SuperLink and N
 SuperNodes as real processes on 127.0.0.1), one after the other in one run.
 
     python bench/bench_flower.py                       # 3 clients, 4 rounds, the tiny model
     python bench/bench_flower.py --clients 4 --rounds 4 --hidden 128 --layers 4
+    python bench/bench_flower.py --job demo --engines local simulation   # FF-RAG, the demo
 
 Every engine runs the same config and must end with the same summary (checked: 1e-6
 relative); the table gives each engine's seconds per round (the ``round`` records: training,
@@ -28,6 +29,8 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def flags(args) -> list[str]:
+    if args.job == "demo":  # the README's first command, as it is
+        return ["--config=demo", f"--config.fl.strategy={args.strategy}"]
     ranks = ",".join(str(r) for r in ([4, 2, 1, 2] * 4)[:args.clients])
     return ["--config=heter", f"--config.fl.num_clients={args.clients}",
             f"--config.lora.generator.ranks=({ranks},)", f"--config.fl.rounds={args.rounds}",
@@ -41,8 +44,18 @@ def flags(args) -> list[str]:
 
 
 def round_seconds(workdir: Path) -> list[float]:
-    return [r["seconds"] for r in map(json.loads, (workdir / "metrics.jsonl").open())
-            if r.get("kind") == "round"]
+    """Seconds of each round: the LoRA job's ``round`` records; FF-RAG (no such records)
+    from its eval records' times, round t's last minus round t - 1's (training, aggregation
+    and every client's held-out evaluation)."""
+    recs = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
+    seconds = [r["seconds"] for r in recs if r.get("kind") == "round"]
+    if seconds:
+        return seconds
+    last: dict[int, float] = {}
+    for r in recs:
+        if r.get("kind") == "eval":
+            last[r["round"]] = max(last.get(r["round"], 0.0), r["time"])
+    return [round(last[t] - last[t - 1], 1) for t in sorted(last) if t > 0]
 
 
 def run_launcher(workdir: Path, extra: list[str], args) -> float:
@@ -77,6 +90,9 @@ def same(a: dict, b: dict) -> bool:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--job", choices=["lora", "demo"], default="lora",
+                   help="lora: the federated LoRA job (the flags below); demo: FF-RAG, the "
+                        "demo's config as it is (4 clients, 3 rounds)")
     p.add_argument("--clients", type=int, default=3)
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--examples", type=int, default=20, help="examples per client")
@@ -85,6 +101,8 @@ def main(argv=None) -> None:
     p.add_argument("--strategy", default="ff")
     p.add_argument("--engines", nargs="+", default=["local", "simulation", "deployment"])
     args = p.parse_args(argv)
+    if args.job == "demo":
+        args.clients, args.rounds = 4, 3
     root = Path(tempfile.mkdtemp(prefix="ffrag-bench-flower-"))
     rows = {}
     for engine in args.engines:
@@ -110,19 +128,23 @@ def main(argv=None) -> None:
            "engines": {e: {k: v for k, v in r.items() if k != "summary"}
                        for e, r in rows.items()}}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "flower_overhead_cpu.json").write_text(json.dumps(out, indent=2) + "\n")
+    name = "flower_overhead_cpu" if args.job == "lora" else "flower_overhead_demo_cpu"
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
     local = rows.get("local", {}).get("later_rounds_mean_s")
     lines = [f"# Flower overhead per round ({machine})", "",
              f"`python bench/bench_flower.py {' '.join(argv or sys.argv[1:])}`: "
-             f"{args.clients} clients, {args.rounds} rounds, `{args.strategy}`, tiny Llama "
-             f"(hidden {args.hidden}, {args.layers} layers).", "",
+             (f"{args.clients} clients, {args.rounds} rounds, `{args.strategy}`, tiny Llama "
+              f"(hidden {args.hidden}, {args.layers} layers)." if args.job == "lora" else
+              f"FF-RAG, the demo's config ({args.clients} clients, {args.rounds} rounds, "
+              f"`{args.strategy}`)."), "",
              "| engine | round 1 (s) | later rounds, mean (s) | vs local | whole run (s) "
              "| same summary as local |", "|---|---:|---:|---:|---:|---|"]
     for engine, r in rows.items():
-        ratio = (f"{r['later_rounds_mean_s'] / local:.0f}x" if local else "-")
+        ratio = (f"{r['later_rounds_mean_s'] / local:.{0 if args.job == 'lora' else 2}f}x"
+                 if local else "-")
         lines.append(f"| {engine} | {r['round_1_s']:.1f} | {r['later_rounds_mean_s']:.2f} | "
                      f"{ratio} | {r['wall_s']:.0f} | {r['same_summary_as_local']} |")
-    (RESULTS / "flower_overhead_cpu.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     shutil.rmtree(root, ignore_errors=True)
 
