@@ -170,6 +170,18 @@ def _sgd_steps(tx, w0, grads):
     return float(w["w"])
 
 
+def test_the_proximal_anchor_is_a_buffer_of_its_own():
+    """A train state holds the start and FedProx's anchor; a jitted step that donates the
+    state (FF-RAG's rag_step) must not get one buffer twice."""
+    from ffrag_jax.federated import client_rules
+
+    params = {"a": jnp.ones((3,))}
+    state = client_rules.proximal(0.1).init(params)
+    step = jax.jit(lambda p, s: jax.tree.map(lambda x: x + 1, (p, s)), donate_argnums=(0, 1))
+    out = step(params, state)  # raised "donate the same buffer twice" with the anchor shared
+    np.testing.assert_allclose(out[1].anchor["a"], 2.0)
+
+
 def test_fedprox_adds_the_proximal_gradient_by_hand():
     # lr 0.1, mu 0.2, gradient 0.5 twice from w0 = 1: step 1 has no pull (w = w0), w = 0.95;
     # step 2's gradient is 0.5 + 0.2 (0.95 - 1) = 0.49, w = 0.95 - 0.049 = 0.901.

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -31,7 +32,9 @@ class ProximalState(NamedTuple):
 def proximal(mu: float) -> optax.GradientTransformation:
     """Adds ``mu (params - anchor)`` to the gradients; the anchor is the params at init."""
     def init(params):
-        return ProximalState(anchor=params)
+        # A copy: a train state holding the params and this anchor as one buffer cannot be
+        # donated to a jitted step (FF-RAG's rag_step donates its state).
+        return ProximalState(anchor=jax.tree.map(jnp.copy, params))
 
     def update(updates, state, params=None):
         if params is None:
