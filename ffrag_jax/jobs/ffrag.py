@@ -86,6 +86,21 @@ def merged(model: tuple[dict, lora.LoRA | None]) -> dict:
     return params if adapter is None else lora.merge(params, adapter)
 
 
+def base_generator(config: ConfigDict, gen_cfg, params, tokenizer, reading: list[dict],
+                   rng: jax.Array, mesh: jax.sharding.Mesh, workdir: Path, metrics) -> dict:
+    """The base generator on one device: ``params`` (a real checkpoint's), else the tiny
+    model pretrained on ``reading`` (``pretrain.steps`` > 0; resumed from its checkpoints) or
+    as initialised."""
+    if params is None:
+        params = (pretrain(config, gen_cfg, tokenizer, reading, init_rng=rng,
+                           rng=jax.random.fold_in(rng, 1), max_len=config.data.max_len,
+                           mesh=mesh, ckpt_dir=workdir / "checkpoints", metrics=metrics)
+                  if config.pretrain.steps > 0 else init_params(rng, gen_cfg))
+    # Clients train on one device: everything the step sees is committed to it, or it compiles
+    # again (see sharding.on_one_device); a restored checkpoint is put there too.
+    return sharding.on_one_device(params)
+
+
 def adapter_rng(rng: jax.Array, offset: int, name: str, k: int) -> jax.Array:
     """The key of client ``k``'s fresh ``name`` adapter (``offset``: 0 for the first
     personal adapters, ``1000 * round`` for a round's fresh ones): one rule for the server and
@@ -244,15 +259,8 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh, grid=None) -
     for rank in sorted(set(gen_ranks)):
         gen_section.init(rng, shapes, rank)
     ret_section.init(rng, enc.params)
-    if params is None:
-        params = (pretrain(config, gen_cfg, tokenizer, reading, init_rng=rng,
-                           rng=jax.random.fold_in(rng, 1), max_len=config.data.max_len,
-                           mesh=mesh, ckpt_dir=workdir / "checkpoints", metrics=metrics)
-                  if config.pretrain.steps > 0 else init_params(rng, gen_cfg))
-
-    # Clients train on one device: everything the step sees is committed to it, or it compiles
-    # again (see sharding.on_one_device); a restored checkpoint is put there too.
-    params = sharding.on_one_device(params)
+    params = base_generator(config, gen_cfg, params, tokenizer, reading, rng, mesh, workdir,
+                            metrics)
     # The bases this job searches are the ones it exports (multi_source: one search).
     shared_base = shared_knowledge_base(shared, enc)
     sources = [client_sources(config, k, c, shared_base, enc) for k, c in enumerate(clients)]

@@ -103,14 +103,10 @@ class FFRAGNode:
         largest rank, as the server stacks it}, train records)``. The same keys, starts and
         steps as the local engine gives this client."""
         fl, k, s = self.config.fl, self.k, self.strategy
-        one = jnp.asarray([0])
-        fresh = {}
-        if s.fresh_adapters:
-            fresh = {name: jax.tree.map(lambda x: x[None], self.sections[name].init(
-                job.adapter_rng(self.rng, 1000 * rnd, name, k), self.bases[name],
-                self.ranks[name][k])) for name in MODELS}
-        starts = {name: federated.client(s.client_start(view[name], one, fresh.get(name)), 0)
-                  for name in MODELS}
+        # (No fresh adapters: the strategies that start from them, stacking, change the base
+        # weights and are refused on this engine, ffrag_server.check.)
+        starts = {name: federated.client(s.client_start(view[name], jnp.asarray([0]), None),
+                                         0) for name in MODELS}
         gen_rank, top = self.ranks["generator"][k], max(self.ranks["generator"])
         starts["generator"] = federated.unpad_rank(starts["generator"], gen_rank)
         frozen = sharding.on_one_device({name: s.round_params(view[name])[0]

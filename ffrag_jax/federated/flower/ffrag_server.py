@@ -36,10 +36,9 @@ from ffrag_jax.federated.flower.client import base_folder
 from ffrag_jax.federated.flower.ffrag_node import MODELS, server_view
 from ffrag_jax.federated.flower.server import FlowerServer, run_meta
 from ffrag_jax.jobs import ffrag as job
-from ffrag_jax.jobs.base_model import model_config, pretrain, run_tokenizer
+from ffrag_jax.jobs.base_model import model_config, run_tokenizer
 from ffrag_jax.jobs.ffrag_client import abstain_gate, pre_aligning, reranking
 from ffrag_jax.models import hf
-from ffrag_jax.models.llama import init_params
 from ffrag_jax.retrieval.encoder import TextEncoder
 from ffrag_jax.training import sharding
 from ffrag_jax.training.metrics import open_log, plot_client_rounds, plot_training_loss, read_jsonl
@@ -138,7 +137,6 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh, grid) -> dic
     started = time.perf_counter()
     fl = config.fl
     metrics = open_log(workdir)
-    reading = reading_examples(config)
     tokenizer = run_tokenizer(config, workdir, ())  # given (checked): no client text needed
     abstain_gate(config, tokenizer)
     gen_cfg, params = model_config(config, tokenizer)
@@ -146,12 +144,8 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh, grid) -> dic
     enc = TextEncoder.load(config.retriever.path)
     sections = {name: LoRASection.read(config, name) for name in MODELS}
     ranks = {name: tuple(s.client_ranks(fl.num_clients)) for name, s in sections.items()}
-    if params is None:
-        params = (pretrain(config, gen_cfg, tokenizer, reading, init_rng=rng,
-                           rng=jax.random.fold_in(rng, 1), max_len=config.data.max_len,
-                           mesh=mesh, ckpt_dir=workdir / "checkpoints", metrics=metrics)
-                  if config.pretrain.steps > 0 else init_params(rng, gen_cfg))
-    params = sharding.on_one_device(params)
+    params = job.base_generator(config, gen_cfg, params, tokenizer, reading_examples(config),
+                                rng, mesh, workdir, metrics)
     base = base_folder(workdir)
     if not config.model.path:  # publish the tiny base model (a real one: every party has it)
         hf.save_llama(base, gen_cfg, sharding.to_host(params), tokenizer=tokenizer,
