@@ -206,6 +206,43 @@ def test_two_launches_on_one_workdir_run_once(tmp_path):
     assert len(evals) == len(set(evals)) == 3
 
 
+def test_a_run_starts_from_another_runs_pretrained_base_and_leaves_it_untouched(tmp_path):
+    """pretrain.from_run: the base is restored from a finished run (read only), so the run is
+    the one that would have pretrained it itself; a run whose base would differ is refused
+    before anything is written."""
+    source, reuse = tmp_path / "source", tmp_path / "reuse"
+    first = launch("--config", "lora", "--workdir", str(source), *flags(TINY_LORA))
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = tree_hashes(source)
+    second = launch("--config", "lora", "--workdir", str(reuse), *flags(TINY_LORA),
+                    f"--config.pretrain.from_run={source}")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert tree_hashes(source) == before
+    ours, theirs = read_jsonl(reuse / "metrics.jsonl"), read_jsonl(source / "metrics.jsonl")
+    assert not [r for r in ours if r.get("phase") == "pretrain"]
+    assert not (reuse / "checkpoints" / "pretrain").exists()
+
+    def results(records):  # everything after pretraining, clock fields aside
+        return [{k: v for k, v in r.items() if k not in ("time", "tokens_per_s")}
+                for r in records if r.get("phase") != "pretrain"]
+
+    assert len(results(ours)) >= 4 and results(ours) == results(theirs)
+
+    cases = {  # what from_run names, the flags -> what the one line must say
+        "seed": (source, ["--config.seed=1"], "that run pretrained another base (seed: 0 -> 1)"),
+        "nothing": (tmp_path / "nothing", [], "not an ffrag_jax run folder"),
+        "early": (tmp_path / "early", [], "its pretraining has not finished (step 0 of 2)"),
+    }
+    (tmp_path / "early").mkdir()
+    (tmp_path / "early" / "config.json").write_text((source / "config.json").read_text())
+    for name, (named, extra, says) in cases.items():
+        out = tmp_path / f"refused_{name}"
+        line = error_line(launch("--config", "lora", "--workdir", str(out), *flags(TINY_LORA),
+                                 f"--config.pretrain.from_run={named}", *extra))
+        assert f"pretrain.from_run={named}" in line and says in line, line
+        assert not out.exists() or not any(out.iterdir()), name
+
+
 # --------------------------------------------------------------------------------------------
 # Torn-write-proof metrics and summaries
 

@@ -74,4 +74,9 @@ def pretrain(steps: int = 800) -> ConfigDict:
         steps=steps, domain="geography", num_examples=4000, batch_size=32, grad_accum=1,
         lr=3e-3, warmup_steps=30, weight_decay=0.01, max_grad_norm=1.0, response_only=False,
         seed=0,
+        # Another finished run's folder: its pretrained base is restored (read only) instead
+        # of pretraining again. Its task, seed, model, tokenizer, data, boundary and pretrain
+        # settings must equal this run's, so the base is the one this run would pretrain: a
+        # sweep over strategies or privacy settings pretrains once per seed.
+        from_run=config_dict.placeholder(str),
     ))

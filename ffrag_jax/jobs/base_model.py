@@ -17,6 +17,7 @@ from ffrag_jax.errors import UserError
 from ffrag_jax.models import hf
 from ffrag_jax.models.llama import LlamaConfig, init_params
 from ffrag_jax.rag import prompts
+from ffrag_jax.training import checkpoint, workdir
 from ffrag_jax.training.loop import train_phase
 from ffrag_jax.training.metrics import MetricsLog
 
@@ -124,6 +125,8 @@ def abstract_model(config: ConfigDict) -> tuple[LlamaConfig, dict]:
     else:
         if tokenizer_path(config):
             tokenizer_folder(tokenizer_path(config))  # checked before any work
+        if config.pretrain.steps > 0:
+            pretrained_run(config)  # checked before any work
         added = [t for t in (config.tokenizer.get("added_tokens") or "").split(",") if t.strip()]
         cfg = _tiny_config(m, config.tokenizer.vocab_size + len(added))
     return cfg, jax.eval_shape(lambda: init_params(jax.random.key(0), cfg))
@@ -158,6 +161,42 @@ def check_rag_models(config: ConfigDict) -> dict:
     return shapes
 
 
+# The settings a pretrained base depends on (pretrain.from_run must agree on all of them):
+# what is pretrained (task, model, tokenizer), on what (data, boundary: the reading examples)
+# and how (pretrain, seed: the initial weights and the batches).
+PRETRAIN_INPUTS = ("task", "seed", "model", "tokenizer", "data", "boundary", "pretrain")
+
+
+def pretrained_run(config: ConfigDict) -> Path | None:
+    """The checkpoint folder of ``pretrain.from_run`` (a finished run whose pretrained base
+    this run reuses), checked to hold this run's base; None when the option is unset."""
+    source = config.pretrain.get("from_run")
+    if not source:
+        return None
+    folder = Path(source).expanduser()
+    where = f"pretrain.from_run={source}"
+    try:
+        theirs = hf.read_json(folder / "config.json", "the run's config")
+    except UserError:
+        raise UserError(f"{where}: not an ffrag_jax run folder (no readable config.json)"
+                        ) from None
+    ours = workdir.resolved_config(config)
+
+    def inputs(c: dict) -> dict:
+        return {k: {**c[k], "from_run": None} if k == "pretrain" else c.get(k, "<absent>")
+                for k in PRETRAIN_INPUTS}
+
+    diff = workdir.first_difference(inputs(theirs), inputs(ours))
+    if diff:
+        raise UserError(f"{where}: that run pretrained another base ({diff}); its base "
+                        "would not be this run's")
+    done = checkpoint.latest_steps(folder / "checkpoints").get("pretrain")
+    if done != config.pretrain.steps:
+        raise UserError(f"{where}: its pretraining has not finished (step {done or 0} of "
+                        f"{config.pretrain.steps}); finish that run first")
+    return folder / "checkpoints"
+
+
 def encode_synthetic(tokenizer, examples: list[dict], max_len: int, response_only: bool):
     """Synthetic examples as training arrays ``[N, max_len]`` (:func:`text.encode_pairs`)."""
     return text.encode_pairs(tokenizer, [prompts.prompt(e) for e in examples],
@@ -169,7 +208,10 @@ def pretrain(config: ConfigDict, cfg: LlamaConfig, tokenizer, examples: list[dic
              init_rng: jax.Array, rng: jax.Array, max_len: int, mesh: jax.sharding.Mesh,
              ckpt_dir: Path, metrics: MetricsLog) -> dict:
     """A tiny Llama initialised from ``init_rng`` and trained on the synthetic ``examples``
-    for ``config.pretrain.steps`` steps (the resumable ``pretrain`` phase, full-parameter)."""
+    for ``config.pretrain.steps`` steps (the resumable ``pretrain`` phase, full-parameter).
+    With ``pretrain.from_run``, that run's final pretrain checkpoint, restored: the phase
+    resumes at its last step and writes nothing there."""
+    ckpt_dir = pretrained_run(config) or ckpt_dir
     params = init_params(init_rng, cfg)
     (data,) = text.trim_padding(
         [encode_synthetic(tokenizer, examples, max_len, config.pretrain.response_only)], max_len)

@@ -50,11 +50,12 @@ OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "loss.png", "rounds.p
            MARKER)
 
 
-def _first_difference(old: dict, new: dict, prefix: str = "") -> str | None:
+def first_difference(old: dict, new: dict, prefix: str = "") -> str | None:
+    """``"key.sub: old -> new"`` of the first (sorted) setting that differs; None if none."""
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
         if isinstance(a, dict) and isinstance(b, dict):
-            diff = _first_difference(a, b, f"{prefix}{key}.")
+            diff = first_difference(a, b, f"{prefix}{key}.")
             if diff:
                 return diff
         elif a != b:
@@ -83,7 +84,7 @@ def continuation(old: dict, new: dict) -> str | None:
         old = {**old, section: {**old[section], key: b}}
     if not changed:
         return None
-    diff = _first_difference(old, new)
+    diff = first_difference(old, new)
     if diff:
         raise UserError(f"a finished run continues with more fl.rounds and nothing else "
                         f"changed ({diff}); pass --overwrite or choose another --workdir")
@@ -257,7 +258,7 @@ def prepare(config: ConfigDict, workdir: Path, overwrite: bool) -> str:
             files.atomic_write_json(workdir / "config.json", resolved)
             return "resume"
         else:
-            diff = _first_difference(_read_config(workdir), resolved)
+            diff = first_difference(_read_config(workdir), resolved)
             if not diff:
                 _check_process_count(workdir)
                 logging.info("resuming the unfinished run in %s", workdir)
