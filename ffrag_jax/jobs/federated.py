@@ -79,7 +79,8 @@ def init_server(strategy: Strategy | str, params: dict, template: LoRA, num_clie
 
 
 def clients_per_round(fl: ConfigDict) -> int:
-    return max(int(fl.fraction * fl.num_clients), 1)
+    """Clients a round: ``fl.fraction`` of them (a job without the setting, FF-RAG: all)."""
+    return max(int(fl.get("fraction", 1.0) * fl.num_clients), 1)
 
 
 def validate(config: ConfigDict, mesh: jax.sharding.Mesh) -> None:

@@ -223,7 +223,7 @@ def train(msg: Message, context: Context) -> Message:
         if _ffrag(node):
             from ffrag_jax.federated.flower import ffrag_node
 
-            return ffrag_node.train_reply(node, msg)
+            return ffrag_node.train_reply(node, msg, context)
         task = msg.content["task"]
         t, i = int(task["round"]), int(task["index"])
         selected = [int(x) for x in task["selected"]]
@@ -248,11 +248,9 @@ def train(msg: Message, context: Context) -> Message:
         "loss": [float(x) for x in np.asarray(metrics["loss"][0])],
         "active": [int(x) for x in np.asarray(metrics["active"][0])]})}
     if bool(task.get("secagg", False)):  # the adapter leaves only masked, in SecAgg+
-        context.state["pending"] = records.to_record(jax.tree.map(
-            np.asarray, node.strategy.secure_form(row)))
-        context.state["pending_meta"] = ConfigRecord({
-            "round": t, "num_examples": node.num_examples,
-            "clip": float(node.config.fl.flower.secagg_clip)})
+        secagg.keep_pending(context, jax.tree.map(np.asarray, node.strategy.secure_form(row)),
+                            round_=t, num_examples=node.num_examples,
+                            clip=node.config.fl.flower.secagg_clip)
     else:
         reply["update"] = records.encode(row, node.strategy.payload)
     return Message(RecordDict(reply), reply_to=msg)

@@ -25,13 +25,13 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from ffrag_jax import federated, rag
 from ffrag_jax.config_types import LoRASection
 from ffrag_jax.data.knowledge import client_knowledge
 from ffrag_jax.federated import privacy, strategies
-from ffrag_jax.federated.flower import records
+from ffrag_jax.federated.flower import records, secagg
 from ffrag_jax.jobs import ffrag as job
 from ffrag_jax.jobs.ffrag_client import evaluate_client, train_client, training_questions
 from ffrag_jax.models import hf
@@ -203,14 +203,25 @@ def query(node: FFRAGNode, msg: Message) -> Message:
         "name": ConfigRecord({"name": node.client.name})}), reply_to=msg)
 
 
-def train_reply(node: FFRAGNode, msg: Message) -> Message:
+def train_reply(node: FFRAGNode, msg: Message, context: Context) -> Message:
+    """The trained adapters in the payload codec with the train records; in a secure round
+    (``fl.flower.secagg``) the records only: the adapters wait in the node state for SecAgg+,
+    which sends them masked."""
     task = msg.content["task"]
-    updated, recs = node.train(int(task["round"]) + 1, node.view(msg))
-    codec = node.strategy.payload
-    return Message(RecordDict({
-        **{f"update.{name}": records.encode(jax.tree.map(np.asarray, u), codec)
-           for name, u in updated.items()},
-        "records": ConfigRecord({"json": json.dumps(recs)})}), reply_to=msg)
+    t = int(task["round"])
+    updated, recs = node.train(t + 1, node.view(msg))
+    reply = {"records": ConfigRecord({"json": json.dumps(recs)})}
+    if bool(task.get("secagg", False)):
+        secagg.keep_pending(context, {name: jax.tree.map(np.asarray,
+                                                         node.strategy.secure_form(u))
+                                      for name, u in updated.items()},
+                            round_=t, num_examples=len(node.client.train),
+                            clip=node.config.fl.flower.secagg_clip)
+    else:
+        reply.update({f"update.{name}": records.encode(jax.tree.map(np.asarray, u),
+                                                       node.strategy.payload)
+                      for name, u in updated.items()})
+    return Message(RecordDict(reply), reply_to=msg)
 
 
 def evaluate_reply(node: FFRAGNode, msg: Message) -> Message:

@@ -9,9 +9,13 @@ it receives trained adapters (in the payload codec) and metrics, never a passage
 or an answer. So it writes no ``predictions.jsonl`` and exports no system: the case bases
 are the clients' (each client's adapters and its base make its system, on its node).
 
+With ``fl.flower.secagg`` (a summable strategy), no adapter leaves a node in the clear: each
+node keeps its trained adapters and Flower's SecAgg+ gives the server their weighted mean
+only, from which the strategy makes its next state (:meth:`Strategy.aggregate_mean`).
+
 Not on this engine yet: strategies that change the base weights (``stack``: the nodes would
-need the merged query encoder every round), the reranker and its pre-aligned stage, and
-secure aggregation; each is refused before any work.
+need the merged query encoder every round), the reranker and its pre-aligned stage; each is
+refused before any work.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from ml_collections import ConfigDict
@@ -31,7 +36,7 @@ from ffrag_jax.data.knowledge import boundary_enabled, reading_examples
 from ffrag_jax.errors import UserError
 from ffrag_jax.federated import privacy
 from ffrag_jax.federated.driver import RoundDriver
-from ffrag_jax.federated.flower import records
+from ffrag_jax.federated.flower import records, secagg
 from ffrag_jax.federated.flower.client import base_folder
 from ffrag_jax.federated.flower.ffrag_node import MODELS, server_view
 from ffrag_jax.federated.flower.server import FlowerServer, run_meta
@@ -59,8 +64,6 @@ def check(config: ConfigDict) -> None:
     if config.fl.vmap_clients:
         raise UserError("fl.engine=flower: every client trains on its own node; "
                         "fl.vmap_clients=True is the local engine's batching")
-    if config.fl.get("flower", {}).get("secagg", False):
-        raise UserError("fl.engine=flower: secure aggregation is for the federated LoRA job")
 
 
 class FFRAGFlower(FlowerServer):
@@ -69,6 +72,9 @@ class FFRAGFlower(FlowerServer):
     def __init__(self, grid, config, strategy, base: Path, template: dict, ranks: dict):
         super().__init__(grid, config, run_meta(config, base))
         self.strategy, self.template, self.ranks = strategy, template, ranks
+        self.secure = bool(self.flower.secagg)  # fl.flower.secagg: the mean, never a row
+        self.secure_like = jax.eval_shape(
+            lambda t: {name: strategy.secure_form(t[name]) for name in MODELS}, template)
         found = self.query_nodes()
         n = config.fl.num_clients
         self.nodes = {k: node for k, (node, _) in found.items()}
@@ -82,9 +88,11 @@ class FFRAGFlower(FlowerServer):
 
     def round(self, server: dict, t: int, selected: list[int]):
         """Round ``t`` (0-based): ``({model: client adapters [K, ...]}, accepted [K], train
-        records, refused {client: reason})``."""
+        records, refused {client: reason})``; in a secure round the first is ``{model: the
+        accepted clients' weighted mean of their secure form}``."""
         host = sharding.to_host(server)
-        replies = self._send([self._message(self.nodes[k], "train", {"round": t},
+        replies = self._send([self._message(self.nodes[k], "train",
+                                            {"round": t, "secagg": self.secure},
                                             self._view(host, k)) for k in selected],
                              self.flower.round_timeout)
         rows, recs, refused = [], [], {}
@@ -92,6 +100,9 @@ class FFRAGFlower(FlowerServer):
             reply = replies.get(self.nodes[k])
             reason = self._reason(reply)
             row = None
+            if reason is None and self.secure:  # it keeps its adapters for SecAgg+
+                recs += json.loads(str(reply.content["records"]["json"]))
+                continue
             if reason is None:
                 try:
                     row = {name: records.decode(reply.content[f"update.{name}"],
@@ -107,10 +118,35 @@ class FFRAGFlower(FlowerServer):
             else:
                 recs += json.loads(str(reply.content["records"]["json"]))
             rows.append(row)
+        if self.secure:
+            mean = self._secure_mean(t, selected, refused)
+            return mean, np.asarray([k not in refused for k in selected]), recs, refused
         self._enough(t, selected, refused)
         updated = {name: federated.stack_clients([r[name] for r in rows]) for name in MODELS}
         accepted = np.asarray([k not in refused for k in selected])
         return updated, accepted, recs, refused
+
+    def _secure_mean(self, t: int, selected: list[int], refused: dict) -> dict:
+        """SecAgg+ over the clients that trained (and hold examples): ``{model: weighted
+        mean}``. A client that drops out of the protocol is named and left out (the others'
+        shares rebuild its masks); too few to finish is a UserError."""
+        trained = [k for k in selected if k not in refused and self.counts[k] > 0]
+        mean, nodes = (None, []) if len(trained) < 2 else secagg.secure_mean(
+            self.grid, [self.nodes[k] for k in trained], self.secure_like, round_=t,
+            max_weight=float(max(self.counts)), clip=self.flower.secagg_clip,
+            timeout=self.flower.round_timeout)
+        for k in selected:
+            if k not in refused and self.nodes[k] not in nodes:
+                refused[k] = ("dropped out of secure aggregation" if k in trained
+                              else "holds no examples")
+                logging.warning("round %d: client %d (%s) left out: %s", t + 1, k,
+                                self.names[k], refused[k])
+        if mean is None:
+            raise UserError(f"round {t + 1}: secure aggregation did not finish with clients "
+                            f"{trained} (it needs at least 2, and enough of them to answer "
+                            "every stage); left out: " + str(refused))
+        self._enough(t, selected, refused)
+        return mean
 
     def evaluate(self, server: dict, rnd: int, *, base: bool = False) -> list[dict]:
         """Every client's eval records after round ``rnd`` (``base``: of the base model)."""
@@ -178,7 +214,8 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh, grid) -> dic
             metrics.write(kind="privacy", round=rnd, **privacy.spent(
                 dp, [rnd] * len(selected), fl.dp.delta))
         for i, k in enumerate(selected):
-            sizes = [strategy.payload_bytes(federated.client(updated[name], i), r[k],
+            sizes = [strategy.payload_bytes(template[name] if flower.secure else
+                                            federated.client(updated[name], i), r[k],
                                             0 if rnd == 1 else sum(r))
                      for name, (_, r) in trees.items()] if k not in refused else []
             metrics.write(kind="payload", round=rnd, client=k, name=flower.names[k],
@@ -190,6 +227,11 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh, grid) -> dic
             np.where(accepted, weights, 0.0))
         everyone = np.asarray(selected)
         updated = sharding.on_one_device(updated)
+        if flower.secure:  # updated: the accepted clients' weighted mean, nothing else
+            return sharding.on_one_device({
+                name: strategy.aggregate_mean(server[name], jax.tree.map(jnp.asarray,
+                                                                         updated[name]))
+                for name in server}), {}
         return sharding.on_one_device({
             name: strategy.server_update(server[name], updated[name], w, accepted, everyone,
                                          trees[name][1])

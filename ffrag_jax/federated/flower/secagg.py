@@ -71,6 +71,18 @@ def sorted_leaves(record) -> list[np.ndarray]:
     return [record[key].numpy() for key in sorted(record.keys())]
 
 
+def keep_pending(context: Context, secure_form, *, round_: int, num_examples: int,
+                 clip: float) -> None:
+    """A client's half of a secure round's ``train``: it keeps what it will sum
+    (``secure_form``, a tree of host arrays) and its weight in its node state, for
+    :func:`masked_reply`; nothing of it goes into the ``train`` reply."""
+    from ffrag_jax.federated.flower import records
+
+    context.state["pending"] = records.to_record(secure_form)
+    context.state["pending_meta"] = ConfigRecord({
+        "round": round_, "num_examples": num_examples, "clip": float(clip)})
+
+
 def masked_reply(msg: Message, context: Context) -> Message:
     """The client's answer to the masked-vectors stage: its pending adapter as the ``FitRes``
     that ``secaggplus_mod`` masks (the plain arrays never leave: the mod clears them). A
