@@ -227,6 +227,11 @@ def test_a_run_starts_from_another_runs_pretrained_base_and_leaves_it_untouched(
                 for r in records if r.get("phase") != "pretrain"]
 
     assert len(results(ours)) >= 4 and results(ours) == results(theirs)
+    # A run that reused a base leads to the run that pretrained it.
+    again = launch("--config", "lora", "--workdir", str(tmp_path / "again"), *flags(TINY_LORA),
+                   f"--config.pretrain.from_run={reuse}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert results(read_jsonl(tmp_path / "again" / "metrics.jsonl")) == results(theirs)
 
     cases = {  # what from_run names, the flags -> what the one line must say
         "seed": (source, ["--config.seed=1"], "that run pretrained another base (seed: 0 -> 1)"),

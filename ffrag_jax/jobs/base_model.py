@@ -169,32 +169,40 @@ PRETRAIN_INPUTS = ("task", "seed", "model", "tokenizer", "data", "boundary", "pr
 
 def pretrained_run(config: ConfigDict) -> Path | None:
     """The checkpoint folder of ``pretrain.from_run`` (a finished run whose pretrained base
-    this run reuses), checked to hold this run's base; None when the option is unset."""
+    this run reuses), checked to hold this run's base; None when the option is unset. A run
+    that itself reused a base leads to the run that pretrained it."""
     source = config.pretrain.get("from_run")
     if not source:
         return None
-    folder = Path(source).expanduser()
-    where = f"pretrain.from_run={source}"
-    try:
-        theirs = hf.read_json(folder / "config.json", "the run's config")
-    except UserError:
-        raise UserError(f"{where}: not an ffrag_jax run folder (no readable config.json)"
-                        ) from None
     ours = workdir.resolved_config(config)
 
     def inputs(c: dict) -> dict:
-        return {k: {**c[k], "from_run": None} if k == "pretrain" else c.get(k, "<absent>")
-                for k in PRETRAIN_INPUTS}
+        return {k: {**c.get(k, {}), "from_run": None} if k == "pretrain"
+                else c.get(k, "<absent>") for k in PRETRAIN_INPUTS}
 
-    diff = workdir.first_difference(inputs(theirs), inputs(ours))
-    if diff:
-        raise UserError(f"{where}: that run pretrained another base ({diff}); its base "
-                        "would not be this run's")
-    done = checkpoint.latest_steps(folder / "checkpoints").get("pretrain")
-    if done != config.pretrain.steps:
+    seen = []
+    while True:
+        folder = Path(source).expanduser()
+        where = " <- ".join(f"pretrain.from_run={s}" for s in [*seen, source])
+        try:
+            theirs = hf.read_json(folder / "config.json", "the run's config")
+        except UserError:
+            raise UserError(f"{where}: not an ffrag_jax run folder (no readable config.json)"
+                            ) from None
+        diff = workdir.first_difference(inputs(theirs), inputs(ours))
+        if diff:
+            raise UserError(f"{where}: that run pretrained another base ({diff}); its base "
+                            "would not be this run's")
+        done = checkpoint.latest_steps(folder / "checkpoints").get("pretrain")
+        if done == config.pretrain.steps:
+            return folder / "checkpoints"
+        earlier = theirs.get("pretrain", {}).get("from_run")
+        if done is None and earlier and earlier not in seen and len(seen) < 8:
+            seen.append(source)  # that run reused a base too: follow it to its pretraining
+            source = earlier
+            continue
         raise UserError(f"{where}: its pretraining has not finished (step {done or 0} of "
                         f"{config.pretrain.steps}); finish that run first")
-    return folder / "checkpoints"
 
 
 def encode_synthetic(tokenizer, examples: list[dict], max_len: int, response_only: bool):
