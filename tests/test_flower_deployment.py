@@ -81,6 +81,7 @@ def test_deployment_with_a_killed_server_equals_the_local_engine(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # handed out early: picked up last, it ran alone at the end of the suite
 def test_deployment_goes_on_without_a_killed_supernode(tmp_path):
     """SuperNode 2 of 3 dies after the base model's evaluation: round 1 completes with
     clients 0 and 1 (the minimum fraction is 0.5), client 2 is named as left out of the
