@@ -47,6 +47,8 @@ ROWS = {
     "fedadam": (["--config.fl.strategy=fedadam"], "`--config.fl.strategy=fedadam`"),
     "fedadam_lr0.01": (["--config.fl.strategy=fedadam", "--config.fl.settings.lr=0.01"],
                        "`--config.fl.strategy=fedadam --config.fl.settings.lr=0.01`"),
+    "fedyogi_lr0.01": (["--config.fl.strategy=fedyogi", "--config.fl.settings.lr=0.01"],
+                       "`--config.fl.strategy=fedyogi --config.fl.settings.lr=0.01`"),
     "fedsa_r8": (["--config.fl.strategy=fedsa", "--config.lora.generator.ranks=(8,8,8,8)"],
                  "`--config.fl.strategy=fedsa '--config.lora.generator.ranks=(8,8,8,8)'`"),
     "ffa_r8": (["--config.fl.strategy=ffa", "--config.lora.generator.ranks=(8,8,8,8)"],
