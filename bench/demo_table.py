@@ -61,12 +61,11 @@ def workdir(root: Path, seed: int, row: str) -> Path:
     return root / f"s{seed}" / row
 
 
-def pretrained(root: Path, seed: int) -> bool:
-    """Whether seed ``seed``'s first run has finished pretraining (its base can be reused)."""
-    from ffrag_jax.launch import load_config
+def pretrained(root: Path, seed: int, steps: int) -> bool:
+    """Whether seed ``seed``'s first run has finished its ``steps`` pretraining steps (its
+    base can be reused)."""
     from ffrag_jax.training import checkpoint
 
-    steps = load_config("demo", {}).pretrain.steps
     folder = workdir(root, seed, FIRST) / "checkpoints"
     return checkpoint.latest_steps(folder).get("pretrain") == steps
 
@@ -76,6 +75,9 @@ def run_all(root: Path, seeds: list[int], rows: list[str], cores: list[int]) -> 
     jobs = [(s, FIRST) for s in seeds if FIRST in rows]
     jobs += [(s, r) for r in rows if r != FIRST for s in seeds]
     jobs = [j for j in jobs if not (workdir(root, *j) / "summary.json").exists()]
+    from ffrag_jax.launch import load_config
+
+    steps = load_config("demo", {}).pretrain.steps
     lock = threading.Lock()
 
     def log(msg: str) -> None:
@@ -85,7 +87,7 @@ def run_all(root: Path, seeds: list[int], rows: list[str], cores: list[int]) -> 
     def worker(core: int) -> None:
         while True:
             with lock:
-                pick = next((j for j in jobs if j[1] == FIRST or pretrained(root, j[0])),
+                pick = next((j for j in jobs if j[1] == FIRST or pretrained(root, j[0], steps)),
                             None)
                 if pick is None and not jobs:
                     return

@@ -221,17 +221,17 @@ def run(config: ConfigDict, workdir: Path, mesh: jax.sharding.Mesh, grid) -> dic
             metrics.write(kind="payload", round=rnd, client=k, name=flower.names[k],
                           upload_bytes=sum(u for u, _ in sizes),
                           download_bytes=sum(d for _, d in sizes))
+        if flower.secure:  # updated: the accepted clients' weighted mean, nothing else
+            return sharding.on_one_device({
+                name: strategy.aggregate_mean(server[name], jax.tree.map(jnp.asarray,
+                                                                         updated[name]))
+                for name in server}), {}
         # The local engine's weights when every client answered (renormalising would change
         # their last bits); the answered clients' p_k renormalised otherwise.
         w = weights if accepted.all() else np.where(accepted, weights, 0.0) / np.sum(
             np.where(accepted, weights, 0.0))
         everyone = np.asarray(selected)
         updated = sharding.on_one_device(updated)
-        if flower.secure:  # updated: the accepted clients' weighted mean, nothing else
-            return sharding.on_one_device({
-                name: strategy.aggregate_mean(server[name], jax.tree.map(jnp.asarray,
-                                                                         updated[name]))
-                for name in server}), {}
         return sharding.on_one_device({
             name: strategy.server_update(server[name], updated[name], w, accepted, everyone,
                                          trees[name][1])
